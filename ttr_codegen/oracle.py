@@ -1,0 +1,209 @@
+"""The numerical oracle: solve a spec's *stated* regression problem, independently of the derivation.
+
+Nothing here uses a derived update formula. Gradient steps take autograd gradients of the loss; the
+implicit step minimises its proximal objective by conjugate gradients on autograd Hessian-vector
+products; exact and recursive least squares solve the weighted ridge problem with `torch.linalg.lstsq`
+on an explicit design matrix. Everything runs in float64 and is differentiable, so gradients of the
+generated code can be compared with gradients through the oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import Spec
+
+
+def _gate_log(spec: Spec, name: str, inputs: dict, B: int, T: int) -> torch.Tensor:
+    """A per-token log tensor [B, T, H] or [B, T, H, K] for an input of any declared shape."""
+    x = inputs[name]
+    if not spec.input(name).per_token:
+        x = x.expand(B, T, *x.shape)
+    return x
+
+
+def _retention(spec: Spec, name: str, inputs: dict, B: int, T: int) -> torch.Tensor:
+    """The factor of the memory kept per token: exp(g) for a log-decay, 1 - alpha for a forget input."""
+    x = _gate_log(spec, name, inputs, B, T)
+    return x.exp() if spec.input(name).role == "log_decay" else 1 - x
+
+
+def _loss(memory: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """1/2 ||memory^T key - value||^2 summed over the batch: memory [..., K, V], key [..., K], value [..., V]."""
+    prediction = (memory * key.unsqueeze(-1)).sum(-2)
+    return 0.5 * ((prediction - value) ** 2).sum()
+
+
+def _grad(f, x: torch.Tensor) -> torch.Tensor:
+    if not x.requires_grad:
+        x = x.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(x), x, create_graph=True)
+    return g
+
+
+def _decay(memory: torch.Tensor, retention: torch.Tensor | None) -> torch.Tensor:
+    if retention is None:
+        return memory
+    return memory * (retention[..., None] if retention.dim() == memory.dim() - 1 else retention[..., None, None])
+
+
+def memories(spec: Spec, q, k, v, inputs: dict) -> list[torch.Tensor]:
+    """The memory S_t [B, H, K, V] after every token t, solving the spec's problem from scratch."""
+    method = spec.optimiser.method
+    B, T, H, K = q.shape
+    Vd = v.shape[-1]
+    n = spec.optimiser.steps_per_token
+    decay = _retention(spec, spec.weights.decay, inputs, B, T) if spec.weights.decay else None
+    weight = inputs[spec.weights.sample_weight] if spec.weights.sample_weight else None
+    out = []
+
+    if method == "gradient_step_from_zero":
+        # S_t = -grad L_t(0), L_t(S) = sum_{i<=t} 1/2 gamma_i^(t) w_i ||S^T k_i - v_i||^2; a per-key decay
+        # decays the key coordinates instead of weighting the sample.
+        for t in range(T):
+            keys, values = k[:, :t + 1], v[:, :t + 1]
+            sample = weight[:, :t + 1] if weight is not None else keys.new_ones(B, t + 1, H)
+            if decay is not None:
+                kept = _kept(decay, t)
+                if kept.dim() == keys.dim():
+                    keys = keys * kept
+                else:
+                    sample = sample * kept
+            zero = q.new_zeros(B, H, K, Vd)
+            out.append(-_grad(lambda S: _weighted_sum_loss(S, keys, values, sample), zero))
+        return out
+
+    if method in ("online_gradient_step", "implicit_step", "momentum"):
+        S = q.new_zeros(B, H, K, Vd)
+        Z = q.new_zeros(B, H, K, Vd)
+        for t in range(T):
+            X = _decay(S, decay[:, t] if decay is not None else None)
+            for j in range(n if method == "online_gradient_step" else 1):
+                row = t * n + j
+                key, value = k[:, row], v[:, row]
+                if method == "online_gradient_step":
+                    beta = inputs[spec.optimiser.step_size][:, row][..., None, None]
+                    wd = spec.optimiser.weight_decay
+                    lam = (1 - _retention(spec, wd, inputs, B, T)[:, t][..., None, None]) / beta if wd else 0.0
+
+                    def objective(M, key=key, value=value, lam=lam):
+                        return _loss(M, key, value) + (0.5 * lam * M * M).sum()
+                    X = X - beta * _grad(objective, X)
+                elif method == "implicit_step":
+                    beta = inputs[spec.optimiser.step_size][:, t][..., None, None]
+                    X = _proximal_step(X, key, value, beta)
+                else:
+                    theta = inputs[spec.optimiser.step_size][:, t][..., None, None]
+                    eta = inputs[spec.optimiser.momentum][:, t][..., None, None]
+                    rho = (_retention(spec, spec.optimiser.weight_decay, inputs, B, T)[:, t][..., None, None]
+                           if spec.optimiser.weight_decay else 1.0)
+                    Z = eta * Z - theta * _grad(lambda M, key=key, value=value: _loss(M, key, value), S)
+                    X = rho * S + Z
+            S = X
+            out.append(S)
+        return out
+
+    if method in ("exact", "recursive_least_squares"):
+        for t in range(T):
+            out.append(_ridge_solution(spec, k[:, :t + 1], v[:, :t + 1], inputs, decay, weight, t))
+        return out
+    raise NotImplementedError(method)
+
+
+def _kept(retention: torch.Tensor, t: int) -> torch.Tensor:
+    """prod_{j=i+1..t} retention_j for every i <= t: [B, t+1, H(, K)]."""
+    logs = torch.cumsum(retention[:, :t + 1].log(), dim=1)
+    return torch.exp(logs[:, t:t + 1] - logs)
+
+
+def _weighted_sum_loss(S, keys, values, sample) -> torch.Tensor:
+    """sum_i 1/2 sample_i ||S^T k_i - v_i||^2 with keys [B, n, H, K], values [B, n, H, V], S [B, H, K, V]."""
+    prediction = torch.einsum("bhkv,bnhk->bnhv", S, keys)
+    return 0.5 * (sample[..., None] * (prediction - values) ** 2).sum()
+
+
+def _proximal_step(X: torch.Tensor, key, value, beta, tolerance: float = 1e-14, max_iterations: int = 64):
+    """argmin_Y 1/2 ||Y - X||^2 + beta/2 ||Y^T k - v||^2 by conjugate gradients, one system per (b, h)."""
+
+    def objective(Y):
+        prediction = (Y * key.unsqueeze(-1)).sum(-2)
+        return (0.5 * ((Y - X) ** 2).sum(dim=(-2, -1)) + 0.5 * beta[..., 0, 0] * ((prediction - value) ** 2).sum(-1)).sum()
+
+    def hessian_times(Y0, p):
+        g = _grad(objective, Y0)
+        (hp,) = torch.autograd.grad((g * p).sum(), Y0, create_graph=True)
+        return hp
+
+    Y = X.detach().clone().requires_grad_(True) if not X.requires_grad else X
+    Y0 = torch.zeros_like(X).requires_grad_(True)
+    residual = -_grad(objective, Y)
+    direction = residual
+    rr = (residual * residual).sum(dim=(-2, -1), keepdim=True)
+    for _ in range(max_iterations):
+        if rr.max() <= tolerance**2:
+            break
+        hp = hessian_times(Y0, direction)
+        step = rr / (direction * hp).sum(dim=(-2, -1), keepdim=True).clamp_min(1e-300)
+        Y = Y + step * direction
+        residual = residual - step * hp
+        rr_new = (residual * residual).sum(dim=(-2, -1), keepdim=True)
+        direction = residual + (rr_new / rr.clamp_min(1e-300)) * direction
+        rr = rr_new
+    return Y
+
+
+def _ridge_solution(spec: Spec, keys, values, inputs, decay, weight, t) -> torch.Tensor:
+    """argmin_S 1/2 sum_i gamma_i w_i ||S^T k_i - v_i||^2 + 1/2 ||Lambda^(1/2) S||^2 by least squares."""
+    B, n_rows, H, K = keys.shape
+    gamma = _kept(decay, t) if decay is not None else keys.new_ones(B, n_rows, H)
+    if weight is not None:
+        gamma = gamma * weight[:, :n_rows]
+    ridge = spec.optimiser.ridge
+    if spec.optimiser.method == "recursive_least_squares":
+        prior = decay[:, :t + 1].prod(dim=1) if decay is not None else keys.new_ones(B, H)
+        lam = ridge * prior[..., None].expand(B, H, K)
+    elif isinstance(ridge, str):
+        lam = inputs[ridge]
+        lam = (lam[..., None].expand(H, K) if lam.dim() == 1 else lam).expand(B, H, K)
+    else:
+        lam = keys.new_full((B, H, K), ridge)
+    root = gamma.sqrt()[..., None]
+    design = torch.cat([(root * keys).transpose(1, 2), torch.diag_embed(lam.sqrt())], dim=-2)
+    target = torch.cat([(root * values).transpose(1, 2), values.new_zeros(B, H, K, values.shape[-1])], dim=-2)
+    return torch.linalg.lstsq(design, target).solution
+
+
+def solve(spec: Spec, q, k, v, inputs: dict, scale: float | None = None):
+    """Outputs [B, T, H, V] and the final memory [B, H, K, V] of the spec's regression problem."""
+    K = q.shape[-1]
+    if scale is None:
+        scale = spec.readout.scale if spec.readout.scale is not None else K ** -0.5
+    history = memories(spec, q, k, v, inputs)
+    outputs = []
+    for t, S in enumerate(history):
+        query = scale * q[:, t]
+        o = (S * query.unsqueeze(-1)).sum(-2)
+        if spec.readout.normalise == "sum":
+            ones = v.new_ones(*v.shape[:-1], 1)
+            z = memories(spec, q[:, :t + 1], k[:, :t + 1], ones[:, :t + 1], inputs)[-1]
+            o = o / (z * query.unsqueeze(-1)).sum(-2)
+        outputs.append(o)
+    return torch.stack(outputs, dim=1), (history[-1] if history else None)
+
+
+def memory_of_state(spec: Spec, state, inputs: dict) -> torch.Tensor:
+    """The memory S [B, H, K, V] that a generated op's state stands for (the stated solution)."""
+    method = spec.optimiser.method
+    if method == "exact":
+        H_stat, G_stat = state
+        K = H_stat.shape[-1]
+        ridge = spec.optimiser.ridge
+        if isinstance(ridge, str):
+            lam = inputs[ridge]
+            lam = lam[..., None].expand(lam.shape[0], K) if lam.dim() == 1 else lam
+        else:
+            lam = H_stat.new_full((H_stat.shape[1], K), ridge)
+        return torch.linalg.solve(H_stat + torch.diag_embed(lam), G_stat)
+    if isinstance(state, tuple):
+        return state[0]
+    return state

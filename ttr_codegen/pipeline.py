@@ -1,0 +1,48 @@
+"""The four stages end to end: spec -> derive -> lower -> render (nothing here touches the disk)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .derive import DerivationError, UpdateRule, derive
+from .lower import NaivePlan, lower
+from .render.files import RenderedFile, render_layer
+from .spec import Diagnostic, Spec, SpecError, load_spec
+
+
+@dataclass(frozen=True)
+class Compiled:
+    spec: Spec
+    rule: UpdateRule
+    plan: NaivePlan
+    package_dir: Path
+    files: list[RenderedFile]
+
+
+def display_path(path: Path) -> str:
+    """The spec path as written in generated headers: relative to the working directory when inside it."""
+    try:
+        return Path(os.path.relpath(path.resolve(), Path.cwd())).as_posix() if path.resolve().is_relative_to(
+            Path.cwd()) else path.as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def derive_spec(spec_path: Path) -> tuple[Spec, UpdateRule]:
+    spec = load_spec(spec_path)
+    try:
+        return spec, derive(spec)
+    except DerivationError as error:
+        raise SpecError([Diagnostic(spec.path, spec.position_of(error.field), error.field, error.message,
+                                    error.hint)]) from None
+
+
+def compile_spec(spec_path: Path, out_root: Path) -> Compiled:
+    spec, rule = derive_spec(spec_path)
+    plan = lower(spec, rule)
+    package_dir = out_root / spec.name
+    shown = display_path(spec_path)
+    files = render_layer(plan, shown, spec_path.read_text(), package_dir)
+    return Compiled(spec, rule, plan, package_dir, files)

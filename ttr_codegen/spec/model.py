@@ -1,0 +1,501 @@
+"""The validated spec: the three design choices of test-time regression, plus read-out and schedule.
+
+`load_spec` turns a YAML file into a `Spec` or raises `SpecError` with every problem of the file.
+The schema is declared once, in the tables below; docs/spec.md documents it field by field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import keyword
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .diagnostics import Diagnostic, Position, SpecError
+from .yaml_source import Located, load_located
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary
+# ---------------------------------------------------------------------------------------------
+
+SHAPES = {
+    ("B", "T", "H"): "per token, per head",
+    ("B", "T", "H", "K"): "per token, per head, per key channel",
+    ("H",): "per head (a fixed value)",
+    ("H", "K"): "per head, per key channel (a fixed value)",
+}
+
+ROLES = {
+    "log_decay": "a forgetting gate in natural-log space, g = log(alpha) <= 0",
+    "step_size": "a test-time learning rate beta > 0",
+    "sample_weight": "a weight on the newest sample's loss (an input gate)",
+    "ridge": "a ridge (L2) coefficient lambda > 0",
+    "forget": "a fraction alpha in [0, 1] of the memory forgotten per token",
+    "momentum": "a momentum coefficient eta in [0, 1]",
+}
+
+REGRESSORS = {"linear": "m(k) = S^T k, S in R^{K x V}"}
+PLANNED_REGRESSORS = ("affine", "mlp", "nonparametric")
+
+# method -> {option: (kind, required)}; kinds: "input:<roles>", "number_or_input:<roles>", "count"
+METHODS: dict[str, dict[str, tuple[str, bool]]] = {
+    "gradient_step_from_zero": {},
+    "exact": {"ridge": ("number_or_input:ridge", True)},
+    "recursive_least_squares": {"ridge": ("number", True)},
+    "online_gradient_step": {
+        "step_size": ("input:step_size", True),
+        "weight_decay": ("input:log_decay,forget", False),
+        "steps_per_token": ("count", False),
+    },
+    "implicit_step": {"step_size": ("input:step_size", True)},
+    "momentum": {
+        "step_size": ("input:step_size", True),
+        "momentum": ("input:momentum", True),
+        "weight_decay": ("input:log_decay,forget", False),
+    },
+}
+
+# Methods that accept decay in their regression weights, and which decay shapes each takes.
+DECAY_SHAPES = {
+    "gradient_step_from_zero": {("B", "T", "H"), ("B", "T", "H", "K"), ("H",)},
+    "online_gradient_step": {("B", "T", "H"), ("B", "T", "H", "K"), ("H",)},
+    "implicit_step": {("B", "T", "H"), ("H",)},
+    "exact": {("B", "T", "H"), ("H",)},
+    "recursive_least_squares": {("B", "T", "H"), ("H",)},
+    "momentum": set(),
+}
+SAMPLE_WEIGHT_METHODS = {"gradient_step_from_zero", "exact"}
+NORMALISERS = {"none": "o = S^T (scale q)", "sum": "o = S^T (scale q) / (z^T (scale q)), z the weighted key sum"}
+
+TOP_LEVEL = {
+    "name": "the layer's name: generated/<name>/, naive_<name>, chunk_<name>",
+    "description": "one line shown by `ttr list` and in the generated docstrings",
+    "inputs": "inputs beyond q, k, v, in call order",
+    "weights": "the regression weights gamma_i^(t)",
+    "regressor": "the regressor function class",
+    "optimiser": "the test-time optimiser",
+    "readout": "how the memory is read with the query",
+    "schedule": "kernel schedule (chunk and block sizes); never changes the math",
+}
+REQUIRED_TOP_LEVEL = ("name", "regressor", "optimiser")
+
+
+# ---------------------------------------------------------------------------------------------
+# The validated model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[str, ...]
+    role: str
+
+    @property
+    def per_token(self) -> bool:
+        return self.shape[:2] == ("B", "T")
+
+    @property
+    def per_key(self) -> bool:
+        return self.shape[-1] == "K"
+
+
+@dataclass(frozen=True)
+class Weights:
+    decay: str | None = None  # name of a log_decay input
+    sample_weight: str | None = None  # name of a sample_weight input
+
+
+@dataclass(frozen=True)
+class Optimiser:
+    method: str
+    step_size: str | None = None
+    weight_decay: str | None = None
+    momentum: str | None = None
+    ridge: float | str | None = None
+    steps_per_token: int = 1
+
+
+@dataclass(frozen=True)
+class Readout:
+    scale: float | None = None  # None: K ** -0.5
+    normalise: str = "none"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    chunk_size: int = 64
+    block_k: int | None = None
+    block_v: int | None = None
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    description: str
+    inputs: tuple[InputSpec, ...]
+    weights: Weights
+    regressor: str
+    optimiser: Optimiser
+    readout: Readout
+    schedule: Schedule
+    path: str = "<spec>"
+    positions: dict[str, Position] = field(default_factory=dict, compare=False, hash=False)
+
+    def input(self, name: str) -> InputSpec:
+        return next(i for i in self.inputs if i.name == name)
+
+    @property
+    def camel_name(self) -> str:
+        return "".join(part.capitalize() for part in self.name.split("_"))
+
+    def math_dict(self) -> dict:
+        """Everything that determines the update rule (the schedule is left out on purpose)."""
+        return {
+            "inputs": [[i.name, list(i.shape), i.role] for i in self.inputs],
+            "weights": [self.weights.decay, self.weights.sample_weight],
+            "regressor": self.regressor,
+            "optimiser": [self.optimiser.method, self.optimiser.step_size, self.optimiser.weight_decay,
+                          self.optimiser.momentum, self.optimiser.ridge, self.optimiser.steps_per_token],
+            "readout": [self.readout.scale, self.readout.normalise],
+        }
+
+    def math_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.math_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def position_of(self, field_path: str) -> Position:
+        while field_path and field_path not in self.positions:
+            field_path = field_path.rpartition(".")[0]
+        return self.positions.get(field_path, Position(1, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+class _Checker:
+    """Collects diagnostics while reading a Located tree; never stops at the first problem."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.diagnostics: list[Diagnostic] = []
+        self.positions: dict[str, Position] = {}
+
+    def error(self, node_or_pos, field_path: str, message: str, hint: str = "") -> None:
+        position = node_or_pos.position if isinstance(node_or_pos, Located) else node_or_pos
+        self.diagnostics.append(Diagnostic(self.path, position, field_path, message, hint))
+
+    def mapping(self, node: Located, field_path: str, allowed: dict[str, str]) -> dict[str, Located]:
+        if not isinstance(node.value, dict):
+            self.error(node, field_path, f"expected a mapping, got {_describe(node.value)}",
+                       "write it as 'key: value' lines, see docs/spec.md")
+            return {}
+        self.positions[field_path] = node.position
+        known = {}
+        for key, child in node.value.items():
+            child_path = f"{field_path}.{key}" if field_path else key
+            key_position = node.key_positions[key]
+            if key not in allowed:
+                close = difflib.get_close_matches(key, list(allowed), n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(allowed)}"
+                self.error(key_position, child_path, f"unknown key '{key}'", hint)
+                continue
+            self.positions[child_path] = key_position
+            known[key] = child
+        return known
+
+    def string(self, node: Located, field_path: str) -> str | None:
+        if isinstance(node.value, str):
+            return node.value
+        self.error(node, field_path, f"expected a string, got {_describe(node.value)}", "write a plain word")
+        return None
+
+    def choice(self, node: Located, field_path: str, choices, what: str) -> str | None:
+        value = self.string(node, field_path)
+        if value is None:
+            return None
+        if value not in choices:
+            close = difflib.get_close_matches(value, list(choices), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"choose one of: {', '.join(choices)}"
+            self.error(node, field_path, f"unknown {what} '{value}'", hint)
+            return None
+        return value
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def load_spec(path: str | Path) -> Spec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise SpecError([Diagnostic(str(path), Position(1, 1), "", f"cannot read the spec: {error.strerror}",
+                                    "check the path")]) from None
+    return parse_spec(text, str(path))
+
+
+def parse_spec(text: str, path: str = "<spec>") -> Spec:
+    root = load_located(text, path)
+    check = _Checker(path)
+    top = check.mapping(root, "", TOP_LEVEL)
+    for key in REQUIRED_TOP_LEVEL:
+        if key not in top and isinstance(root.value, dict):
+            check.error(root, key, "missing required key", f"add '{key}:' (see docs/spec.md)")
+
+    name = _check_name(check, top.get("name"))
+    description = ""
+    if "description" in top:
+        description = check.string(top["description"], "description") or ""
+    inputs = _check_inputs(check, top.get("inputs"))
+    by_name = {i.name: i for i in inputs}
+    used: set[str] = set()
+
+    def reference(node: Located, field_path: str, roles: tuple[str, ...]) -> str | None:
+        """A reference to a declared input, with one of the given roles."""
+        ref = check.string(node, field_path)
+        if ref is None:
+            return None
+        if ref not in by_name:
+            declared = ", ".join(by_name) or "none declared"
+            check.error(node, field_path, f"input '{ref}' is not declared",
+                        f"declare it under 'inputs:' with role {' or '.join(roles)} (declared: {declared})")
+            return None
+        used.add(ref)
+        if by_name[ref].role not in roles:
+            check.error(node, field_path, f"input '{ref}' has role '{by_name[ref].role}'",
+                        f"use an input with role {' or '.join(roles)}")
+            return None
+        return ref
+
+    weights = _check_weights(check, top.get("weights"), reference)
+    regressor = _check_regressor(check, top.get("regressor"))
+    optimiser = _check_optimiser(check, top.get("optimiser"), reference)
+    readout = _check_readout(check, top.get("readout"))
+    schedule = _check_schedule(check, top.get("schedule"))
+
+    if optimiser is not None:
+        _check_combination(check, by_name, weights, optimiser, readout)
+    for i in inputs:
+        if i.name not in used:
+            check.error(check.positions.get(f"inputs.{i.name}", root.position), f"inputs.{i.name}",
+                        f"input '{i.name}' is declared but never used",
+                        "bind it in 'weights' or 'optimiser', or remove it")
+
+    if check.diagnostics:
+        raise SpecError(sorted(check.diagnostics, key=lambda d: (d.position.line, d.position.column)))
+    return Spec(name, description, tuple(inputs), weights, regressor, optimiser, readout, schedule,
+                path=path, positions=check.positions)
+
+
+def _check_name(check: _Checker, node: Located | None) -> str:
+    if node is None:
+        return ""
+    name = check.string(node, "name")
+    if name is not None and (not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name)):
+        check.error(node, "name", f"'{name}' is not a valid layer name",
+                    "use lower_snake_case letters, digits and underscores, starting with a letter")
+    return name or ""
+
+
+def _check_inputs(check: _Checker, node: Located | None) -> list[InputSpec]:
+    if node is None:
+        return []
+    if node.value is None:
+        return []
+    if not isinstance(node.value, dict):
+        check.error(node, "inputs", f"expected a mapping of input names, got {_describe(node.value)}",
+                    "write 'inputs:' then one 'name: {shape: [B, T, H], role: step_size}' line per input")
+        return []
+    inputs = []
+    for input_name, child in node.value.items():
+        field_path = f"inputs.{input_name}"
+        check.positions[field_path] = node.key_positions[input_name]
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", input_name) or input_name in ("q", "k", "v", "scale"):
+            check.error(node.key_positions[input_name], field_path, f"'{input_name}' cannot name an input",
+                        "use a lower_snake_case name other than q, k, v and scale")
+            continue
+        fields = check.mapping(child, field_path, {"shape": "the tensor shape", "role": "what the input means"})
+        shape, role = None, None
+        if "shape" in fields:
+            raw = fields["shape"].plain()
+            if isinstance(raw, list) and tuple(raw) in SHAPES:
+                shape = tuple(raw)
+            else:
+                allowed = "; ".join(f"[{', '.join(s)}] ({d})" for s, d in SHAPES.items())
+                check.error(fields["shape"], f"{field_path}.shape", f"unsupported shape {raw!r}",
+                            f"use one of {allowed}")
+        else:
+            check.error(child, f"{field_path}.shape", "missing required key", "add 'shape: [B, T, H]' or similar")
+        if "role" in fields:
+            role = check.choice(fields["role"], f"{field_path}.role", ROLES, "role")
+        else:
+            check.error(child, f"{field_path}.role", "missing required key",
+                        f"add 'role:', one of {', '.join(ROLES)}")
+        if shape and role:
+            inputs.append(InputSpec(input_name, shape, role))
+    return inputs
+
+
+def _check_weights(check: _Checker, node: Located | None, reference) -> Weights:
+    if node is None or node.value == "uniform":
+        return Weights()
+    if isinstance(node.value, str):
+        check.error(node, "weights", f"unknown weights '{node.value}'",
+                    "write 'uniform', or a mapping with 'decay:' and/or 'sample_weight:'")
+        return Weights()
+    fields = check.mapping(node, "weights", {"decay": "a log_decay input", "sample_weight": "a sample_weight input"})
+    decay = reference(fields["decay"], "weights.decay", ("log_decay",)) if "decay" in fields else None
+    sample = (reference(fields["sample_weight"], "weights.sample_weight", ("sample_weight",))
+              if "sample_weight" in fields else None)
+    return Weights(decay, sample)
+
+
+def _check_regressor(check: _Checker, node: Located | None) -> str:
+    if node is None:
+        return "linear"
+    value = node.value
+    if isinstance(value, dict):
+        fields = check.mapping(node, "regressor", {"class": "the regressor class"})
+        if "class" not in fields:
+            check.error(node, "regressor.class", "missing required key", "add 'class: linear'")
+            return "linear"
+        node, value = fields["class"], fields["class"].value
+    if value in PLANNED_REGRESSORS:
+        check.error(node, "regressor", f"regressor class '{value}' is not supported by this version of ttr",
+                    f"supported: {', '.join(REGRESSORS)}")
+        return "linear"
+    return check.choice(node, "regressor", REGRESSORS, "regressor class") or "linear"
+
+
+def _check_optimiser(check: _Checker, node: Located | None, reference) -> Optimiser | None:
+    if node is None:
+        return None
+    if isinstance(node.value, str):
+        node = Located({"method": node}, node.position, {"method": node.position})
+    allowed = {"method": "the optimiser"} | {opt: "" for options in METHODS.values() for opt in options}
+    fields = check.mapping(node, "optimiser", allowed)
+    if "method" not in fields:
+        if isinstance(node.value, dict):
+            check.error(node, "optimiser.method", "missing required key", f"add 'method:', one of {', '.join(METHODS)}")
+        return None
+    method = check.choice(fields["method"], "optimiser.method", METHODS, "optimiser method")
+    if method is None:
+        return None
+    options = METHODS[method]
+    values: dict[str, object] = {}
+    for option, child in fields.items():
+        if option == "method":
+            continue
+        field_path = f"optimiser.{option}"
+        if option not in options:
+            takes = ", ".join(options) or "no options"
+            check.error(check.positions[field_path], field_path, f"method '{method}' takes no option '{option}'",
+                        f"'{method}' takes: {takes}")
+            continue
+        kind, _ = options[option]
+        if kind == "count":
+            if isinstance(child.value, int) and not isinstance(child.value, bool) and 1 <= child.value <= 8:
+                values[option] = child.value
+            else:
+                check.error(child, field_path, f"expected an integer from 1 to 8, got {_describe(child.value)}",
+                            "write e.g. 'steps_per_token: 2'")
+        elif kind == "number" or (kind.startswith("number_or_input") and _is_number(child.value)):
+            if _is_number(child.value) and child.value > 0:
+                values[option] = float(child.value)
+            else:
+                check.error(child, field_path, f"expected a positive number, got {_describe(child.value)}",
+                            "write e.g. 'ridge: 1.0'")
+        else:
+            roles = tuple(kind.split(":")[1].split(","))
+            values[option] = reference(child, field_path, roles)
+    for option, (kind, required) in options.items():
+        if required and option not in fields:
+            check.error(node, f"optimiser.{option}", f"method '{method}' needs '{option}'",
+                        f"add '{option}:' ({kind.replace('input:', 'an input with role ').replace('number_or_input:', 'a number or an input with role ')})")
+    return Optimiser(method, **values)
+
+
+def _check_readout(check: _Checker, node: Located | None) -> Readout:
+    if node is None:
+        return Readout()
+    fields = check.mapping(node, "readout", {"scale": "query scale", "normalise": "output normalisation"})
+    scale = None
+    if "scale" in fields:
+        value = fields["scale"].value
+        if _is_number(value) and value > 0:
+            scale = float(value)
+        elif value != "default":
+            check.error(fields["scale"], "readout.scale", f"expected 'default' or a positive number, got {_describe(value)}",
+                        "write 'scale: default' (K ** -0.5) or e.g. 'scale: 1.0'")
+    normalise = "none"
+    if "normalise" in fields:
+        normalise = check.choice(fields["normalise"], "readout.normalise", NORMALISERS, "normalisation") or "none"
+    return Readout(scale, normalise)
+
+
+def _check_schedule(check: _Checker, node: Located | None) -> Schedule:
+    if node is None:
+        return Schedule()
+    fields = check.mapping(node, "schedule", {"chunk_size": "", "block_k": "", "block_v": ""})
+    values = {}
+    for key, child in fields.items():
+        value = child.value
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 16 and value & (value - 1) == 0):
+            check.error(child, f"schedule.{key}", f"expected a power of two >= 16, got {_describe(value)}",
+                        f"write e.g. '{key}: 64'")
+            continue
+        values[key] = value
+    return Schedule(**values)
+
+
+def _check_combination(check: _Checker, by_name: dict[str, InputSpec], weights: Weights,
+                       optimiser: Optimiser, readout: Readout) -> None:
+    """Choices that are valid alone but that the derivation cannot combine."""
+    method = optimiser.method
+    if weights.decay and weights.decay in by_name:
+        shape = by_name[weights.decay].shape
+        if shape not in DECAY_SHAPES[method]:
+            takes = [f"[{', '.join(s)}]" for s in sorted(DECAY_SHAPES[method])]
+            check.error(check.positions["weights.decay"], "weights.decay",
+                        f"method '{method}' cannot take a decay of shape [{', '.join(shape)}]",
+                        f"use a decay of shape {' or '.join(takes)}" if takes else
+                        "momentum forgets through 'optimiser.weight_decay'; remove 'weights.decay'")
+    if weights.sample_weight and method not in SAMPLE_WEIGHT_METHODS:
+        check.error(check.positions["weights.sample_weight"], "weights.sample_weight",
+                    f"method '{method}' does not take per-sample weights",
+                    f"per-sample weights work with {' and '.join(sorted(SAMPLE_WEIGHT_METHODS))}; "
+                    "for a step size use 'optimiser.step_size'")
+    if readout.normalise == "sum" and method != "gradient_step_from_zero":
+        check.error(check.positions["readout.normalise"], "readout.normalise",
+                    f"normalise: sum needs method 'gradient_step_from_zero', not '{method}'",
+                    "remove 'normalise' or change the method")
+    if weights.decay and optimiser.weight_decay:
+        check.error(check.positions["optimiser.weight_decay"], "optimiser.weight_decay",
+                    "both 'weights.decay' and 'optimiser.weight_decay' forget the memory",
+                    "keep one of the two")
+    for option in ("ridge",):
+        ref = getattr(optimiser, option)
+        if isinstance(ref, str) and ref in by_name and by_name[ref].per_token:
+            check.error(check.positions[f"optimiser.{option}"], f"optimiser.{option}",
+                        "the ridge must be fixed per head: shape [H] or [H, K]", "declare it with shape [H, K]")
+    for ref in (optimiser.step_size, optimiser.momentum, optimiser.weight_decay, weights.sample_weight):
+        if ref and ref in by_name and by_name[ref].per_key:
+            check.error(check.positions.get(f"inputs.{ref}", Position(1, 1)), f"inputs.{ref}.shape",
+                        f"input '{ref}' must be one number per head, not per key channel",
+                        "use shape [B, T, H] or [H]")

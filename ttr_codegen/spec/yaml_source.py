@@ -1,0 +1,66 @@
+"""YAML loading that remembers where every value came from (file:line:col)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import yaml
+
+from .diagnostics import Diagnostic, Position, SpecError
+
+
+@dataclass(frozen=True)
+class Located:
+    """A YAML value with its position; mappings and lists hold Located children."""
+
+    value: object
+    position: Position
+    key_positions: dict[str, Position] | None = None  # for mappings: where each key stands
+
+    def plain(self) -> object:
+        """The value with positions stripped (for hashing and display)."""
+        if isinstance(self.value, dict):
+            return {key: child.plain() for key, child in self.value.items()}
+        if isinstance(self.value, list):
+            return [child.plain() for child in self.value]
+        return self.value
+
+
+def _position(node: yaml.Node) -> Position:
+    return Position(node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _convert(node: yaml.Node, path: str) -> Located:
+    if isinstance(node, yaml.MappingNode):
+        items: dict[str, Located] = {}
+        key_positions: dict[str, Position] = {}
+        for key_node, value_node in node.value:
+            key = str(_scalar(key_node))
+            if key in items:
+                raise SpecError([Diagnostic(path, _position(key_node), key, "duplicate key",
+                                            f"remove one of the two '{key}' entries")])
+            items[key] = _convert(value_node, path)
+            key_positions[key] = _position(key_node)
+        return Located(items, _position(node), key_positions)
+    if isinstance(node, yaml.SequenceNode):
+        return Located([_convert(child, path) for child in node.value], _position(node))
+    return Located(_scalar(node), _position(node))
+
+
+def _scalar(node: yaml.Node) -> object:
+    # Resolve plain scalars with the safe loader's rules (ints, floats, bools, null).
+    return yaml.SafeLoader(" ").construct_object(node, deep=True) if isinstance(node, yaml.ScalarNode) else node
+
+
+def load_located(text: str, path: str) -> Located:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        position = Position(mark.line + 1, mark.column + 1) if mark else Position(1, 1)
+        raise SpecError([Diagnostic(path, position, "", f"invalid YAML: {error.problem}",
+                                    "fix the YAML syntax (indentation, colons, brackets)")]) from None
+    if node is None:
+        raise SpecError([Diagnostic(path, Position(1, 1), "", "the spec is empty",
+                                    "start from a file in specs/, e.g. specs/delta_rule.yaml")])
+    return _convert(node, path)
