@@ -184,6 +184,7 @@ class _Checker:
         self.path = path
         self.diagnostics: list[Diagnostic] = []
         self.positions: dict[str, Position] = {}
+        self.suggested: set[str] = set()  # field paths offered as "did you mean" for a misspelt key
 
     def error(self, node_or_pos, field_path: str, message: str, hint: str = "") -> None:
         position = node_or_pos.position if isinstance(node_or_pos, Located) else node_or_pos
@@ -203,6 +204,8 @@ class _Checker:
                 close = difflib.get_close_matches(key, list(allowed), n=1)
                 hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(allowed)}"
                 self.error(key_position, child_path, f"unknown key '{key}'", hint)
+                if close:
+                    self.suggested.add(f"{field_path}.{close[0]}" if field_path else close[0])
                 continue
             self.positions[child_path] = key_position
             known[key] = child
@@ -255,7 +258,7 @@ def parse_spec(text: str, path: str = "<spec>") -> Spec:
     check = _Checker(path)
     top = check.mapping(root, "", TOP_LEVEL)
     for key in REQUIRED_TOP_LEVEL:
-        if key not in top and isinstance(root.value, dict):
+        if key not in top and isinstance(root.value, dict) and key not in check.suggested:
             check.error(root, key, "missing required key", f"add '{key}:' (see docs/spec.md)")
 
     name = _check_name(check, top.get("name"))
@@ -338,7 +341,8 @@ def _check_inputs(check: _Checker, node: Located | None) -> list[InputSpec]:
                 shape = tuple(raw)
             else:
                 allowed = "; ".join(f"[{', '.join(s)}] ({d})" for s, d in SHAPES.items())
-                check.error(fields["shape"], f"{field_path}.shape", f"unsupported shape {raw!r}",
+                shown = "[" + ", ".join(map(str, raw)) + "]" if isinstance(raw, list) else repr(raw)
+                check.error(fields["shape"], f"{field_path}.shape", f"unsupported shape {shown}",
                             f"use one of {allowed}")
         else:
             check.error(child, f"{field_path}.shape", "missing required key", "add 'shape: [B, T, H]' or similar")

@@ -58,7 +58,11 @@ def load_located(text: str, path: str) -> Located:
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         position = Position(mark.line + 1, mark.column + 1) if mark else Position(1, 1)
-        raise SpecError([Diagnostic(path, position, "", f"invalid YAML: {error.problem}",
+        message = f"invalid YAML: {error.problem}"
+        if error.context and error.context_mark:
+            start = error.context_mark
+            message += f" ({error.context} that starts at {start.line + 1}:{start.column + 1})"
+        raise SpecError([Diagnostic(path, position, "", message,
                                     "fix the YAML syntax (indentation, colons, brackets)")]) from None
     if node is None:
         raise SpecError([Diagnostic(path, Position(1, 1), "", "the spec is empty",

@@ -1,0 +1,1 @@
+"""Make `generated.<name>` importable from the repository root when running pytest."""

@@ -1,0 +1,100 @@
+"""Conformance with the field: generated references equal fla-core's references for the same layers.
+
+fla's references compute in float32 (whatever the input dtype), so the comparison is in float32.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fla.ops.delta_rule.naive import delta_rule_recurrence
+from fla.ops.gated_delta_product.naive import naive_recurrent_gated_delta_product
+from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+from fla.ops.gla.naive import naive_recurrent_gla
+from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
+from fla.ops.mesa_net.naive import naive_mesa_net_exact
+from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
+
+from generated.delta_product import naive_delta_product
+from generated.delta_rule import naive_delta_rule
+from generated.gated_delta_rule import naive_gated_delta_rule
+from generated.gla import naive_gla
+from generated.linear_attention import naive_linear_attention
+from generated.mesa import naive_mesa
+from generated.simple_gla import naive_simple_gla
+
+B, T, H, K, V = 2, 37, 3, 16, 12
+TOL = {"atol": 2e-5, "rtol": 2e-5}
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, T, H, K, generator=g)
+    k = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
+    v = torch.randn(B, T, H, V, generator=g)
+    gate = F.logsigmoid(torch.randn(B, T, H, generator=g) + 3)
+    gate_k = F.logsigmoid(torch.randn(B, T, H, K, generator=g) + 3)
+    beta = torch.sigmoid(torch.randn(B, T, H, generator=g))
+    state = torch.randn(B, H, K, V, generator=g)
+    return q, k, v, gate, gate_k, beta, state
+
+
+def test_linear_attention(data):
+    q, k, v, *_, state = data
+    ours = naive_linear_attention(q, k, v, scale=0.3, initial_state=state, output_final_state=True)
+    theirs = naive_recurrent_linear_attn(q, k, v, scale=0.3, initial_state=state, output_final_state=True)
+    torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def test_simple_gla(data):
+    q, k, v, gate, _, _, state = data
+    ours = naive_simple_gla(q, k, v, gate, initial_state=state, output_final_state=True)
+    theirs = naive_recurrent_simple_gla(q, k, v, gate, initial_state=state, output_final_state=True)
+    torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def test_gla(data):
+    q, k, v, _, gate_k, _, state = data
+    ours = naive_gla(q, k, v, gate_k, initial_state=state, output_final_state=True)
+    theirs = naive_recurrent_gla(q, k, v, gate_k, initial_state=state, output_final_state=True)
+    torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def test_delta_rule(data):
+    q, k, v, _, _, beta, state = data
+    ours_o, ours_s = naive_delta_rule(q, k, v, beta, initial_state=state, output_final_state=True)
+    # fla's delta-rule reference takes [B, H, T, D] and a fixed K ** -0.5 scale.
+    o, s = delta_rule_recurrence(*(x.transpose(1, 2) for x in (q, k, v)), beta.transpose(1, 2),
+                                 initial_state=state.clone(), output_final_state=True)
+    torch.testing.assert_close((ours_o, ours_s), (o.transpose(1, 2), s), **TOL)
+
+
+def test_gated_delta_rule(data):
+    q, k, v, gate, _, beta, state = data
+    ours = naive_gated_delta_rule(q, k, v, gate, beta, scale=0.2, initial_state=state, output_final_state=True)
+    theirs = naive_recurrent_gated_delta_rule(q, k, v, beta, gate, scale=0.2, initial_state=state,
+                                              output_final_state=True)
+    torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def test_delta_product(data):
+    q, _, _, _, _, _, state = data
+    g = torch.Generator().manual_seed(1)
+    k = F.normalize(torch.randn(B, 2 * T, H, K, generator=g), dim=-1)
+    v = torch.randn(B, 2 * T, H, V, generator=g)
+    beta = torch.sigmoid(torch.randn(B, 2 * T, H, generator=g))
+    ours = naive_delta_product(q, k, v, beta, initial_state=state, output_final_state=True)
+    theirs = naive_recurrent_gated_delta_product(q, k, v, None, beta, K ** -0.5, initial_state=state.clone(),
+                                                 output_final_state=True, num_householder=2)
+    torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def test_mesa_exact(data):
+    q, k, _, gate, _, beta, _ = data
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(B, T, H, K, generator=g)  # fla's reference needs V == K
+    lamb = 0.5 + torch.rand(H, K, generator=g)
+    o, (h_kk, h_kv) = naive_mesa(q, k, v, gate, beta, lamb, output_final_state=True)
+    o_ref, h_kk_ref, h_kv_ref = naive_mesa_net_exact(q, k, v, gate, lamb, beta)
+    torch.testing.assert_close((o, h_kk, h_kv), (o_ref, h_kk_ref, h_kv_ref), atol=1e-4, rtol=1e-4)

@@ -1,0 +1,61 @@
+"""Stage 1: spec loading and validation; every class of bad input has a snapshot of its message."""
+
+from pathlib import Path
+
+import pytest
+
+from ttr_codegen.spec import SpecError, load_spec, parse_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD = sorted((ROOT / "tests" / "bad_specs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
+def test_bad_spec_message(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # messages name the file as given, relative to the repository
+    relative = path.relative_to(ROOT)
+    with pytest.raises(SpecError) as caught:
+        load_spec(relative)
+    expected = path.with_suffix(".expected").read_text()
+    assert str(caught.value) + "\n" == expected
+
+
+def test_there_is_a_fixture_for_every_class_of_error():
+    assert {p.stem for p in BAD} >= {"yaml_syntax", "unknown_key", "wrong_type", "undeclared_input", "wrong_role",
+                                     "missing_required", "unsupported_combination", "unsupported_regressor"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "specs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_catalogue_specs_are_valid(path):
+    spec = load_spec(path)
+    assert spec.name == path.stem
+    assert spec.description
+
+
+def test_all_errors_are_reported_at_once_with_positions():
+    text = "name: x\nregressor: linear\noptimiser:\n  method: exact\nreadout: {scale: -2, normalise: maybe}\n"
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, "x.yaml")
+    lines = [d.format().splitlines()[0] for d in caught.value.diagnostics]
+    assert lines == [
+        "x.yaml:4:3: error: optimiser.ridge: method 'exact' needs 'ridge'",
+        "x.yaml:5:18: error: readout.scale: expected 'default' or a positive number, got int -2",
+        "x.yaml:5:33: error: readout.normalise: unknown normalisation 'maybe'",
+    ]
+
+
+def test_optimiser_may_be_a_bare_method_name():
+    spec = parse_spec("name: la\nregressor: linear\noptimiser: gradient_step_from_zero\n")
+    assert spec.optimiser.method == "gradient_step_from_zero"
+
+
+def test_empty_and_missing_files():
+    with pytest.raises(SpecError, match="the spec is empty"):
+        parse_spec("", "empty.yaml")
+    with pytest.raises(SpecError, match="cannot read the spec"):
+        load_spec(ROOT / "specs" / "no_such_layer.yaml")
+
+
+def test_duplicate_keys_are_errors():
+    with pytest.raises(SpecError, match="duplicate key"):
+        parse_spec("name: a\nname: b\nregressor: linear\noptimiser: exact\n")

@@ -1,0 +1,192 @@
+"""The shared harness behind every generated test: generated code checked against the spec's oracle.
+
+Generated `test_<name>.py` files stay a few lines long; the checks live here, once, and are tested
+themselves in tests/test_harness.py (a deliberately wrong layer must fail them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import oracle
+from .spec import Spec, load_spec
+
+_INPUT_SHAPES = {("B", "T", "H"): "BTH", ("B", "T", "H", "K"): "BTHK", ("H",): "H", ("H", "K"): "HK"}
+
+
+def _tolerance(dtype: torch.dtype) -> dict:
+    return {"atol": 1e-9, "rtol": 1e-8} if dtype == torch.float64 else {"atol": 2e-4, "rtol": 2e-4}
+
+
+@dataclass
+class Problem:
+    """One set of random inputs for a spec, laid out as the generated op takes them."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    inputs: dict[str, torch.Tensor]
+
+    def args(self) -> tuple:
+        return (self.q, self.k, self.v, *self.inputs.values())
+
+    def to(self, dtype: torch.dtype) -> Problem:
+        return Problem(self.q.to(dtype), self.k.to(dtype), self.v.to(dtype),
+                       {n: x.to(dtype) for n, x in self.inputs.items()})
+
+    def tokens(self, start: int, stop: int, steps: int, per_step: set[str], spec: Spec) -> Problem:
+        """The slice of tokens [start, stop) (rows start*steps .. stop*steps for per-step tensors)."""
+        def cut(x, per_step_row):
+            return x[:, start * steps:stop * steps] if per_step_row else x[:, start:stop]
+        inputs = {}
+        for name, x in self.inputs.items():
+            inputs[name] = cut(x, name in per_step) if spec.input(name).per_token else x
+        return Problem(self.q[:, start:stop], cut(self.k, True), cut(self.v, True), inputs)
+
+
+class LayerChecks:
+    """Checks one generated layer (`naive_<name>` and its module) against the oracle of its spec."""
+
+    # (T, K, V): a single token, a prime length, K != V, and K = 60 (not a power of two).
+    ORACLE_SHAPES = [(1, 8, 8), (63, 16, 12), (100, 12, 20), (20, 60, 8)]
+
+    def __init__(self, spec_path: Path, naive, layer_class):
+        self.spec = load_spec(spec_path)
+        self.naive = naive
+        self.layer_class = layer_class
+        self.steps = self.spec.optimiser.steps_per_token
+        self.per_step = {self.spec.optimiser.step_size} if self.steps > 1 else set()
+
+    # --- inputs -------------------------------------------------------------------------------
+    def problem(self, T: int, K: int, V: int, B: int = 2, H: int = 2, seed: int = 0,
+                dtype: torch.dtype = torch.float64) -> Problem:
+        generator = torch.Generator().manual_seed(seed)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+        n = self.steps
+        q = randn(B, T, H, K)
+        k = F.normalize(randn(B, T * n, H, K), dim=-1)  # unit keys keep every memory update stable
+        v = randn(B, T * n, H, V)
+        inputs = {}
+        for spec_input in self.spec.inputs:
+            rows = T * n if spec_input.name in self.per_step else T
+            shape = {"BTH": (B, rows, H), "BTHK": (B, rows, H, K), "H": (H,), "HK": (H, K)}[
+                _INPUT_SHAPES[spec_input.shape]]
+            x = randn(*shape)
+            inputs[spec_input.name] = {
+                "log_decay": lambda: F.logsigmoid(x + 3.0),
+                "step_size": lambda: torch.sigmoid(x),
+                "sample_weight": lambda: torch.sigmoid(x),
+                "forget": lambda: torch.sigmoid(x - 2.0),
+                "momentum": lambda: torch.sigmoid(x),
+                "ridge": lambda: 0.5 + torch.rand(*shape, generator=generator, dtype=torch.float64),
+            }[spec_input.role]()
+        return Problem(q, k, v, inputs).to(dtype)
+
+    def oracle(self, problem: Problem, scale: float | None = None):
+        return oracle.solve(self.spec, problem.q, problem.k, problem.v, problem.inputs, scale)
+
+    def memory(self, state, problem: Problem) -> torch.Tensor:
+        return oracle.memory_of_state(self.spec, state, problem.inputs)
+
+    # --- checks -------------------------------------------------------------------------------
+    def matches_oracle(self, T: int, K: int, V: int) -> None:
+        """Outputs and final memory equal the oracle's in float64, with the default and a custom scale."""
+        problem = self.problem(T, K, V)
+        for scale in (None, 0.37):
+            o, state = self.naive(*problem.args(), scale=scale, output_final_state=True)
+            o_ref, memory_ref = self.oracle(problem, scale)
+            assert o.dtype == torch.float64 and o.shape == o_ref.shape
+            torch.testing.assert_close(o, o_ref, **_tolerance(torch.float64))
+            torch.testing.assert_close(self.memory(state, problem), memory_ref, **_tolerance(torch.float64))
+
+    def state_carry(self, T: int = 24, K: int = 6, V: int = 5) -> None:
+        """Running [0:T] equals [0:T/2] then [T/2:T] from the carried state, and both equal the oracle."""
+        problem = self.problem(T, K, V, seed=1)
+        half = T // 2 + 1
+        first, second = (problem.tokens(0, half, self.steps, self.per_step, self.spec),
+                         problem.tokens(half, T, self.steps, self.per_step, self.spec))
+        o_full, state_full = self.naive(*problem.args(), output_final_state=True)
+        o_1, state_1 = self.naive(*first.args(), output_final_state=True)
+        o_2, state_2 = self.naive(*second.args(), initial_state=state_1, output_final_state=True)
+        torch.testing.assert_close(torch.cat([o_1, o_2], dim=1), o_full, **_tolerance(torch.float64))
+        o_ref, memory_ref = self.oracle(problem)
+        torch.testing.assert_close(torch.cat([o_1, o_2], dim=1), o_ref, **_tolerance(torch.float64))
+        torch.testing.assert_close(self.memory(state_2, problem), memory_ref, **_tolerance(torch.float64))
+        _, no_state = self.naive(*problem.args())
+        assert no_state is None
+
+    def gradients_match_oracle(self, T: int = 7, K: int = 4, V: int = 3) -> None:
+        """d(loss)/d(every input) through the generated op equals the gradient through the oracle."""
+        problem = self.problem(T, K, V, B=1, seed=2)
+        leaves = [x.clone().requires_grad_(True) for x in problem.args()]
+        weights = torch.randn(1, T, 2, V, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        o, _ = self.naive(*leaves)
+        grads = torch.autograd.grad((o * weights).sum(), leaves)
+        leaves_ref = [x.clone().requires_grad_(True) for x in problem.args()]
+        names = list(problem.inputs)
+        o_ref, _ = oracle.solve(self.spec, *leaves_ref[:3], dict(zip(names, leaves_ref[3:])))
+        grads_ref = torch.autograd.grad((o_ref * weights).sum(), leaves_ref)
+        for name, g, g_ref in zip(["q", "k", "v", *names], grads, grads_ref):
+            torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-7, msg=lambda m, name=name: f"d/d{name}: {m}")
+
+    def gradcheck(self, T: int = 4, K: int = 3, V: int = 2) -> None:
+        """Finite differences agree with autograd for every input, initial state included."""
+        problem = self.problem(T, K, V, B=1, H=1, seed=4)
+        prefix = self.problem(3, K, V, B=1, H=1, seed=5)
+        prefix.inputs.update({n: x for n, x in problem.inputs.items() if not self.spec.input(n).per_token})
+        _, state = self.naive(*prefix.args(), output_final_state=True)  # a realistic (e.g. SPD) state
+        states = [s.detach().clone().requires_grad_(True) for s in (state if isinstance(state, tuple) else (state,))]
+        args = [x.clone().requires_grad_(True) for x in problem.args()]
+
+        def run(*flat):
+            carried = flat[len(args):]
+            o, final = self.naive(*flat[:len(args)], initial_state=carried if len(carried) > 1 else carried[0],
+                                  output_final_state=True)
+            return (o, *(final if isinstance(final, tuple) else (final,)))
+
+        assert torch.autograd.gradcheck(run, (*args, *states), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+    def low_precision(self, dtype: torch.dtype) -> None:
+        """float32 and bfloat16 inputs: output in the input dtype, states in float32, error within bound.
+
+        The reference is the float64 result on the same (rounded) inputs, so the bound measures the
+        op's own arithmetic: fp32 accumulation, then rounding of the output to `dtype`.
+        """
+        problem = self.problem(40, 16, 16, seed=6).to(dtype)
+        o, state = self.naive(*problem.args(), output_final_state=True)
+        assert o.dtype == dtype
+        for s in state if isinstance(state, tuple) else (state,):
+            assert s.dtype == torch.float32
+        o_ref, _ = self.naive(*problem.to(torch.float64).args())
+        bound = (2e-2 if dtype == torch.bfloat16 else 1e-4) * (1 + o_ref.abs().max().item())
+        error = (o.double() - o_ref).abs().max().item()
+        assert error <= bound, f"{dtype}: max error {error:.3g} above bound {bound:.3g}"
+
+    def keyword_arguments(self) -> None:
+        problem = self.problem(5, 4, 3, seed=7)
+        by_position = self.naive(*problem.args(), None, None, True)
+        by_name = self.naive(q=problem.q, k=problem.k, v=problem.v, **problem.inputs, scale=None,
+                             initial_state=None, output_final_state=True)
+        torch.testing.assert_close(by_position, by_name, rtol=0, atol=0)
+
+    def layer(self, hidden_size: int = 32, num_heads: int = 2, T: int = 9) -> None:
+        """The module runs, trains (finite gradients) and carries its state across calls."""
+        torch.manual_seed(0)
+        layer = self.layer_class(hidden_size=hidden_size, num_heads=num_heads).double()
+        x = torch.randn(2, T, hidden_size, dtype=torch.float64, requires_grad=True)
+        y, state = layer(x, output_final_state=True)
+        assert y.shape == x.shape and torch.isfinite(y).all()
+        y.square().mean().backward()
+        assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+        assert x.grad is not None and x.grad.abs().sum() > 0
+        with torch.no_grad():
+            y_1, state_1 = layer(x[:, :4], output_final_state=True)
+            y_2, _ = layer(x[:, 4:], initial_state=state_1)
+            torch.testing.assert_close(torch.cat([y_1, y_2], dim=1), y, **_tolerance(torch.float64))
