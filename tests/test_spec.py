@@ -38,7 +38,7 @@ def test_all_errors_are_reported_at_once_with_positions():
         parse_spec(text, "x.yaml")
     lines = [d.format().splitlines()[0] for d in caught.value.diagnostics]
     assert lines == [
-        "x.yaml:4:3: error: optimiser.ridge: method 'exact' needs 'ridge'",
+        "x.yaml:4:3: error: optimiser.ridge: method 'exact' needs 'ridge' for class 'linear'",
         "x.yaml:5:18: error: readout.scale: expected 'default' or a positive number, got int -2",
         "x.yaml:5:33: error: readout.normalise: unknown normalisation 'maybe'",
     ]

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sympy as sp
+from sympy import MatrixSymbol
+
 from .derive import UpdateRule
 from .derive.algebra import K, V
 from .render.torch_printer import TokenProgram
 from .spec import InputSpec, Spec
+from .spec.model import ROLES
 
 _SHAPE_CODE = {("B", "T", "H"): "(B, T, H)", ("B", "T", "H", "K"): "(B, T, H, K)", ("H",): "(H,)", ("H", "K"): "(H, K)"}
 
@@ -67,11 +71,50 @@ class NaivePlan:
     chunk_size: int
 
 
-def lower(spec: Spec, rule: UpdateRule) -> NaivePlan:
-    from .spec.model import ROLES
+_LOG_WEIGHT_CODE = {
+    "exp_dot": "scale * q_h @ k_h.transpose(-1, -2)",
+    "gaussian": "-0.5 * scale * (q_h[..., :, None, :] - k_h[..., None, :, :]).pow(2).sum(-1)",
+}
 
-    n = rule.substeps
-    step_inputs = {spec.optimiser.step_size} if n > 1 else set()
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """A nonparametric layer: each query fits its regressor over the keys it sees (no O(1) state)."""
+
+    name: str
+    camel_name: str
+    description: str
+    form: str  # "attention" (query-local weights) or "kernel_ridge"
+    inputs: tuple[InputPlan, ...]
+    default_scale: str
+    kernel: str  # "exp_dot" or "gaussian"
+    window: int | None
+    decay: str | None
+    degree: int | None
+    ridge: float | None
+    moments: tuple[str, ...]  # weighted moments the read-out needs
+    readout_lines: tuple[str, ...]
+    structure: str
+    derivation_doc: tuple[str, ...]
+    cost_per_token: str
+    caches: tuple[str, ...]  # the state: every per-token tensor the weights of later queries need
+    log_weight_code: str  # log s(k, q) for query rows `q_h` and key rows `k_h`, as [B, H, T, N]
+    steps_per_token: int = 1
+    chunk_size: int = 64
+
+    @property
+    def streaming(self) -> bool:
+        """Whether a memory-efficient streaming path is generated (moments of degree <= 1)."""
+        return self.form == "attention" and self.degree is not None and self.degree <= 1
+
+
+def lower(spec: Spec, rule: UpdateRule) -> NaivePlan | AttentionPlan:
+    if rule.form != "recurrent":
+        return _lower_attention(spec, rule)
+    return _lower_recurrent(spec, rule)
+
+
+def _input_plans(spec: Spec, step_inputs: set[str]) -> list[InputPlan]:
     inputs = []
     for i in spec.inputs:
         per_step = i.name in step_inputs
@@ -81,6 +124,46 @@ def lower(spec: Spec, rule: UpdateRule) -> NaivePlan:
             "[" + ", ".join(i.shape).replace("T", "T*n" if per_step else "T") + "]", i.role, ROLES[i.role],
             i.per_token, per_step, i.per_key, f"{i.name}[:, {index}]" if i.per_token else i.name,
             _layer_kind(i), _PARAMETERISATION.get((i.role, i.per_token), "")))
+    return inputs
+
+
+def _lower_attention(spec: Spec, rule: UpdateRule) -> AttentionPlan:
+    from .derive.nonparametric import N
+
+    names = {"q": "q_h", "scale": "scale", "Y": "values", "kern": "kern", "kappa": "kappa", "gram": "gram"}
+    for name in ("m_k", "h_kk", "m_v", "h_kv", "sigma", "r_kv", "delta"):
+        names[name] = name
+    program = TokenProgram(names=names, dims={K: "K", V: "V", N: "N"}, python_scalars=frozenset({"scale"}))
+    lines = []
+    for assign in rule.readout:
+        expression = program.poly(assign.value)
+        lines += program.lines + [f"{assign.target} = {expression}"]
+        program.lines = []
+    used = {leaf.name for a in rule.readout for chain in a.value.chains() for leaf in chain
+            for leaf in leaf.atoms(MatrixSymbol)}
+    moments = tuple(m for m in ("m_k", "h_kk", "m_v", "h_kv") if m in used)
+    if rule.structure == "local-polynomial":
+        moments = ()
+    decay = spec.weights.decay
+    if rule.form == "kernel_ridge":
+        kernel = spec.regressor.kernel
+    else:
+        kernel = spec.weights.kernel
+    # The cost is per query and grows with the N keys it sees.
+    moment_cost = {"m_k": K, "h_kk": K * K, "m_v": V, "h_kv": K * V}
+    cost = sum((moment_cost[m] for m in moments), 0) * N + program.cost + (K * N if rule.form == "attention" else 0)
+    return AttentionPlan(
+        spec.name, spec.camel_name, spec.description, rule.form, tuple(_input_plans(spec, set())),
+        "K ** -0.5" if rule.scale is None else repr(rule.scale), kernel, spec.weights.window, decay,
+        spec.regressor.degree, spec.optimiser.ridge, moments, tuple(lines), rule.structure,
+        tuple(derivation_doc(rule)), str(sp.expand(cost)), ("k", "v") + ((decay,) if decay else ()),
+        _LOG_WEIGHT_CODE[kernel], chunk_size=spec.schedule.chunk_size)
+
+
+def _lower_recurrent(spec: Spec, rule: UpdateRule) -> NaivePlan:
+    n = rule.substeps
+    step_inputs = {spec.optimiser.step_size} if n > 1 else set()
+    inputs = _input_plans(spec, step_inputs)
 
     names = {"q": "q_t", "k": "k_t", "v": "v_t", "scale": "scale"}
     for i in inputs:
@@ -117,7 +200,7 @@ def lower(spec: Spec, rule: UpdateRule) -> NaivePlan:
         program.lines = []
     cost = (update_cost * n + program.cost).expand()
 
-    states = tuple(StatePlan(s.name, f"(B, H, {s.rows}{', ' + s.cols if s.cols != '1' else ''})", s.shape_text,
+    states = tuple(StatePlan(s.name, "(" + ", ".join(["B", "H"] + [d for d in (s.rows, s.cols) if d != "1"]) + ")", s.shape_text,
                              s.meaning, _init_code(s, spec)) for s in rule.states)
     return NaivePlan(
         spec.name, spec.camel_name, spec.description, tuple(inputs), states, n,
@@ -136,7 +219,7 @@ def _layer_kind(i: InputSpec) -> str:
 
 
 def _init_code(state, spec: Spec) -> str:
-    shape = f"B, H, {state.rows}" + (f", {state.cols}" if state.cols != "1" else "")
+    shape = ", ".join(["B", "H"] + [d for d in (state.rows, state.cols) if d != "1"])
     if state.init == "identity_over_ridge":
         return f"torch.eye(K, dtype=acc, device=q.device).expand({shape}) / {spec.optimiser.ridge!r}"
     return f"q.new_zeros({shape})"

@@ -173,11 +173,30 @@ def _ridge_solution(spec: Spec, keys, values, inputs, decay, weight, t) -> torch
     return torch.linalg.lstsq(design, target).solution
 
 
+def default_scale(spec: Spec, K: int) -> float:
+    if spec.readout.scale is not None:
+        return spec.readout.scale
+    bandwidth = spec.weights.bandwidth or spec.regressor.bandwidth
+    if (spec.weights.kernel or spec.regressor.kernel) == "gaussian":
+        return 1.0 / bandwidth
+    return K ** -0.5
+
+
 def solve(spec: Spec, q, k, v, inputs: dict, scale: float | None = None):
-    """Outputs [B, T, H, V] and the final memory [B, H, K, V] of the spec's regression problem."""
+    """Outputs [B, T, H, V] and the final memory of the spec's regression problem.
+
+    The memory is S [B, H, K, V] for linear regressors, the fitted (b; W) [B, H, 1 + K, V] for the affine
+    one, and the data (k, v[, decay]) itself for nonparametric regressors, which keep every pair.
+    """
     K = q.shape[-1]
     if scale is None:
-        scale = spec.readout.scale if spec.readout.scale is not None else K ** -0.5
+        scale = default_scale(spec, K)
+    if spec.regressor.cls == "local_polynomial":
+        return _local_polynomial(spec, q, k, v, inputs, scale)
+    if spec.regressor.cls == "kernel_ridge":
+        return _kernel_ridge(spec, q, k, v, scale)
+    if spec.regressor.cls == "affine":
+        return _affine(spec, q, k, v, inputs, scale)
     history = memories(spec, q, k, v, inputs)
     outputs = []
     for t, S in enumerate(history):
@@ -191,8 +210,115 @@ def solve(spec: Spec, q, k, v, inputs: dict, scale: float | None = None):
     return torch.stack(outputs, dim=1), (history[-1] if history else None)
 
 
-def memory_of_state(spec: Spec, state, inputs: dict) -> torch.Tensor:
-    """The memory S [B, H, K, V] that a generated op's state stands for (the stated solution)."""
+def _ridge_vector(spec: Spec, inputs: dict, H: int, K: int, like: torch.Tensor) -> torch.Tensor:
+    ridge = spec.optimiser.ridge
+    if isinstance(ridge, str):
+        lam = inputs[ridge]
+        return lam[..., None].expand(H, K) if lam.dim() == 1 else lam
+    return like.new_full((H, K), ridge)
+
+
+def _lstsq_with_ridge(design, target, ridge_rows):
+    """min ||design theta - target||^2 + ||ridge_rows theta||^2, batched over [B, H]."""
+    design = torch.cat([design, ridge_rows.expand(*design.shape[:-2], *ridge_rows.shape[-2:])], dim=-2)
+    target = torch.cat([target, target.new_zeros(*target.shape[:-2], ridge_rows.shape[-2], target.shape[-1])], dim=-2)
+    return torch.linalg.lstsq(design, target).solution
+
+
+def _polynomial_features(d: torch.Tensor, degree: int) -> torch.Tensor:
+    """The monomials of the offsets d [..., K] up to `degree`: 1, d_a, d_a d_b (a <= b)."""
+    features = [torch.ones_like(d[..., :1])]
+    if degree >= 1:
+        features.append(d)
+    if degree >= 2:
+        a, b = torch.triu_indices(d.shape[-1], d.shape[-1])
+        features.append(d[..., a] * d[..., b])
+    return torch.cat(features, dim=-1)
+
+
+def _local_polynomial(spec: Spec, q, k, v, inputs, scale):
+    """Each query: weighted least squares of a polynomial in (k - q) over the keys it sees; output its intercept."""
+    B, T, H, K = q.shape
+    degree, window = spec.regressor.degree, spec.weights.window
+    log_decay = torch.cumsum(inputs[spec.weights.decay], dim=1) if spec.weights.decay else None
+    outputs = []
+    for t in range(T):
+        first = max(0, t + 1 - window) if window else 0
+        keys, values, query = k[:, first:t + 1], v[:, first:t + 1], q[:, t:t + 1]
+        if spec.weights.kernel == "exp_dot":
+            log_s = scale * (keys * query).sum(-1)
+        else:
+            log_s = -0.5 * scale * ((keys - query) ** 2).sum(-1)
+        if log_decay is not None:
+            log_s = log_s + log_decay[:, t:t + 1] - log_decay[:, first:t + 1]
+        root_w = torch.softmax(log_s, dim=1).sqrt().transpose(1, 2)[..., None]  # [B, H, n, 1]
+        phi = _polynomial_features((keys - query).transpose(1, 2), degree)  # [B, H, n, F]
+        n_features = phi.shape[-1]
+        ridge = (spec.optimiser.ridge or 0.0) ** 0.5
+        ridge_rows = torch.eye(n_features, dtype=q.dtype)[1:] * ridge  # no penalty on the intercept
+        theta = _lstsq_with_ridge(root_w * phi, root_w * values.transpose(1, 2), ridge_rows)
+        outputs.append(theta[..., 0, :])
+    state = (k, v) + ((inputs[spec.weights.decay],) if spec.weights.decay else ())
+    return torch.stack(outputs, dim=1), state
+
+
+def _kernel_ridge(spec: Spec, q, k, v, scale):
+    """Kernel ridge regression over the prefix, minimised over f = sum_i alpha_i kappa(k_i, .) in the RKHS:
+    ||Y - Kern alpha||^2 + lambda alpha^T Kern alpha, with Kern = L L^T, as least squares."""
+    B, T, H, K = q.shape
+
+    def kernel(a, b):
+        if spec.regressor.kernel == "gaussian":
+            return torch.exp(-0.5 * scale * ((a - b) ** 2).sum(-1))
+        return torch.exp(scale * (a * b).sum(-1))
+
+    outputs = []
+    for t in range(T):
+        keys = k[:, :t + 1].transpose(1, 2)  # [B, H, n, K]
+        values = v[:, :t + 1].transpose(1, 2)
+        gram = kernel(keys[..., :, None, :], keys[..., None, :, :])
+        lower = torch.linalg.cholesky(gram)
+        penalty = (spec.optimiser.ridge ** 0.5) * lower.transpose(-1, -2)
+        alpha = _lstsq_with_ridge(gram, values, penalty)
+        kappa = kernel(keys, q[:, t].unsqueeze(-2))  # [B, H, n]
+        outputs.append((kappa.unsqueeze(-1) * alpha).sum(-2))
+    return torch.stack(outputs, dim=1), (k, v)
+
+
+def _affine(spec: Spec, q, k, v, inputs, scale):
+    """m_t = argmin_(b, W) sum_i gamma_i w_i ||v_i - W^T k_i - b||^2 + ||Lambda^(1/2) W||^2; o_t = m_t(scale q_t)."""
+    B, T, H, K = q.shape
+    decay = _retention(spec, spec.weights.decay, inputs, B, T) if spec.weights.decay else None
+    weight = inputs[spec.weights.sample_weight] if spec.weights.sample_weight else None
+    lam = _ridge_vector(spec, inputs, H, K, q)  # [H, K]
+    ridge_rows = torch.cat([q.new_zeros(H, K, 1), torch.diag_embed(lam.sqrt())], dim=-1)  # [H, K, 1 + K]
+    outputs, theta = [], None
+    for t in range(T):
+        gamma = _kept(decay, t) if decay is not None else q.new_ones(B, t + 1, H)
+        if weight is not None:
+            gamma = gamma * weight[:, :t + 1]
+        root = gamma.sqrt().transpose(1, 2)[..., None]
+        keys = k[:, :t + 1].transpose(1, 2)
+        phi = torch.cat([torch.ones_like(keys[..., :1]), keys], dim=-1)
+        theta = _lstsq_with_ridge(root * phi, root * v[:, :t + 1].transpose(1, 2), ridge_rows)
+        query = torch.cat([q.new_ones(B, H, 1), scale * q[:, t]], dim=-1)
+        outputs.append((query.unsqueeze(-1) * theta).sum(-2))
+    return torch.stack(outputs, dim=1), theta
+
+
+def memory_of_state(spec: Spec, state, inputs: dict):
+    """What a generated op's state stands for, in the oracle's terms (see `solve`)."""
+    if spec.regressor.nonparametric:
+        return state
+    if spec.regressor.cls == "affine":
+        omega, m_k, h_kk, m_v, h_kv = state
+        H, K = h_kk.shape[1], h_kk.shape[-1]
+        lam = _ridge_vector(spec, inputs, H, K, h_kk)
+        sigma = h_kk - m_k[..., :, None] * m_k[..., None, :] / omega[..., None, None] + torch.diag_embed(lam)
+        r_kv = h_kv - m_k[..., :, None] * m_v[..., None, :] / omega[..., None, None]
+        W = torch.linalg.solve(sigma, r_kv)
+        b = (m_v - (W * m_k[..., :, None]).sum(-2)) / omega[..., None]
+        return torch.cat([b[..., None, :], W], dim=-2)
     method = spec.optimiser.method
     if method == "exact":
         H_stat, G_stat = state

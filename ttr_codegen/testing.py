@@ -53,13 +53,20 @@ class LayerChecks:
 
     # (T, K, V): a single token, a prime length, K != V, and K = 60 (not a power of two).
     ORACLE_SHAPES = [(1, 8, 8), (63, 16, 12), (100, 12, 20), (20, 60, 8)]
+    # Degree-2 local polynomials have O(K^2) features per query: small K.
+    SMALL_K_SHAPES = [(1, 3, 3), (63, 4, 3), (100, 3, 5)]
 
-    def __init__(self, spec_path: Path, naive, layer_class):
+    def __init__(self, spec_path: Path, naive, layer_class, fast=None):
         self.spec = load_spec(spec_path)
+        self.fast = fast  # an optional faster op with the same contract (e.g. flash_<name>)
         self.naive = naive
         self.layer_class = layer_class
         self.steps = self.spec.optimiser.steps_per_token
         self.per_step = {self.spec.optimiser.step_size} if self.steps > 1 else set()
+
+    @property
+    def oracle_shapes(self) -> list[tuple[int, int, int]]:
+        return self.SMALL_K_SHAPES if self.spec.regressor.degree == 2 else self.ORACLE_SHAPES
 
     # --- inputs -------------------------------------------------------------------------------
     def problem(self, T: int, K: int, V: int, B: int = 2, H: int = 2, seed: int = 0,
@@ -159,7 +166,8 @@ class LayerChecks:
         The reference is the float64 result on the same (rounded) inputs, so the bound measures the
         op's own arithmetic: fp32 accumulation, then rounding of the output to `dtype`.
         """
-        problem = self.problem(40, 16, 16, seed=6).to(dtype)
+        K = 4 if self.spec.regressor.degree == 2 else 16  # degree 2: 1 + K + K(K+1)/2 features per query
+        problem = self.problem(40, K, 16, seed=6).to(dtype)
         o, state = self.naive(*problem.args(), output_final_state=True)
         assert o.dtype == dtype
         for s in state if isinstance(state, tuple) else (state,):
@@ -168,6 +176,21 @@ class LayerChecks:
         bound = (2e-2 if dtype == torch.bfloat16 else 1e-4) * (1 + o_ref.abs().max().item())
         error = (o.double() - o_ref).abs().max().item()
         assert error <= bound, f"{dtype}: max error {error:.3g} above bound {bound:.3g}"
+
+    def fast_matches_naive(self, T: int, block_size: int, K: int = 8, V: int = 6) -> None:
+        """The fast op equals the oracle (and the reference) in float64, with and without a carried state."""
+        problem = self.problem(T, K, V, seed=8)
+        o_ref, _ = self.oracle(problem)
+        o, state = self.fast(*problem.args(), output_final_state=True, block_size=block_size)
+        torch.testing.assert_close(o, o_ref, **_tolerance(torch.float64))
+        o_naive, state_naive = self.naive(*problem.args(), output_final_state=True)
+        torch.testing.assert_close((o, state), (o_naive, state_naive), **_tolerance(torch.float64))
+        if T > 1:
+            half = T // 2
+            first, second = (problem.tokens(0, half, 1, set(), self.spec), problem.tokens(half, T, 1, set(), self.spec))
+            _, carried = self.fast(*first.args(), output_final_state=True, block_size=block_size)
+            o_2, _ = self.fast(*second.args(), initial_state=carried, block_size=block_size)
+            torch.testing.assert_close(o_2, o_ref[:, half:], **_tolerance(torch.float64))
 
     def keyword_arguments(self) -> None:
         problem = self.problem(5, 4, 3, seed=7)

@@ -173,6 +173,38 @@ class MatPoly:
         items = [(a + b, ka * kb) for a, ka in self.terms for b, kb in other.terms]
         return MatPoly.build(self.rows, other.cols, items, self.symmetric | other.symmetric)
 
+    def T(self) -> MatPoly:  # noqa: N802 -- the usual name of a transpose
+        items = [(tuple(_transpose(leaf, self.symmetric) for leaf in reversed(chain)), coeff)
+                 for chain, coeff in self.terms]
+        return MatPoly.build(self.cols, self.rows, items, self.symmetric)
+
+    def factor_prefix(self, prefix: Chain) -> tuple[MatPoly, MatPoly]:
+        """Write self = rest + prefix @ suffix, collecting every term whose chain starts with `prefix`."""
+        rest, suffix = [], []
+        for chain, coeff in self.terms:
+            if chain[:len(prefix)] == tuple(prefix):
+                suffix.append((chain[len(prefix):], coeff))
+            else:
+                rest.append((chain, coeff))
+        inner_rows = prefix[-1].shape[1]
+        return (MatPoly.build(self.rows, self.cols, rest, self.symmetric),
+                MatPoly.build(inner_rows, self.cols, suffix, self.symmetric))
+
+    def rewrite_pair(self, old: Chain, new: Chain) -> MatPoly:
+        """Replace every occurrence of the run `old` inside a chain by `new` (an identity of matrices)."""
+        items = []
+        for chain, coeff in self.terms:
+            chain = list(chain)
+            i = 0
+            while i + len(old) <= len(chain):
+                if tuple(chain[i:i + len(old)]) == tuple(old):
+                    chain[i:i + len(old)] = list(new)
+                    i += len(new)
+                else:
+                    i += 1
+            items.append((tuple(chain), coeff))
+        return MatPoly.build(self.rows, self.cols, items, self.symmetric)
+
     def subs_scalar(self, mapping: dict) -> MatPoly:
         return MatPoly.build(self.rows, self.cols, [(c, k.subs(mapping)) for c, k in self.terms], self.symmetric)
 
@@ -224,6 +256,8 @@ class MatPoly:
         return sp.MatAdd(*parts) if len(parts) > 1 else parts[0]
 
     def __str__(self) -> str:
+        if self.rows == 1 and self.cols == 1 and all(chain == () for chain, _ in self.terms):
+            return sp.sstr(self.scalar())
         return sp.sstr(self.to_expr())
 
     def latex(self) -> str:

@@ -87,7 +87,15 @@ def _scale(spec: Spec) -> sp.Expr:
 
 
 def derive(spec: Spec) -> UpdateRule:
+    from .nonparametric import derive_affine, derive_kernel_ridge, derive_local_polynomial
+
+    if spec.regressor.cls == "local_polynomial":
+        return derive_local_polynomial(spec)
+    if spec.regressor.cls == "kernel_ridge":
+        return derive_kernel_ridge(spec)
     weights = _Weights(spec)
+    if spec.regressor.cls == "affine":
+        return derive_affine(spec, weights)
     method = spec.optimiser.method
     builder = {
         "gradient_step_from_zero": _gradient_step_from_zero,

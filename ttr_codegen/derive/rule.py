@@ -17,7 +17,7 @@ class StateVar:
 
     @property
     def shape_text(self) -> str:
-        dims = ["B", "H", self.rows] + ([self.cols] if self.cols != "1" else [])
+        dims = ["B", "H"] + [d for d in (self.rows, self.cols) if d != "1"]
         return "[" + ", ".join(dims) + "]"
 
 
@@ -41,6 +41,15 @@ class UpdateRule:
     equivalences: tuple[str, ...]
     vectors: tuple[tuple[str, str], ...] = ()  # per-key retention vectors: (leaf name, log-gate input)
     scale: float | None = None  # the default query scale; None: K ** -0.5
+
+    @property
+    def form(self) -> str:
+        """How the generated reference runs: a recurrence over tokens, or attention over the prefix."""
+        if self.structure in ("local-constant", "local-linear", "local-polynomial"):
+            return "attention"
+        if self.structure == "kernel-ridge":
+            return "kernel_ridge"
+        return "recurrent"
 
     def state(self, name: str) -> StateVar:
         return next(s for s in self.states if s.name == name)

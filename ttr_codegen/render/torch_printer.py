@@ -137,7 +137,8 @@ class TokenProgram:
         if a.inverse:
             code = f"torch.linalg.solve({a.code}, {b.code})"
             result = Operand(name, b.axes, b.row, b.col)
-            self.cost += K**3 / 3 + K**2 * sp.Mul(*[d for d in b.axes if d != K] or [1])
+            n = a.axes[0]
+            self.cost += n**3 / 3 + n**2 * sp.Mul(*[d for d in b.axes if d != n] or [1])
             self.lines.append(f"{name} = {code}")
             return result
         letters: dict[tuple[str, int], str] = {}
@@ -209,6 +210,9 @@ class TokenProgram:
         rank = (value.rows != 1) + (value.cols != 1)
         parts = []
         for chain, coeff in value.terms:
+            if chain == () and rank == 0:
+                parts.append(("", self.scalar(coeff)))
+                continue
             if chain == ():
                 term = f"torch.eye({self.dims[value.rows]}, dtype=acc, device=q.device)"
                 operand = Operand(term, (value.rows, value.cols), 0, 1)

@@ -37,13 +37,30 @@ ROLES = {
     "momentum": "a momentum coefficient eta in [0, 1]",
 }
 
-REGRESSORS = {"linear": "m(k) = S^T k, S in R^{K x V}"}
-PLANNED_REGRESSORS = ("affine", "mlp", "nonparametric")
+REGRESSORS = {
+    "linear": "m(k) = S^T k, S in R^{K x V}",
+    "affine": "m(k) = W k + b, solved exactly with global weights",
+    "local_polynomial": "a polynomial in (k - q) of degree 0, 1 or 2, fitted per query; outputs its value at q",
+    "kernel_ridge": "kernel ridge regression over the prefix (a reproducing-kernel Hilbert space)",
+}
+PLANNED_REGRESSORS = ("mlp",)
+# class -> {option: description}
+REGRESSOR_OPTIONS = {
+    "linear": {},
+    "affine": {},
+    "local_polynomial": {"degree": "0 (local constant), 1 (local linear) or 2"},
+    "kernel_ridge": {"kernel": "gaussian or exp_dot", "bandwidth": "h of the Gaussian kernel"},
+}
+KERNELS = {
+    "exp_dot": "s(k, q) = exp(scale * q.k): softmax attention's kernel",
+    "gaussian": "s(k, q) = exp(-scale * ||q - k||^2 / 2), scale = 1 / bandwidth by default",
+}
+NONPARAMETRIC = ("local_polynomial", "kernel_ridge")
 
 # method -> {option: (kind, required)}; kinds: "input:<roles>", "number_or_input:<roles>", "count"
 METHODS: dict[str, dict[str, tuple[str, bool]]] = {
     "gradient_step_from_zero": {},
-    "exact": {"ridge": ("number_or_input:ridge", True)},
+    "exact": {"ridge": ("number_or_input:ridge", False)},  # required except for local constant regression
     "recursive_least_squares": {"ridge": ("number", True)},
     "online_gradient_step": {
         "step_size": ("input:step_size", True),
@@ -107,6 +124,21 @@ class InputSpec:
 class Weights:
     decay: str | None = None  # name of a log_decay input
     sample_weight: str | None = None  # name of a sample_weight input
+    kernel: str | None = None  # query-local weights s(k_i, q_t), see KERNELS
+    bandwidth: float | None = None  # of the Gaussian kernel
+    window: int | None = None  # sliding window: only the last `window` keys get weight
+
+
+@dataclass(frozen=True)
+class Regressor:
+    cls: str = "linear"
+    degree: int | None = None  # local_polynomial
+    kernel: str | None = None  # kernel_ridge
+    bandwidth: float | None = None  # kernel_ridge with a Gaussian kernel
+
+    @property
+    def nonparametric(self) -> bool:
+        return self.cls in NONPARAMETRIC
 
 
 @dataclass(frozen=True)
@@ -138,7 +170,7 @@ class Spec:
     description: str
     inputs: tuple[InputSpec, ...]
     weights: Weights
-    regressor: str
+    regressor: Regressor
     optimiser: Optimiser
     readout: Readout
     schedule: Schedule
@@ -156,8 +188,9 @@ class Spec:
         """Everything that determines the update rule (the schedule is left out on purpose)."""
         return {
             "inputs": [[i.name, list(i.shape), i.role] for i in self.inputs],
-            "weights": [self.weights.decay, self.weights.sample_weight],
-            "regressor": self.regressor,
+            "weights": [self.weights.decay, self.weights.sample_weight, self.weights.kernel,
+                        self.weights.bandwidth, self.weights.window],
+            "regressor": [self.regressor.cls, self.regressor.degree, self.regressor.kernel, self.regressor.bandwidth],
             "optimiser": [self.optimiser.method, self.optimiser.step_size, self.optimiser.weight_decay,
                           self.optimiser.momentum, self.optimiser.ridge, self.optimiser.steps_per_token],
             "readout": [self.readout.scale, self.readout.normalise],
@@ -293,7 +326,7 @@ def parse_spec(text: str, path: str = "<spec>") -> Spec:
     schedule = _check_schedule(check, top.get("schedule"))
 
     if optimiser is not None:
-        _check_combination(check, by_name, weights, optimiser, readout)
+        _check_combination(check, by_name, weights, optimiser, readout, regressor)
     for i in inputs:
         if i.name not in used:
             check.error(check.positions.get(f"inputs.{i.name}", root.position), f"inputs.{i.name}",
@@ -361,30 +394,92 @@ def _check_weights(check: _Checker, node: Located | None, reference) -> Weights:
         return Weights()
     if isinstance(node.value, str):
         check.error(node, "weights", f"unknown weights '{node.value}'",
-                    "write 'uniform', or a mapping with 'decay:' and/or 'sample_weight:'")
+                    "write 'uniform', or a mapping with 'decay:', 'sample_weight:', 'kernel:', 'window:'")
         return Weights()
-    fields = check.mapping(node, "weights", {"decay": "a log_decay input", "sample_weight": "a sample_weight input"})
+    fields = check.mapping(node, "weights", {
+        "decay": "a log_decay input", "sample_weight": "a sample_weight input", "kernel": "query-local weights",
+        "bandwidth": "of the Gaussian kernel", "window": "sliding-window length"})
     decay = reference(fields["decay"], "weights.decay", ("log_decay",)) if "decay" in fields else None
     sample = (reference(fields["sample_weight"], "weights.sample_weight", ("sample_weight",))
               if "sample_weight" in fields else None)
-    return Weights(decay, sample)
+    kernel = check.choice(fields["kernel"], "weights.kernel", KERNELS, "kernel") if "kernel" in fields else None
+    bandwidth = _positive_number(check, fields.get("bandwidth"), "weights.bandwidth")
+    window = None
+    if "window" in fields:
+        value = fields["window"].value
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            window = value
+        else:
+            check.error(fields["window"], "weights.window", f"expected a positive integer, got {_describe(value)}",
+                        "write e.g. 'window: 64'")
+    if kernel == "gaussian" and bandwidth is None and "kernel" in fields:
+        check.error(fields["kernel"], "weights.bandwidth", "the Gaussian kernel needs a bandwidth",
+                    "add 'bandwidth: 8.0' under 'weights'")
+    if bandwidth is not None and kernel != "gaussian":
+        check.error(fields["bandwidth"], "weights.bandwidth", "a bandwidth only applies to 'kernel: gaussian'",
+                    "remove it, or set 'kernel: gaussian'")
+    if window is not None and kernel is None:
+        check.error(fields["window"], "weights.window", "a sliding window needs query-local weights",
+                    "add 'kernel: exp_dot' (softmax attention) or remove 'window'")
+    return Weights(decay, sample, kernel, bandwidth, window)
 
 
-def _check_regressor(check: _Checker, node: Located | None) -> str:
+def _positive_number(check: _Checker, node: Located | None, field_path: str) -> float | None:
     if node is None:
-        return "linear"
+        return None
+    if _is_number(node.value) and node.value > 0:
+        return float(node.value)
+    check.error(node, field_path, f"expected a positive number, got {_describe(node.value)}", "write e.g. '8.0'")
+    return None
+
+
+def _check_regressor(check: _Checker, node: Located | None) -> Regressor:
+    if node is None:
+        return Regressor()
     value = node.value
+    fields: dict[str, Located] = {}
     if isinstance(value, dict):
-        fields = check.mapping(node, "regressor", {"class": "the regressor class"})
+        allowed = {"class": "the regressor class"} | {o: "" for opts in REGRESSOR_OPTIONS.values() for o in opts}
+        fields = check.mapping(node, "regressor", allowed)
         if "class" not in fields:
-            check.error(node, "regressor.class", "missing required key", "add 'class: linear'")
-            return "linear"
+            check.error(node, "regressor.class", "missing required key", f"add 'class:', one of {', '.join(REGRESSORS)}")
+            return Regressor()
         node, value = fields["class"], fields["class"].value
     if value in PLANNED_REGRESSORS:
         check.error(node, "regressor", f"regressor class '{value}' is not supported by this version of ttr",
                     f"supported: {', '.join(REGRESSORS)}")
-        return "linear"
-    return check.choice(node, "regressor", REGRESSORS, "regressor class") or "linear"
+        return Regressor()
+    cls = check.choice(node, "regressor", REGRESSORS, "regressor class")
+    if cls is None:
+        return Regressor()
+    options = {}
+    for option, child in fields.items():
+        if option == "class":
+            continue
+        field_path = f"regressor.{option}"
+        if option not in REGRESSOR_OPTIONS[cls]:
+            takes = ", ".join(REGRESSOR_OPTIONS[cls]) or "no options"
+            check.error(check.positions[field_path], field_path, f"class '{cls}' takes no option '{option}'",
+                        f"'{cls}' takes: {takes}")
+        elif option == "degree":
+            if child.value in (0, 1, 2) and not isinstance(child.value, bool):
+                options["degree"] = child.value
+            else:
+                check.error(child, field_path, f"expected 0, 1 or 2, got {_describe(child.value)}",
+                            "degree 0 is softmax-like attention, 1 local linear, 2 local quadratic")
+        elif option == "kernel":
+            options["kernel"] = check.choice(child, field_path, KERNELS, "kernel")
+        elif option == "bandwidth":
+            options["bandwidth"] = _positive_number(check, child, field_path)
+    if cls == "local_polynomial" and "degree" not in fields:
+        check.error(node, "regressor.degree", "class 'local_polynomial' needs 'degree'", "add 'degree: 1'")
+    if cls == "kernel_ridge":
+        if "kernel" not in fields:
+            check.error(node, "regressor.kernel", "class 'kernel_ridge' needs 'kernel'", "add 'kernel: gaussian'")
+        elif options.get("kernel") == "gaussian" and "bandwidth" not in fields:
+            check.error(fields["kernel"], "regressor.bandwidth", "the Gaussian kernel needs a bandwidth",
+                        "add 'bandwidth: 4.0' under 'regressor'")
+    return Regressor(cls, **options)
 
 
 def _check_optimiser(check: _Checker, node: Located | None, reference) -> Optimiser | None:
@@ -469,9 +564,10 @@ def _check_schedule(check: _Checker, node: Located | None) -> Schedule:
 
 
 def _check_combination(check: _Checker, by_name: dict[str, InputSpec], weights: Weights,
-                       optimiser: Optimiser, readout: Readout) -> None:
+                       optimiser: Optimiser, readout: Readout, regressor: Regressor) -> None:
     """Choices that are valid alone but that the derivation cannot combine."""
     method = optimiser.method
+    _check_regressor_combination(check, by_name, weights, optimiser, regressor)
     if weights.decay and weights.decay in by_name:
         shape = by_name[weights.decay].shape
         if shape not in DECAY_SHAPES[method]:
@@ -503,3 +599,38 @@ def _check_combination(check: _Checker, by_name: dict[str, InputSpec], weights: 
             check.error(check.positions.get(f"inputs.{ref}", Position(1, 1)), f"inputs.{ref}.shape",
                         f"input '{ref}' must be one number per head, not per key channel",
                         "use shape [B, T, H] or [H]")
+
+
+def _check_regressor_combination(check: _Checker, by_name: dict[str, InputSpec], weights: Weights,
+                                 optimiser: Optimiser, regressor: Regressor) -> None:
+    where = check.positions.get("regressor.class", check.positions.get("regressor", Position(1, 1)))
+    if regressor.cls != "linear" and optimiser.method != "exact":
+        check.error(check.positions.get("optimiser.method", check.positions.get("optimiser", where)),
+                    "optimiser.method", f"class '{regressor.cls}' is solved exactly, not by '{optimiser.method}'",
+                    "write 'optimiser: {method: exact, ridge: ...}'")
+    needs_ridge = regressor.cls != "linear" and not (regressor.cls == "local_polynomial" and regressor.degree == 0)
+    ridge_written = "optimiser.ridge" in check.positions  # present, if perhaps invalid (reported already)
+    if optimiser.method == "exact" and not ridge_written and (needs_ridge or regressor.cls == "linear"):
+        check.error(check.positions.get("optimiser", where), "optimiser.ridge",
+                    f"method 'exact' needs 'ridge' for class '{regressor.cls}'", "add 'ridge: 0.1'")
+    if regressor.nonparametric and isinstance(optimiser.ridge, str):
+        check.error(check.positions["optimiser.ridge"], "optimiser.ridge",
+                    f"class '{regressor.cls}' takes a fixed number as ridge", "write e.g. 'ridge: 0.1'")
+    if regressor.cls == "local_polynomial" and weights.kernel is None:
+        check.error(where, "weights.kernel", "local polynomial regression needs query-local weights",
+                    "add 'weights: {kernel: exp_dot}' (softmax attention's kernel) or 'kernel: gaussian'")
+    if weights.kernel is not None and regressor.cls != "local_polynomial":
+        check.error(check.positions["weights.kernel"], "weights.kernel",
+                    f"query-local weights need class 'local_polynomial', not '{regressor.cls}'",
+                    "set 'regressor: {class: local_polynomial, degree: 0}' or remove 'kernel'")
+    if regressor.nonparametric and weights.sample_weight:
+        check.error(check.positions["weights.sample_weight"], "weights.sample_weight",
+                    f"class '{regressor.cls}' does not take per-sample weights", "remove 'sample_weight'")
+    if regressor.cls == "kernel_ridge" and weights.decay:
+        check.error(check.positions["weights.decay"], "weights.decay",
+                    "kernel ridge regression here weights the prefix uniformly", "remove 'decay'")
+    if regressor.cls in ("local_polynomial", "affine") and weights.decay and weights.decay in by_name:
+        if by_name[weights.decay].per_key:
+            check.error(check.positions["weights.decay"], "weights.decay",
+                        f"class '{regressor.cls}' takes a decay per token or per head, not per key",
+                        "use a decay of shape [B, T, H]")
