@@ -235,3 +235,106 @@ def derivation_doc(rule: UpdateRule) -> list[str]:
         lines.append(f"read-out: {assign.target} = {assign.value}")
     lines += [f"equivalent: {e}" for e in rule.equivalences]
     return lines
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """The chunked form of an affine recurrence, in one of two families.
+
+    gated:  S_t = Diag(exp(log_decay_t)) S_(t-1) + k_t v_t^T         (additive, or diagonal per key)
+    delta:  S_t = exp(log_decay_t) (I - beta_t k_t k_t^T) S_(t-1) + beta_t k_t v_t^T
+    The prep lines compute log_decay, beta and rescaled k or v for the whole sequence from the derived
+    coefficients (e.g. Longhorn's beta -> beta / (1 + beta k^T k), the L2 reading's beta / alpha).
+    """
+
+    family: str  # "gated", "delta", "momentum" or "second_order"
+    gate: str  # "none", "scalar" or "per_key"
+    prep_lines: tuple[str, ...]
+    substeps: int
+    variant: str = ""  # second order: "exact" or "rls"
+    ridge: str = ""  # second order: the ridge as code (a matrix to add for "exact", a number for "rls")
+
+
+def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
+    """The chunked plan of a recurrent rule, or None where this version has none (momentum, second order)."""
+    from .derive.derivation import S as S_SYMBOL
+    from .derive.derivation import k as k_symbol
+    from .derive.derivation import v as v_symbol
+
+    if rule.form != "recurrent":
+        return None
+    if rule.structure == "stacked-affine":
+        return _lower_momentum_chunk(spec, rule)
+    if rule.structure == "second-order" and spec.regressor.cls == "linear":
+        return _lower_second_order_chunk(spec)
+    if len(rule.states) != 1 or rule.structure not in ("additive", "diagonal", "delta", "delta-product"):
+        return None
+    a, b = rule.update[0].value.split_on(S_SYMBOL)
+    kv = (k_symbol, sp.Transpose(v_symbol))
+    if set(b.chains()) != {kv}:
+        return None
+    write = b.coefficient(kv)
+    names = {i.name: i.name for i in spec.inputs} | {"k": "k", "v": "v"}
+    program = TokenProgram(names=names, dims={K: "K", V: "V"})
+    lines: list[str] = []
+    if rule.structure == "diagonal":
+        (diag_chain,) = a.chains()
+        gate_input = dict(rule.vectors)[diag_chain[0].args[0].name]
+        lines.append(f"log_decay = {gate_input}")
+        gate = "per_key"
+        family = "gated"
+        beta = value_scale = None
+    else:
+        decay = a.coefficient(())
+        log_decay = sp.expand_log(sp.log(decay), force=True)
+        gate = "none" if log_decay == 0 else "scalar"
+        if gate == "scalar":
+            lines.append(f"log_decay = torch.broadcast_to({program.scalar(log_decay)}, (B, T * n_steps, H))")
+        if rule.structure == "additive":
+            family, beta, value_scale = "gated", None, write
+        else:
+            rank_one = -a.coefficient((k_symbol, sp.Transpose(k_symbol)))
+            family, beta, value_scale = "delta", sp.simplify(rank_one / decay), sp.simplify(write * decay / rank_one)
+    if beta is not None and beta != sp.Symbol(spec.optimiser.step_size, real=True):
+        code = program.scalar(beta)
+        lines += program.lines + [f"beta = {code}"]
+        program.lines = []
+    if value_scale is not None and value_scale != 1:
+        code = program.scalar(value_scale)
+        lines += program.lines + [f"v = ({code})[..., None] * v"]
+    return ChunkPlan(family, gate, tuple(lines), rule.substeps)
+
+
+def _lower_momentum_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan:
+    """Read theta, eta and rho off the derived (Z, S) updates."""
+    from .derive.derivation import S as S_SYMBOL
+    from .derive.derivation import k as k_symbol
+
+    z_update = next(a.value for a in rule.update if a.target == "Z")
+    s_update = next(a.value for a in rule.update if a.target == "S")
+    z_symbol = next(leaf for chain in s_update.chains() for leaf in chain if getattr(leaf, "name", "") == "Z")
+    eta = z_update.coefficient((z_symbol,))
+    theta = -z_update.coefficient((k_symbol, sp.Transpose(k_symbol), S_SYMBOL))
+    rho = s_update.coefficient((S_SYMBOL,))
+    program = TokenProgram(names={i.name: i.name for i in spec.inputs}, dims={K: "K", V: "V"})
+    lines = [f"{name} = torch.broadcast_to({program.scalar(value)}, (B, T, H))"
+             for name, value in (("theta", theta), ("eta", eta), ("rho", rho))]
+    return ChunkPlan("momentum", "scalar", tuple(program.lines + lines), 1)
+
+
+def _lower_second_order_chunk(spec: Spec) -> ChunkPlan:
+    """Exact ridge (h_kk, h_kv) and recursive least squares (its decayed-prior twin) share one form."""
+    decay, weight = spec.weights.decay, spec.weights.sample_weight
+    lines = [f"log_decay = torch.broadcast_to({decay}, (B, T, H))" if decay else "log_decay = q.new_zeros(B, T, H)",
+             f"weight = torch.broadcast_to({weight}, (B, T, H))" if weight else "weight = q.new_ones(B, T, H)"]
+    ridge = spec.optimiser.ridge
+    if spec.optimiser.method == "recursive_least_squares":
+        return ChunkPlan("second_order", "scalar", tuple(lines), 1, "rls", repr(ridge))
+    if isinstance(ridge, str):
+        per_key = spec.input(ridge).per_key
+        # [H, 1, 1, K, K]: broadcast over the batch, the chunks and the tokens of a chunk
+        code = (f"torch.diag_embed({ridge})[:, None, None]" if per_key
+                else f"{ridge}[:, None, None, None, None] * eye_k")
+    else:
+        code = f"{ridge!r} * eye_k"
+    return ChunkPlan("second_order", "scalar", tuple(lines), 1, "exact", code)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .derive import DerivationError, UpdateRule, derive
-from .lower import NaivePlan, lower
+from .lower import AttentionPlan, ChunkPlan, NaivePlan, lower, lower_chunk
 from .render.files import RenderedFile, render_layer
 from .spec import Diagnostic, Spec, SpecError, load_spec
 
@@ -16,7 +16,8 @@ from .spec import Diagnostic, Spec, SpecError, load_spec
 class Compiled:
     spec: Spec
     rule: UpdateRule
-    plan: NaivePlan
+    plan: NaivePlan | AttentionPlan
+    chunk: ChunkPlan | None
     package_dir: Path
     files: list[RenderedFile]
 
@@ -42,7 +43,8 @@ def derive_spec(spec_path: Path) -> tuple[Spec, UpdateRule]:
 def compile_spec(spec_path: Path, out_root: Path) -> Compiled:
     spec, rule = derive_spec(spec_path)
     plan = lower(spec, rule)
+    chunk = lower_chunk(spec, rule)
     package_dir = out_root / spec.name
     shown = display_path(spec_path)
-    files = render_layer(plan, shown, spec_path.read_text(), package_dir)
-    return Compiled(spec, rule, plan, package_dir, files)
+    files = render_layer(plan, shown, spec_path.read_text(), package_dir, chunk)
+    return Compiled(spec, rule, plan, chunk, package_dir, files)

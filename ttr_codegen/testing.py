@@ -48,6 +48,20 @@ class Problem:
         return Problem(self.q[:, start:stop], cut(self.k, True), cut(self.v, True), inputs)
 
 
+def _states(state) -> tuple:
+    return state if isinstance(state, tuple) else (state,)
+
+
+def _join(per_sequence: list[tuple]):
+    """Stack the states of several sequences along the batch (a tensor, or a tuple of tensors)."""
+    joined = tuple(torch.cat(parts) for parts in zip(*per_sequence))
+    return joined if len(joined) > 1 else joined[0]
+
+
+def _row(state, i: int):
+    return tuple(s[i:i + 1] for s in state) if isinstance(state, tuple) else state[i:i + 1]
+
+
 class LayerChecks:
     """Checks one generated layer (`naive_<name>` and its module) against the oracle of its spec."""
 
@@ -56,9 +70,10 @@ class LayerChecks:
     # Degree-2 local polynomials have O(K^2) features per query: small K.
     SMALL_K_SHAPES = [(1, 3, 3), (63, 4, 3), (100, 3, 5)]
 
-    def __init__(self, spec_path: Path, naive, layer_class, fast=None):
+    def __init__(self, spec_path: Path, naive, layer_class, fast=None, chunk=None):
         self.spec = load_spec(spec_path)
         self.fast = fast  # an optional faster op with the same contract (e.g. flash_<name>)
+        self.chunk = chunk  # chunk_<name>: the naive contract plus cu_seqlens and chunk_size
         self.naive = naive
         self.layer_class = layer_class
         self.steps = self.spec.optimiser.steps_per_token
@@ -191,6 +206,87 @@ class LayerChecks:
             _, carried = self.fast(*first.args(), output_final_state=True, block_size=block_size)
             o_2, _ = self.fast(*second.args(), initial_state=carried, block_size=block_size)
             torch.testing.assert_close(o_2, o_ref[:, half:], **_tolerance(torch.float64))
+
+    # --- chunked forms -------------------------------------------------------------------------
+    def chunk_matches_oracle(self, T: int, chunk_size: int, K: int = 12, V: int = 20) -> None:
+        """Outputs and final memory equal the oracle's in float64, with a carried state too."""
+        problem = self.problem(T, K, V, seed=10)
+        o_ref, memory_ref = self.oracle(problem)
+        o, state = self.chunk(*problem.args(), output_final_state=True, chunk_size=chunk_size)
+        torch.testing.assert_close(o, o_ref, **_tolerance(torch.float64))
+        torch.testing.assert_close(self.memory(state, problem), memory_ref, **_tolerance(torch.float64))
+        if T > 1:
+            half = T // 2
+            first = problem.tokens(0, half, self.steps, self.per_step, self.spec)
+            second = problem.tokens(half, T, self.steps, self.per_step, self.spec)
+            _, carried = self.chunk(*first.args(), output_final_state=True, chunk_size=chunk_size)
+            o_2, state_2 = self.chunk(*second.args(), initial_state=carried, output_final_state=True,
+                                      chunk_size=chunk_size)
+            torch.testing.assert_close(o_2, o_ref[:, half:], **_tolerance(torch.float64))
+            torch.testing.assert_close(self.memory(state_2, problem), memory_ref, **_tolerance(torch.float64))
+
+    def chunk_packed_sequences(self, lengths=(1, 17, 40, 64), chunk_size: int = 16) -> None:
+        """cu_seqlens: packed sequences equal running each on its own (against the oracle from zero, and
+        against the reference from per-sequence initial states)."""
+        problems = [self.problem(n, 6, 5, B=1, seed=20 + i) for i, n in enumerate(lengths)]
+        packed = Problem(*(torch.cat(parts, dim=1) for parts in zip(*(p.args()[:3] for p in problems))),
+                         {name: (torch.cat([p.inputs[name] for p in problems], dim=1)
+                                 if self.spec.input(name).per_token else problems[0].inputs[name])
+                          for name in problems[0].inputs})
+        for p in problems[1:]:  # per-head inputs are shared by the packed sequences
+            p.inputs.update({n: x for n, x in problems[0].inputs.items() if not self.spec.input(n).per_token})
+        cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
+        o, states = self.chunk(*packed.args(), output_final_state=True, cu_seqlens=cu_seqlens,
+                               chunk_size=chunk_size)
+        assert all(s.shape[0] == len(lengths) for s in _states(states))
+        o_ref = torch.cat([self.oracle(p)[0] for p in problems], dim=1)
+        torch.testing.assert_close(o, o_ref, **_tolerance(torch.float64))
+        # Realistic initial states (e.g. positive definite ones): the final states of other sequences.
+        initial = _join([_states(self.naive(*self.problem(5, 6, 5, B=1, seed=40 + i).args(),
+                                            output_final_state=True)[1]) for i in range(len(lengths))])
+        o, states = self.chunk(*packed.args(), initial_state=initial, output_final_state=True,
+                               cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+        runs = [self.naive(*p.args(), initial_state=_row(initial, i), output_final_state=True)
+                for i, p in enumerate(problems)]
+        torch.testing.assert_close(o, torch.cat([r[0] for r in runs], dim=1), **_tolerance(torch.float64))
+        torch.testing.assert_close(_states(states), _states(_join([_states(r[1]) for r in runs])),
+                                   **_tolerance(torch.float64))
+
+    def chunk_gradients_match_oracle(self, T: int = 21, K: int = 4, V: int = 3) -> None:
+        problem = self.problem(T, K, V, B=1, seed=11)
+        weights = torch.randn(1, T, 2, V, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+        leaves = [x.clone().requires_grad_(True) for x in problem.args()]
+        o, _ = self.chunk(*leaves, chunk_size=16)
+        grads = torch.autograd.grad((o * weights).sum(), leaves)
+        leaves_ref = [x.clone().requires_grad_(True) for x in problem.args()]
+        o_ref, _ = oracle.solve(self.spec, *leaves_ref[:3], dict(zip(problem.inputs, leaves_ref[3:])))
+        grads_ref = torch.autograd.grad((o_ref * weights).sum(), leaves_ref)
+        for name, g, g_ref in zip(["q", "k", "v", *problem.inputs], grads, grads_ref):
+            torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-7, msg=lambda m, name=name: f"d/d{name}: {m}")
+
+    def chunk_low_precision(self) -> None:
+        """bfloat16 inputs: output in bfloat16, state in float32, within 2% of the float64 result."""
+        problem = self.problem(200, 32, 32, seed=13).to(torch.bfloat16)
+        o, state = self.chunk(*problem.args(), output_final_state=True)
+        assert o.dtype == torch.bfloat16 and all(s.dtype == torch.float32 for s in _states(state))
+        o_ref, _ = self.naive(*problem.to(torch.float64).args())
+        bound = 2e-2 * (1 + o_ref.abs().max().item())
+        error = (o.double() - o_ref).abs().max().item()
+        assert error <= bound, f"bfloat16: max error {error:.3g} above bound {bound:.3g}"
+
+    def chunk_compiles(self) -> None:
+        """torch.compile(fullgraph=True) traces the chunked path, forward and backward, with no graph break."""
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        problem = self.problem(40, 8, 6, B=1, seed=14).to(torch.float32)
+        compiled = torch.compile(self.chunk, fullgraph=True, backend="aot_eager")
+        leaves = [x.clone().requires_grad_(True) for x in problem.args()]
+        o, state = compiled(*leaves, output_final_state=True, chunk_size=16)
+        o.square().sum().backward()
+        o_eager, state_eager = self.chunk(*problem.args(), output_final_state=True, chunk_size=16)
+        torch.testing.assert_close((o, state), (o_eager, state_eager))
+        assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in leaves)
 
     def keyword_arguments(self) -> None:
         problem = self.problem(5, 4, 3, seed=7)
