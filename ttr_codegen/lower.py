@@ -139,8 +139,8 @@ def _lower_attention(spec: Spec, rule: UpdateRule) -> AttentionPlan:
         expression = program.poly(assign.value)
         lines += program.lines + [f"{assign.target} = {expression}"]
         program.lines = []
-    used = {leaf.name for a in rule.readout for chain in a.value.chains() for leaf in chain
-            for leaf in leaf.atoms(MatrixSymbol)}
+    used = {symbol.name for assign in rule.readout for chain in assign.value.chains() for leaf in chain
+            for symbol in leaf.atoms(MatrixSymbol)}
     moments = tuple(m for m in ("m_k", "h_kk", "m_v", "h_kv") if m in used)
     if rule.structure == "local-polynomial":
         moments = ()
