@@ -338,3 +338,55 @@ def _lower_second_order_chunk(spec: Spec) -> ChunkPlan:
     else:
         code = f"{ridge!r} * eye_k"
     return ChunkPlan("second_order", "scalar", tuple(lines), 1, "exact", code)
+
+
+@dataclass(frozen=True)
+class FusedRecurrentPlan:
+    """A Triton kernel that runs the derived per-token update on [BK, BV] register tiles."""
+
+    states: tuple[str, ...]  # every state is a K x V tile
+    head_lines: tuple[str, ...]  # loads of per-head inputs, before the token loop
+    token_lines: tuple[str, ...]  # loads (and per-key exponentials) per token
+    step_lines: tuple[str, ...]  # loads per sub-step, then the update
+    readout_lines: tuple[str, ...]
+    substeps: int
+
+
+def lower_fused_recurrent(spec: Spec, rule: UpdateRule) -> FusedRecurrentPlan | None:
+    """The fused recurrent kernel of a rule whose states are all K x V, or None."""
+    from .render.triton_printer import TritonTokenProgram
+
+    if rule.form != "recurrent" or any((s.rows, s.cols) != ("K", "V") for s in rule.states):
+        return None
+    n = rule.substeps
+    per_step = {spec.optimiser.step_size} if n > 1 else set()
+    names = {"q": "q_t", "k": "k_t", "v": "v_t", "scale": "scale"} | {s.name: s.name for s in rule.states}
+    head, token, step = [], [], ["k_t = tl.load(k + (step * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)",
+                                 "v_t = tl.load(v + (step * H + i_h) * V + o_v, mask=m_v, other=0.0).to(tl.float32)"]
+    for i in spec.inputs:
+        lanes = " * K + o_k, mask=m_k, other=0.0" if i.per_key else ""
+        if not i.per_token:
+            names[i.name] = f"{i.name}_h"
+            head.append(f"{i.name}_h = tl.load({i.name} + i_h{lanes}).to(tl.float32)")
+            continue
+        names[i.name] = f"{i.name}_t"
+        position = "step" if i.name in per_step else "row"
+        load = f"{i.name}_t = tl.load({i.name} + ({position} * H + i_h){lanes}).to(tl.float32)"
+        (step if i.name in per_step else token).append(load)
+    for leaf, gate in rule.vectors:
+        names[leaf] = leaf
+        token.append(f"{leaf} = tl.exp({names[gate]})")
+    program = TritonTokenProgram(names=names, dims={K: "K", V: "V"}, python_scalars=frozenset({"scale"}))
+    try:
+        for assign in rule.update:
+            program.lines = []
+            expression = program.poly(assign.value)
+            step += program.lines + [f"{assign.target} = {expression}"]
+            program.forget(assign.target)
+        program.lines, program.memo = [], {}
+        expression = program.poly(rule.readout[-1].value)
+    except NotImplementedError:
+        return None
+    readout = program.lines + [f"o_t = {expression}"]
+    return FusedRecurrentPlan(tuple(s.name for s in rule.states), tuple(head), tuple(token), tuple(step),
+                              tuple(readout), n)

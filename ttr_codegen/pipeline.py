@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .derive import DerivationError, UpdateRule, derive
-from .lower import AttentionPlan, ChunkPlan, NaivePlan, lower, lower_chunk
+from .lower import AttentionPlan, ChunkPlan, FusedRecurrentPlan, NaivePlan, lower, lower_chunk, lower_fused_recurrent
 from .render.files import RenderedFile, render_layer
 from .spec import Diagnostic, Spec, SpecError, load_spec
 
@@ -18,6 +18,7 @@ class Compiled:
     rule: UpdateRule
     plan: NaivePlan | AttentionPlan
     chunk: ChunkPlan | None
+    fused: FusedRecurrentPlan | None
     package_dir: Path
     files: list[RenderedFile]
 
@@ -44,7 +45,8 @@ def compile_spec(spec_path: Path, out_root: Path) -> Compiled:
     spec, rule = derive_spec(spec_path)
     plan = lower(spec, rule)
     chunk = lower_chunk(spec, rule)
+    fused = lower_fused_recurrent(spec, rule)
     package_dir = out_root / spec.name
     shown = display_path(spec_path)
-    files = render_layer(plan, shown, spec_path.read_text(), package_dir, chunk)
-    return Compiled(spec, rule, plan, chunk, package_dir, files)
+    files = render_layer(plan, shown, spec_path.read_text(), package_dir, chunk, fused)
+    return Compiled(spec, rule, plan, chunk, fused, package_dir, files)

@@ -48,6 +48,16 @@ class Problem:
         return Problem(self.q[:, start:stop], cut(self.k, True), cut(self.v, True), inputs)
 
 
+def pack(problems: list[Problem], spec: Spec) -> tuple[Problem, torch.Tensor]:
+    """Concatenate B = 1 problems along T (per-head inputs are taken from the first) and their cu_seqlens."""
+    q, k, v = (torch.cat(parts, dim=1) for parts in zip(*(p.args()[:3] for p in problems)))
+    inputs = {name: (torch.cat([p.inputs[name] for p in problems], dim=1) if spec.input(name).per_token else x)
+              for name, x in problems[0].inputs.items()}
+    lengths = torch.tensor([p.q.shape[1] for p in problems])
+    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(q.device)
+    return Problem(q, k, v, inputs), cu_seqlens
+
+
 def _states(state) -> tuple:
     return state if isinstance(state, tuple) else (state,)
 
@@ -70,8 +80,9 @@ class LayerChecks:
     # Degree-2 local polynomials have O(K^2) features per query: small K.
     SMALL_K_SHAPES = [(1, 3, 3), (63, 4, 3), (100, 3, 5)]
 
-    def __init__(self, spec_path: Path, naive, layer_class, fast=None, chunk=None):
+    def __init__(self, spec_path: Path, naive, layer_class, fast=None, chunk=None, fused_recurrent=None):
         self.spec = load_spec(spec_path)
+        self.fused_recurrent = fused_recurrent  # the Triton decoding kernel (forward only)
         self.fast = fast  # an optional faster op with the same contract (e.g. flash_<name>)
         self.chunk = chunk  # chunk_<name>: the naive contract plus cu_seqlens and chunk_size
         self.naive = naive
@@ -229,13 +240,9 @@ class LayerChecks:
         """cu_seqlens: packed sequences equal running each on its own (against the oracle from zero, and
         against the reference from per-sequence initial states)."""
         problems = [self.problem(n, 6, 5, B=1, seed=20 + i) for i, n in enumerate(lengths)]
-        packed = Problem(*(torch.cat(parts, dim=1) for parts in zip(*(p.args()[:3] for p in problems))),
-                         {name: (torch.cat([p.inputs[name] for p in problems], dim=1)
-                                 if self.spec.input(name).per_token else problems[0].inputs[name])
-                          for name in problems[0].inputs})
         for p in problems[1:]:  # per-head inputs are shared by the packed sequences
             p.inputs.update({n: x for n, x in problems[0].inputs.items() if not self.spec.input(n).per_token})
-        cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
+        packed, cu_seqlens = pack(problems, self.spec)
         o, states = self.chunk(*packed.args(), output_final_state=True, cu_seqlens=cu_seqlens,
                                chunk_size=chunk_size)
         assert all(s.shape[0] == len(lengths) for s in _states(states))
@@ -287,6 +294,47 @@ class LayerChecks:
         o_eager, state_eager = self.chunk(*problem.args(), output_final_state=True, chunk_size=16)
         torch.testing.assert_close((o, state), (o_eager, state_eager))
         assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in leaves)
+
+    # --- Triton kernels ------------------------------------------------------------------------
+    def fused_recurrent_matches_oracle(self, T: int, K: int, V: int, device: str = "cpu",
+                                       dtype: torch.dtype = torch.float32) -> None:
+        """The kernel equals the float64 oracle: outputs, final memory, a carried state, packed sequences."""
+        problem = self.problem(T, K, V, seed=15)
+        o_ref, memory_ref = self.oracle(problem)
+        run = problem.to(dtype)
+        run = Problem(*(x.to(device) for x in run.args()[:3]), {n: x.to(device) for n, x in run.inputs.items()})
+        bound = {"atol": 2e-4, "rtol": 2e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 5e-2}
+        o, state = self.fused_recurrent(*run.args(), output_final_state=True)
+        assert o.dtype == dtype and all(s.dtype == torch.float32 for s in _states(state))
+        torch.testing.assert_close(o.double().cpu(), o_ref, **bound)
+        torch.testing.assert_close(self.memory(tuple(s.double().cpu() for s in _states(state)) if isinstance(
+            state, tuple) else state.double().cpu(), problem), memory_ref, **bound)
+        if T > 1:  # decode token by token from the state of a prefix
+            half = T // 2
+            first = run.tokens(0, half, self.steps, self.per_step, self.spec)
+            second = run.tokens(half, T, self.steps, self.per_step, self.spec)
+            _, carried = self.fused_recurrent(*first.args(), output_final_state=True)
+            o_2, _ = self.fused_recurrent(*second.args(), initial_state=carried)
+            torch.testing.assert_close(o_2.double().cpu(), o_ref[:, half:], **bound)
+            # row 0's first half and row 1's second half, packed as two sequences
+            def row(p: Problem, b: int) -> Problem:
+                return Problem(p.q[b:b + 1], p.k[b:b + 1], p.v[b:b + 1],
+                               {n: (x[b:b + 1] if self.spec.input(n).per_token else x) for n, x in p.inputs.items()})
+
+            packed, cu_seqlens = pack([row(first, 0), row(second, 1)], self.spec)
+            o_packed, _ = self.fused_recurrent(*packed.args(), cu_seqlens=cu_seqlens)
+            expected = torch.cat([o_ref[:1, :half], self.oracle(problem.tokens(half, T, self.steps, self.per_step,
+                                                                               self.spec))[0][1:]], dim=1)
+            torch.testing.assert_close(o_packed.double().cpu(), expected, **bound)
+
+    def fused_recurrent_rejects_large_heads(self) -> None:
+        problem = self.problem(2, 4, 300, B=1, H=1, seed=16).to(torch.float32)
+        try:
+            self.fused_recurrent(*problem.args())
+        except ValueError as error:
+            assert "at most 256" in str(error)
+        else:
+            raise AssertionError("V = 300 was accepted")
 
     def keyword_arguments(self) -> None:
         problem = self.problem(5, 4, 3, seed=7)

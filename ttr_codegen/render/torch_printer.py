@@ -46,17 +46,18 @@ def _token(leaf) -> str:
 
 
 class _ScalarPrinter(PythonCodePrinter):
-    """SymPy scalars as torch expressions over [..] tensors; names come from a mapping."""
+    """SymPy scalars as torch (or Triton) expressions; names come from a mapping."""
 
-    def __init__(self, names: dict[str, str]):
+    def __init__(self, names: dict[str, str], math_module: str = "torch"):
         super().__init__({"strict": True, "fully_qualified_modules": False})
         self.names = names
+        self.math_module = math_module
 
     def _print_Symbol(self, expr):
         return self.names.get(expr.name, expr.name)
 
     def _print_exp(self, expr):
-        return f"torch.exp({self._print(expr.args[0])})"
+        return f"{self.math_module}.exp({self._print(expr.args[0])})"
 
     def _print_Float(self, expr):
         return repr(float(expr))
@@ -72,6 +73,8 @@ class TokenProgram:
     names: dict[str, str]  # leaf / symbol name -> code expression
     dims: dict  # dimension symbol -> code name ("K", "V")
     python_scalars: frozenset[str] = frozenset()  # symbols that are plain numbers, not [B, H] tensors
+    math_module: str = "torch"
+    broadcast_coefficients: bool = True  # coefficients are [B, H] tensors that need trailing unit axes
     lines: list[str] = field(default_factory=list)
     memo: dict = field(default_factory=dict)  # chain -> temporary name
     cost: sp.Expr = sp.Integer(0)
@@ -190,7 +193,7 @@ class TokenProgram:
         for inner in sorted(expr.atoms(Inner), key=sp.srepr):
             value = self.chain(tuple(inner.args))
             replacements[inner] = sp.Symbol(value.code)
-        printer = _ScalarPrinter(self.names)
+        printer = _ScalarPrinter(self.names, self.math_module)
         return printer.doprint(expr.xreplace(replacements))
 
     def temporary(self, expr: sp.Expr, stem: str) -> str:
@@ -232,7 +235,8 @@ class TokenProgram:
                 term = f"{self.scalar(coeff)} * {operand.code}"
             else:
                 factor = self.temporary(coeff, "c")
-                term = f"{factor}{_unsqueeze(rank)} * {operand.code}" if rank else f"{factor} * {operand.code}"
+                broadcast = _unsqueeze(rank) if rank and self.broadcast_coefficients else ""
+                term = f"{factor}{broadcast} * {operand.code}"
             parts.append((sign, term))
         if not parts:
             return "0"

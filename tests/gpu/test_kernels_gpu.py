@@ -1,0 +1,60 @@
+"""Generated Triton kernels on a CUDA device, in float32 and bfloat16, against the float64 reference.
+
+Run on a GPU machine: python -m pytest -m gpu tests/gpu. The reference is `naive_<name>` in float64 on
+the same device (checked against the oracle in the CPU suite); the oracle's O(T^2) solve is too slow
+for T = 4096.
+"""
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from ttr_codegen.testing import LayerChecks, Problem, pack
+
+pytestmark = pytest.mark.gpu
+ROOT = Path(__file__).resolve().parents[2]
+LAYERS = sorted(p.parent.name for p in (ROOT / "generated").glob("*/fused_recurrent.py"))
+
+
+def load(name):
+    module = importlib.import_module(f"generated.{name}")
+    return LayerChecks(ROOT / "specs" / f"{name}.yaml", getattr(module, f"naive_{name}"), None,
+                       fused_recurrent=getattr(module, f"fused_recurrent_{name}"))
+
+
+def to(problem: Problem, device, dtype) -> Problem:
+    return Problem(*(x.to(device, dtype) for x in problem.args()[:3]),
+                   {n: x.to(device, dtype) for n, x in problem.inputs.items()})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T", [1, 63, 1000, 4096])
+@pytest.mark.parametrize("name", LAYERS)
+def test_fused_recurrent(name, T, dtype):
+    checks = load(name)
+    problem = checks.problem(T, 128, 100, B=2, H=3, seed=T)  # V = 100: not a power of two
+    prefix = checks.problem(7, 128, 100, B=2, H=3, seed=T + 1)
+    prefix.inputs.update({n: x for n, x in problem.inputs.items() if not checks.spec.input(n).per_token})
+    device = torch.device("cuda")
+    _, state = checks.naive(*to(prefix, device, torch.float64).args(), output_final_state=True)
+    run = to(problem, device, dtype)
+    reference, reference_state = checks.naive(*to(run, device, torch.float64).args(), initial_state=state,
+                                              output_final_state=True)
+    carried = tuple(s.float() for s in state) if isinstance(state, tuple) else state.float()
+    o, final = checks.fused_recurrent(*run.args(), initial_state=carried, output_final_state=True)
+    scale = 1 + reference.abs().max().item()
+    bound = (2e-4 if dtype == torch.float32 else 2e-2) * scale
+    assert (o.double() - reference).abs().max().item() <= bound
+    for s, s_ref in zip(final if isinstance(final, tuple) else (final,),
+                        reference_state if isinstance(reference_state, tuple) else (reference_state,)):
+        assert (s.double() - s_ref).abs().max().item() <= bound * (1 + s_ref.abs().max().item())
+    # the two batch rows as packed sequences, each from its own state
+    rows = [Problem(run.q[b:b + 1], run.k[b:b + 1], run.v[b:b + 1],
+                    {n: (x[b:b + 1] if checks.spec.input(n).per_token else x) for n, x in run.inputs.items()})
+            for b in range(2)]
+    packed, cu_seqlens = pack(rows, checks.spec)
+    o_packed, _ = checks.fused_recurrent(*packed.args(), initial_state=carried, cu_seqlens=cu_seqlens)
+    assert (o_packed.double() - reference.reshape(1, -1, *reference.shape[2:])).abs().max().item() <= bound

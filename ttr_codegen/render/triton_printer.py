@@ -1,0 +1,61 @@
+"""Print canonical matrix polynomials as Triton code on register tiles.
+
+Inside a kernel program every K x V matrix is a [BK, BV] tile, a key-side vector a [BK] block, a
+value-side vector a [BV] block and a scalar a scalar. A product broadcasts its operands into the
+[BK, BV] frame and reduces over the contracted axis with `tl.sum`; outer products are plain
+broadcasts. K x K matrices and inverses have no tile here: a rule that needs them raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+from ..derive.algebra import K, V
+from .torch_printer import Operand, TokenProgram
+
+_FRAME = (K, V)  # axis 0 holds key channels, axis 1 value channels
+
+
+def _in_frame(op: Operand) -> str:
+    if len(op.axes) == 1:
+        return f"{op.code}[:, None]" if op.axes[0] == K else f"{op.code}[None, :]"
+    return op.code
+
+
+def _dim(op: Operand, index: int | None):
+    return op.axes[index] if index is not None else 1
+
+
+@dataclass
+class TritonTokenProgram(TokenProgram):
+    math_module: str = "tl"
+    broadcast_coefficients: bool = False
+
+    def _product(self, a: Operand, b: Operand, name: str) -> Operand:
+        if a.inverse or b.inverse:
+            raise NotImplementedError("Triton kernels take no matrix inverse (second-order rules)")
+        rows, inner, cols = _dim(a, a.row), _dim(a, a.col), _dim(b, b.col)
+        diagonal = a.row is not None and a.row == a.col
+        if inner == 1:  # outer product
+            if rows == cols:
+                raise NotImplementedError(f"a {rows} x {cols} matrix has no [BK, BV] tile")
+            code = f"{_in_frame(a)} * {_in_frame(b)}"
+            result = Operand(name, _FRAME, _FRAME.index(rows), _FRAME.index(cols))
+        elif diagonal:  # Diag(a) x: scale x along the key axis
+            code = f"{a.code} * {b.code}" if len(b.axes) == 1 else f"{_in_frame(a)} * {_in_frame(b)}"
+            result = Operand(name, b.axes, b.row, b.col)
+        elif len(a.axes) == 1 and len(b.axes) == 1:  # row . column
+            code = f"tl.sum({a.code} * {b.code}, axis=0)"
+            result = Operand(name, (), None, None)
+        else:  # reduce over the contracted axis of the [BK, BV] frame
+            code = f"tl.sum({_in_frame(a)} * {_in_frame(b)}, axis={_FRAME.index(inner)})"
+            remaining = rows if rows != 1 else cols
+            result = Operand(name, (remaining,), 0 if rows != 1 else None, 0 if rows == 1 else None)
+        self.cost += sp.Mul(*{d for d in (rows, inner, cols) if d != 1})
+        self.lines.append(f"{name} = {code}")
+        return result
+
+
+__all__ = ["TritonTokenProgram"]
