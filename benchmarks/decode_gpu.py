@@ -45,7 +45,7 @@ def main() -> None:
 
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, "
         "H=16 K=V=128, state fp32; do_bench median ms")
-    say(f"{'layer':18s} {'shape':14s} {'ours (ms)':>10s} {'fla (ms)':>10s} {'fla/ours':>9s}")
+    say(f"{'layer':18s} {'shape':14s} {'ours (ms)':>10s} {'fla (ms)':>10s} {'fla/ours':>9s}   ours by block_v")
     for name, (module_name, function, kwargs) in PEERS.items():
         ours = getattr(importlib.import_module(f"generated.{name}"), f"fused_recurrent_{name}")
         peer = getattr(importlib.import_module(module_name), function)
@@ -59,7 +59,11 @@ def main() -> None:
                                                           output_final_state=True))
             t_peer = triton.testing.do_bench(lambda: peer(q, k, v, **kwargs(inputs), initial_state=state,
                                                           output_final_state=True))
-            say(f"{name:18s} {f'B={B} T={T}':14s} {t_ours:10.4f} {t_peer:10.4f} {t_peer / t_ours:8.2f}x")
+            sweep = {bv: triton.testing.do_bench(lambda bv=bv: ours(q, k, v, *inputs.values(), initial_state=state,
+                                                                    output_final_state=True, block_v=bv))
+                     for bv in (8, 16, 32, 64)}
+            say(f"{name:18s} {f'B={B} T={T}':14s} {t_ours:10.4f} {t_peer:10.4f} {t_peer / t_ours:8.2f}x   "
+                + " ".join(f"{bv}:{t:.4f}" for bv, t in sweep.items()))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ class NaivePlan:
     derivation_doc: tuple[str, ...]
     cost_per_token: str
     chunk_size: int
+    block_v: int | None = None
 
 
 _LOG_WEIGHT_CODE = {
@@ -101,6 +102,7 @@ class AttentionPlan:
     log_weight_code: str  # log s(k, q) for query rows `q_h` and key rows `k_h`, as [B, H, T, N]
     steps_per_token: int = 1
     chunk_size: int = 64
+    block_v: int | None = None
 
     @property
     def streaming(self) -> bool:
@@ -207,7 +209,7 @@ def _lower_recurrent(spec: Spec, rule: UpdateRule) -> NaivePlan:
         "K ** -0.5" if rule.scale is None else repr(rule.scale),
         tuple(token_lines), tuple(step_lines), tuple(readout_lines), rule.structure,
         rule.structure in ("delta", "delta-product", "diagonal-plus-rank-one"),
-        tuple(derivation_doc(rule)), str(cost), spec.schedule.chunk_size)
+        tuple(derivation_doc(rule)), str(cost), spec.schedule.chunk_size, spec.schedule.block_v)
 
 
 def _layer_kind(i: InputSpec) -> str:
