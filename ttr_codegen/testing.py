@@ -327,6 +327,36 @@ class LayerChecks:
                                                                                self.spec))[0][1:]], dim=1)
             torch.testing.assert_close(o_packed.double().cpu(), expected, **bound)
 
+    def triton_chunk_matches_oracle(self, kernel, T: int, chunk_size: int, K: int = 20, V: int = 12,
+                                    device: str = "cpu") -> None:
+        """The chunked Triton forward equals the float64 oracle in float32: outputs, final memory, a carried
+        state and packed sequences."""
+        problem = self.problem(T, K, V, seed=17)
+        o_ref, memory_ref = self.oracle(problem)
+        run = problem.to(torch.float32)
+        run = Problem(*(x.to(device) for x in run.args()[:3]), {n: x.to(device) for n, x in run.inputs.items()})
+        bound = {"atol": 2e-4, "rtol": 2e-4}
+        o, state = kernel(*run.args(), output_final_state=True, chunk_size=chunk_size)
+        torch.testing.assert_close(o.double().cpu(), o_ref, **bound)
+        torch.testing.assert_close(self.memory(state.double().cpu(), problem), memory_ref, **bound)
+        if T > 1:
+            half = T // 2
+            first, second = (run.tokens(0, half, 1, set(), self.spec), run.tokens(half, T, 1, set(), self.spec))
+            _, carried = kernel(*first.args(), output_final_state=True, chunk_size=chunk_size)
+            o_2, _ = kernel(*second.args(), initial_state=carried, chunk_size=chunk_size)
+            torch.testing.assert_close(o_2.double().cpu(), o_ref[:, half:], **bound)
+
+            def row(p: Problem, b: int) -> Problem:
+                return Problem(p.q[b:b + 1], p.k[b:b + 1], p.v[b:b + 1],
+                               {n: (x[b:b + 1] if self.spec.input(n).per_token else x) for n, x in p.inputs.items()})
+
+            packed, cu_seqlens = pack([row(run, 0), row(second, 1)], self.spec)
+            o_packed, states = kernel(*packed.args(), cu_seqlens=cu_seqlens, output_final_state=True,
+                                      chunk_size=chunk_size)
+            expected = torch.cat([o_ref[:1], self.oracle(problem.tokens(half, T, 1, set(), self.spec))[0][1:]], dim=1)
+            torch.testing.assert_close(o_packed.double().cpu(), expected, **bound)
+            assert states.shape[0] == 2
+
     def fused_recurrent_rejects_large_heads(self) -> None:
         problem = self.problem(2, 4, 300, B=1, H=1, seed=16).to(torch.float32)
         try:

@@ -58,3 +58,36 @@ def test_fused_recurrent(name, T, dtype):
     packed, cu_seqlens = pack(rows, checks.spec)
     o_packed, _ = checks.fused_recurrent(*packed.args(), initial_state=carried, cu_seqlens=cu_seqlens)
     assert (o_packed.double() - reference.reshape(1, -1, *reference.shape[2:])).abs().max().item() <= bound
+
+
+CHUNKED = sorted(p.parent.name for p in (ROOT / "generated").glob("*/chunk_triton.py"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T", [1, 63, 1000, 4096])
+@pytest.mark.parametrize("name", CHUNKED)
+def test_chunk_triton(name, T, dtype):
+    module = importlib.import_module(f"generated.{name}")
+    kernel = getattr(importlib.import_module(f"generated.{name}.chunk_triton"), f"chunk_{name}_triton")
+    checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", getattr(module, f"naive_{name}"), None)
+    device = torch.device("cuda")
+    problem = checks.problem(T, 128, 100, B=2, H=3, seed=T)
+    run = to(problem, device, dtype)
+    state = torch.randn(2, 3, 128, 100, device=device, dtype=torch.float64) * 0.1
+    reference, reference_state = checks.naive(*to(run, device, torch.float64).args(), initial_state=state,
+                                              output_final_state=True)
+    with torch.no_grad():
+        o, final = kernel(*run.args(), initial_state=state.float(), output_final_state=True)
+        routed, _ = getattr(module, f"chunk_{name}")(*run.args(), initial_state=state.float())  # dispatches here
+    scale = 1 + reference.abs().max().item()
+    bound = (2e-4 if dtype == torch.float32 else 2e-2) * scale
+    assert (o.double() - reference).abs().max().item() <= bound
+    assert (final.double() - reference_state).abs().max().item() <= bound * (1 + reference_state.abs().max().item())
+    torch.testing.assert_close(routed, o)
+    rows = [Problem(run.q[b:b + 1], run.k[b:b + 1], run.v[b:b + 1],
+                    {n: (x[b:b + 1] if checks.spec.input(n).per_token else x) for n, x in run.inputs.items()})
+            for b in range(2)]
+    packed, cu_seqlens = pack(rows, checks.spec)
+    o_packed, _ = kernel(*packed.args(), initial_state=state.float(), cu_seqlens=cu_seqlens)
+    assert (o_packed.double() - reference.reshape(1, -1, *reference.shape[2:])).abs().max().item() <= bound

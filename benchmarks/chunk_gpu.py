@@ -1,0 +1,79 @@
+"""Chunked forward on the GPU: generated Triton kernels against fla-core's chunk kernels, bf16.
+
+    python benchmarks/chunk_gpu.py [--out log.txt]
+
+Shapes B=8 T=2048 and B=2 T=8192, H=16, K=V=128; `triton.testing.do_bench` median ms, tokens/s, the ratio
+fla / ours (> 1: ours is faster), and the fraction of the memory floor (reading q, k, v and writing o once
+at the measured device-to-device copy bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ttr_codegen.testing import LayerChecks  # noqa: E402
+
+PEERS = {  # layer -> (fla module, function, extra keyword arguments from our inputs)
+    "simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla", lambda i: {"g": i["g"]}),
+    "linear_attention": ("fla.ops.linear_attn", "chunk_linear_attn", lambda i: {}),
+    "retnet": ("fla.ops.retention", "chunk_retention", lambda i: {}),
+}
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2**28, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x))
+    return 2 * x.numel() / (ms * 1e-3)  # bytes read + written per second
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    log = open(args.out, "a") if args.out else None
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        if log:
+            log.write(text + "\n")
+            log.flush()
+
+    bandwidth = copy_bandwidth()
+    say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16 forward; "
+        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    say(f"{'layer':18s} {'shape':22s} {'ours (ms)':>10s} {'fla (ms)':>10s} {'fla/ours':>9s} {'Mtok/s':>8s} "
+        f"{'floor/ours':>11s}")
+    for name, (module_name, function, kwargs) in PEERS.items():
+        ours = getattr(importlib.import_module(f"generated.{name}"), f"chunk_{name}")
+        try:
+            peer = getattr(importlib.import_module(module_name), function)
+        except (ImportError, AttributeError) as error:
+            say(f"{name}: no peer ({error})")
+            peer = None
+        checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", None, None)
+        for B, T in ((8, 2048), (2, 8192)):
+            p = checks.problem(T, 128, 128, B=B, H=16).to(torch.bfloat16)
+            q, k, v = (x.cuda() for x in p.args()[:3])
+            inputs = {n: x.cuda() for n, x in p.inputs.items()}
+            if name == "retnet":  # fla's retention fixes the per-head decay itself
+                inputs = {n: torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(16.0))).cuda() for n in inputs}
+            with torch.no_grad():
+                t_ours = triton.testing.do_bench(lambda: ours(q, k, v, *inputs.values()))
+                t_peer = triton.testing.do_bench(lambda: peer(q, k, v, **kwargs(inputs))) if peer else float("nan")
+            floor = 4 * q.numel() * 2 / bandwidth * 1e3
+            say(f"{name:18s} {f'B={B} T={T} H=16 K=V=128':22s} {t_ours:10.4f} {t_peer:10.4f} {t_peer / t_ours:8.2f}x "
+                f"{B * T / t_ours / 1e3:8.1f} {floor / t_ours:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
