@@ -24,7 +24,7 @@ from ttr_codegen.testing import LayerChecks  # noqa: E402
 
 PEERS = {  # layer -> (fla module, function, extra keyword arguments from our inputs)
     "simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla", lambda i: {"g": i["g"]}),
-    "linear_attention": ("fla.ops.linear_attn", "chunk_linear_attn", lambda i: {}),
+    "linear_attention": ("fla.ops.linear_attn", "chunk_linear_attn", lambda i: {"normalize": False}),
     "retnet": ("fla.ops.retention", "chunk_retention", lambda i: {}),
 }
 
