@@ -22,7 +22,11 @@ sys.path.insert(0, str(ROOT))
 
 from ttr_codegen.testing import LayerChecks  # noqa: E402
 
-PEERS = {  # layer -> (fla module, function, extra keyword arguments from our inputs)
+PEERS = {  # layer -> (fla module, function, extra keyword arguments from our inputs); None: fla has no such layer
+    "delta_rule": ("fla.ops.delta_rule", "chunk_delta_rule", lambda i: {"beta": i["beta"]}),
+    "gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule", lambda i: {"g": i["g"], "beta": i["beta"]}),
+    "longhorn": None,
+    "delta_product": None,
     "simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla", lambda i: {"g": i["g"]}),
     "linear_attention": ("fla.ops.linear_attn", "chunk_linear_attn", lambda i: {"normalize": False}),
     "retnet": ("fla.ops.retention", "chunk_retention", lambda i: {}),
@@ -53,13 +57,13 @@ def main() -> None:
         f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     say(f"{'layer':18s} {'shape':22s} {'ours (ms)':>10s} {'fla (ms)':>10s} {'fla/ours':>9s} {'Mtok/s':>8s} "
         f"{'floor/ours':>11s}")
-    for name, (module_name, function, kwargs) in PEERS.items():
+    delta_rule_ms = {}
+    for name, entry in PEERS.items():
         ours = getattr(importlib.import_module(f"generated.{name}"), f"chunk_{name}")
-        try:
+        peer, kwargs = None, None
+        if entry is not None:
+            module_name, function, kwargs = entry
             peer = getattr(importlib.import_module(module_name), function)
-        except (ImportError, AttributeError) as error:
-            say(f"{name}: no peer ({error})")
-            peer = None
         checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", None, None)
         for B, T in ((8, 2048), (2, 8192)):
             p = checks.problem(T, 128, 128, B=B, H=16).to(torch.bfloat16)
@@ -70,9 +74,12 @@ def main() -> None:
             with torch.no_grad():
                 t_ours = triton.testing.do_bench(lambda: ours(q, k, v, *inputs.values()))
                 t_peer = triton.testing.do_bench(lambda: peer(q, k, v, **kwargs(inputs))) if peer else float("nan")
-            floor = 4 * q.numel() * 2 / bandwidth * 1e3
+            floor = 4 * (q.numel() + k.numel() // 2 + v.numel() // 2) / bandwidth * 1e3  # bf16 q, k, v, o
+            if name == "delta_rule":
+                delta_rule_ms[B] = t_ours
+            note = f"   {t_ours / delta_rule_ms[B]:.2f}x our delta_rule" if peer is None and B in delta_rule_ms else ""
             say(f"{name:18s} {f'B={B} T={T} H=16 K=V=128':22s} {t_ours:10.4f} {t_peer:10.4f} {t_peer / t_ours:8.2f}x "
-                f"{B * T / t_ours / 1e3:8.1f} {floor / t_ours:10.2f}")
+                f"{B * T / t_ours / 1e3:8.1f} {floor / t_ours:10.2f}{note}")
 
 
 if __name__ == "__main__":

@@ -297,9 +297,10 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
         else:
             rank_one = -a.coefficient((k_symbol, sp.Transpose(k_symbol)))
             family, beta, value_scale = "delta", sp.simplify(rank_one / decay), sp.simplify(write * decay / rank_one)
-    if beta is not None and beta != sp.Symbol(spec.optimiser.step_size, real=True):
+    if beta is not None:  # the templates read the effective step as `beta`
         code = program.scalar(beta)
-        lines += program.lines + [f"beta = {code}"]
+        if code != "beta":
+            lines += program.lines + [f"beta = {code}"]
         program.lines = []
     if value_scale is not None and value_scale != 1:
         code = program.scalar(value_scale)

@@ -341,7 +341,8 @@ class LayerChecks:
         torch.testing.assert_close(self.memory(state.double().cpu(), problem), memory_ref, **bound)
         if T > 1:
             half = T // 2
-            first, second = (run.tokens(0, half, 1, set(), self.spec), run.tokens(half, T, 1, set(), self.spec))
+            first = run.tokens(0, half, self.steps, self.per_step, self.spec)
+            second = run.tokens(half, T, self.steps, self.per_step, self.spec)
             _, carried = kernel(*first.args(), output_final_state=True, chunk_size=chunk_size)
             o_2, _ = kernel(*second.args(), initial_state=carried, chunk_size=chunk_size)
             torch.testing.assert_close(o_2.double().cpu(), o_ref[:, half:], **bound)
@@ -353,7 +354,8 @@ class LayerChecks:
             packed, cu_seqlens = pack([row(run, 0), row(second, 1)], self.spec)
             o_packed, states = kernel(*packed.args(), cu_seqlens=cu_seqlens, output_final_state=True,
                                       chunk_size=chunk_size)
-            expected = torch.cat([o_ref[:1], self.oracle(problem.tokens(half, T, 1, set(), self.spec))[0][1:]], dim=1)
+            rest = problem.tokens(half, T, self.steps, self.per_step, self.spec)
+            expected = torch.cat([o_ref[:1], self.oracle(rest)[0][1:]], dim=1)
             torch.testing.assert_close(o_packed.double().cpu(), expected, **bound)
             assert states.shape[0] == 2
 

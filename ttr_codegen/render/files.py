@@ -64,10 +64,16 @@ def split_header(text: str) -> tuple[str | None, str]:
     return lines[2].rsplit(" body ", 1)[1].strip(), lines[3]
 
 
-def _has_triton_chunk(chunk: ChunkPlan | None) -> bool:
-    """The Triton chunked kernels cover the gated family with a scalar gate (or none) and plain values."""
-    return (chunk is not None and chunk.family == "gated" and chunk.gate != "per_key"
-            and not any(line.startswith("v =") for line in chunk.prep_lines))
+def _triton_chunk_template(chunk: ChunkPlan | None) -> str | None:
+    """The chunked Triton kernels cover the gated family with a scalar gate (or none) and plain values, and
+    the delta family with a scalar gate (or none); per-key gates have none yet."""
+    if chunk is None or chunk.gate == "per_key":
+        return None
+    if chunk.family == "gated" and not any(line.startswith("v =") for line in chunk.prep_lines):
+        return "chunk_gated_triton.py.j2"
+    if chunk.family == "delta":
+        return "chunk_delta_triton.py.j2"
+    return None
 
 
 def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str,
@@ -84,7 +90,7 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         "form": plan.form if isinstance(plan, AttentionPlan) else "recurrent",
         "chunk": chunk,
         "fused": fused,
-        "triton_chunk": _has_triton_chunk(chunk),
+        "triton_chunk": _triton_chunk_template(chunk) is not None,
     }
     templates = {"__init__.py": "init.py.j2", "naive.py": _NAIVE_TEMPLATE[context["form"]], "layer.py": "layer.py.j2"}
     if context["streaming"]:
@@ -92,7 +98,7 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
     if fused is not None:
         templates["fused_recurrent.py"] = "fused_recurrent.py.j2"
     if context["triton_chunk"]:
-        templates["chunk_triton.py"] = "chunk_gated_triton.py.j2"
+        templates["chunk_triton.py"] = _triton_chunk_template(chunk)
     if chunk is not None:
         templates["chunk.py"] = {"momentum": "chunk_momentum.py.j2", "second_order": "chunk_second_order.py.j2"}.get(chunk.family, "chunk.py.j2")
     files = []
