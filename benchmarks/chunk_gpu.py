@@ -74,7 +74,7 @@ def main() -> None:
             with torch.no_grad():
                 t_ours = triton.testing.do_bench(lambda: ours(q, k, v, *inputs.values()))
                 t_peer = triton.testing.do_bench(lambda: peer(q, k, v, **kwargs(inputs))) if peer else float("nan")
-            floor = 4 * (q.numel() + k.numel() // 2 + v.numel() // 2) / bandwidth * 1e3  # bf16 q, k, v, o
+            floor = 2 * (2 * q.numel() + k.numel() + v.numel()) / bandwidth * 1e3  # bf16 q, k, v read, o written
             if name == "delta_rule":
                 delta_rule_ms[B] = t_ours
             note = f"   {t_ours / delta_rule_ms[B]:.2f}x our delta_rule" if peer is None and B in delta_rule_ms else ""
