@@ -91,6 +91,9 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         "chunk": chunk,
         "fused": fused,
         "triton_chunk": _triton_chunk_template(chunk) is not None,
+        # chunk_<name> routes CUDA inference to the Triton kernels only where they were measured fast on a
+        # GPU: the gated family. The delta-family kernels are correct but not yet fast (docs/triton.md).
+        "triton_dispatch": _triton_chunk_template(chunk) == "chunk_gated_triton.py.j2",
     }
     templates = {"__init__.py": "init.py.j2", "naive.py": _NAIVE_TEMPLATE[context["form"]], "layer.py": "layer.py.j2"}
     if context["streaming"]:

@@ -38,6 +38,11 @@ class TritonTokenProgram(TokenProgram):
             raise NotImplementedError("Triton kernels take no matrix inverse (second-order rules)")
         rows, inner, cols = _dim(a, a.row), _dim(a, a.col), _dim(b, b.col)
         diagonal = a.row is not None and a.row == a.col
+        if b.row is not None and b.row == b.col:  # x Diag(b): scale x along the key axis
+            code = f"{a.code} * {b.code}" if len(a.axes) == 1 else f"{_in_frame(a)} * {_in_frame(b)}"
+            self.cost += sp.Mul(*{d for d in (rows, inner) if d != 1})
+            self.lines.append(f"{name} = {code}")
+            return Operand(name, a.axes, a.row, a.col)
         if inner == 1:  # outer product
             if rows == cols:
                 raise NotImplementedError(f"a {rows} x {cols} matrix has no [BK, BV] tile")
