@@ -15,6 +15,16 @@ import torch.nn.functional as F
 from . import oracle
 from .spec import Spec, load_spec
 
+# A typical value of each input role, from a standard normal draw x (ridges from a uniform draw).
+_TYPICAL_VALUE = {
+    "log_decay": lambda x, generator: F.logsigmoid(x + 3.0),
+    "step_size": lambda x, generator: torch.sigmoid(x),
+    "sample_weight": lambda x, generator: torch.sigmoid(x),
+    "forget": lambda x, generator: torch.sigmoid(x - 2.0),
+    "momentum": lambda x, generator: torch.sigmoid(x),
+    "ridge": lambda x, generator: 0.5 + torch.rand(x.shape, generator=generator, dtype=x.dtype),
+}
+
 _INPUT_SHAPES = {("B", "T", "H"): "BTH", ("B", "T", "H", "K"): "BTHK", ("H",): "H", ("H", "K"): "HK"}
 
 
@@ -112,14 +122,7 @@ class LayerChecks:
             shape = {"BTH": (B, rows, H), "BTHK": (B, rows, H, K), "H": (H,), "HK": (H, K)}[
                 _INPUT_SHAPES[spec_input.shape]]
             x = randn(*shape)
-            inputs[spec_input.name] = {
-                "log_decay": lambda: F.logsigmoid(x + 3.0),
-                "step_size": lambda: torch.sigmoid(x),
-                "sample_weight": lambda: torch.sigmoid(x),
-                "forget": lambda: torch.sigmoid(x - 2.0),
-                "momentum": lambda: torch.sigmoid(x),
-                "ridge": lambda: 0.5 + torch.rand(*shape, generator=generator, dtype=torch.float64),
-            }[spec_input.role]()
+            inputs[spec_input.name] = _TYPICAL_VALUE[spec_input.role](x, generator)
         return Problem(q, k, v, inputs).to(dtype)
 
     def oracle(self, problem: Problem, scale: float | None = None):

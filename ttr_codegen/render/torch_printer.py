@@ -144,7 +144,6 @@ class TokenProgram:
             self.cost += n**3 / 3 + n**2 * sp.Mul(*[d for d in b.axes if d != n] or [1])
             self.lines.append(f"{name} = {code}")
             return result
-        letters: dict[tuple[str, int], str] = {}
         used: list[str] = []
 
         def letter(dim) -> str:
