@@ -48,6 +48,11 @@ class Problem:
         return Problem(self.q.to(dtype), self.k.to(dtype), self.v.to(dtype),
                        {n: x.to(dtype) for n, x in self.inputs.items()})
 
+    def row(self, b: int, spec: Spec) -> Problem:
+        """Batch row b alone (B = 1); per-head inputs are kept whole."""
+        return Problem(self.q[b:b + 1], self.k[b:b + 1], self.v[b:b + 1],
+                       {n: (x[b:b + 1] if spec.input(n).per_token else x) for n, x in self.inputs.items()})
+
     def tokens(self, start: int, stop: int, steps: int, per_step: set[str], spec: Spec) -> Problem:
         """The slice of tokens [start, stop) (rows start*steps .. stop*steps for per-step tensors)."""
         def cut(x, per_step_row):
@@ -320,11 +325,7 @@ class LayerChecks:
             o_2, _ = self.fused_recurrent(*second.args(), initial_state=carried)
             torch.testing.assert_close(o_2.double().cpu(), o_ref[:, half:], **bound)
             # row 0's first half and row 1's second half, packed as two sequences
-            def row(p: Problem, b: int) -> Problem:
-                return Problem(p.q[b:b + 1], p.k[b:b + 1], p.v[b:b + 1],
-                               {n: (x[b:b + 1] if self.spec.input(n).per_token else x) for n, x in p.inputs.items()})
-
-            packed, cu_seqlens = pack([row(first, 0), row(second, 1)], self.spec)
+            packed, cu_seqlens = pack([first.row(0, self.spec), second.row(1, self.spec)], self.spec)
             o_packed, _ = self.fused_recurrent(*packed.args(), cu_seqlens=cu_seqlens)
             expected = torch.cat([o_ref[:1, :half], self.oracle(problem.tokens(half, T, self.steps, self.per_step,
                                                                                self.spec))[0][1:]], dim=1)
@@ -350,11 +351,7 @@ class LayerChecks:
             o_2, _ = kernel(*second.args(), initial_state=carried, chunk_size=chunk_size)
             torch.testing.assert_close(o_2.double().cpu(), o_ref[:, half:], **bound)
 
-            def row(p: Problem, b: int) -> Problem:
-                return Problem(p.q[b:b + 1], p.k[b:b + 1], p.v[b:b + 1],
-                               {n: (x[b:b + 1] if self.spec.input(n).per_token else x) for n, x in p.inputs.items()})
-
-            packed, cu_seqlens = pack([row(run, 0), row(second, 1)], self.spec)
+            packed, cu_seqlens = pack([run.row(0, self.spec), second.row(1, self.spec)], self.spec)
             o_packed, states = kernel(*packed.args(), cu_seqlens=cu_seqlens, output_final_state=True,
                                       chunk_size=chunk_size)
             rest = problem.tokens(half, T, self.steps, self.per_step, self.spec)

@@ -52,10 +52,7 @@ def test_fused_recurrent(name, T, dtype):
                         reference_state if isinstance(reference_state, tuple) else (reference_state,)):
         assert (s.double() - s_ref).abs().max().item() <= bound * (1 + s_ref.abs().max().item())
     # the two batch rows as packed sequences, each from its own state
-    rows = [Problem(run.q[b:b + 1], run.k[b:b + 1], run.v[b:b + 1],
-                    {n: (x[b:b + 1] if checks.spec.input(n).per_token else x) for n, x in run.inputs.items()})
-            for b in range(2)]
-    packed, cu_seqlens = pack(rows, checks.spec)
+    packed, cu_seqlens = pack([run.row(b, checks.spec) for b in range(2)], checks.spec)
     o_packed, _ = checks.fused_recurrent(*packed.args(), initial_state=carried, cu_seqlens=cu_seqlens)
     assert (o_packed.double() - reference.reshape(1, -1, *reference.shape[2:])).abs().max().item() <= bound
 
@@ -88,9 +85,6 @@ def test_chunk_triton(name, T, dtype):
         torch.testing.assert_close(routed, o)
     else:
         assert (routed.double() - reference).abs().max().item() <= bound
-    rows = [Problem(run.q[b:b + 1], run.k[b:b + 1], run.v[b:b + 1],
-                    {n: (x[b:b + 1] if checks.spec.input(n).per_token else x) for n, x in run.inputs.items()})
-            for b in range(2)]
-    packed, cu_seqlens = pack(rows, checks.spec)
+    packed, cu_seqlens = pack([run.row(b, checks.spec) for b in range(2)], checks.spec)
     o_packed, _ = kernel(*packed.args(), initial_state=state.float(), cu_seqlens=cu_seqlens)
     assert (o_packed.double() - reference.reshape(1, -1, *reference.shape[2:])).abs().max().item() <= bound
