@@ -89,7 +89,10 @@ def explain(
     typer.echo(f"{rule.name}: {compiled.spec.description}")
     for line in derivation_doc(rule):
         typer.echo(f"  {line}")
-    typer.echo("  states: " + ", ".join(f"{s.name} {s.shape_text} ({s.meaning})" for s in rule.states))
+    if rule.states:
+        typer.echo("  states: " + ", ".join(f"{s.name} {s.shape_text} ({s.meaning})" for s in rule.states))
+    else:
+        typer.echo("  states: none of fixed size; each query reads the cache of the keys and values before it")
     typer.echo(f"  cost per token (multiply-adds per head): {plan.cost_per_token}")
     if latex:
         typer.echo(f"  objective (LaTeX): {rule.objective_latex}")
