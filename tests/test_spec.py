@@ -59,3 +59,23 @@ def test_empty_and_missing_files():
 def test_duplicate_keys_are_errors():
     with pytest.raises(SpecError, match="duplicate key"):
         parse_spec("name: a\nname: b\nregressor: linear\noptimiser: exact\n")
+
+
+def test_a_derivation_failure_is_reported_at_the_field(monkeypatch, tmp_path):
+    """When the derivation cannot handle a choice, the message names the spec field's file:line:col."""
+    from ttr_codegen import pipeline
+    from ttr_codegen.derive import DerivationError
+
+    def refuse(spec):
+        raise DerivationError("optimiser.step_size", "the system matrix is not identity plus rank one",
+                              "use a loss whose Hessian is c I + s u w^T")
+
+    monkeypatch.setattr(pipeline, "derive", refuse)
+    path = tmp_path / "longhorn.yaml"
+    path.write_text((ROOT / "specs" / "longhorn.yaml").read_text())
+    with pytest.raises(SpecError) as caught:
+        pipeline.derive_spec(path)
+    (diagnostic,) = caught.value.diagnostics
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "step_size: beta" in text)
+    assert diagnostic.format().startswith(f"{path}:{line}:3: error: optimiser.step_size: the system matrix")
+    assert "help: use a loss whose Hessian" in diagnostic.format()
