@@ -123,9 +123,12 @@ def test_list_shows_the_catalogue(monkeypatch):
     result = run("list")
     assert result.exit_code == 0
     lines = result.output.splitlines()
-    assert lines[0].split() == ["layer", "structure", "optimiser", "inputs"]
+    assert lines[0].split() == ["layer", "structure", "optimiser", "inputs", "ops"]
     assert len(lines) == 1 + len(CATALOGUE)
     assert any(line.split()[:3] == ["mesa", "second-order", "exact"] for line in lines)
+    simple_gla = next(line for line in lines if line.startswith("simple_gla "))
+    assert simple_gla.split()[-4:] == ["naive", "chunk", "fused_recurrent", "chunk_triton"]
+    assert next(line for line in lines if line.startswith("local_linear_attention")).split()[-2:] == ["naive", "flash"]
 
 
 def test_help():

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from .lower import derivation_doc
-from .pipeline import compile_spec, derive_spec
+from .pipeline import compile_spec
 from .render.files import RenderedFile
 from .render.writer import HandEditedError, plan_changes, write_atomically
 from .spec import SpecError
@@ -104,18 +104,25 @@ def explain(
 
 @app.command(name="list")
 def list_specs(specs_dir: Path = typer.Option(Path("specs"), "--specs-dir")) -> None:
-    """The catalogue: every spec with its inputs, optimiser and derived structure."""
+    """The catalogue: every spec with its derived structure, optimiser, inputs and generated ops."""
+    header = ("layer", "structure", "optimiser", "inputs", "ops")
     rows = []
     for path in sorted(specs_dir.glob("*.yaml")):
         try:
-            spec, rule = derive_spec(path)
+            compiled = compile_spec(path, Path("generated"))
         except SpecError as error:
-            rows.append((path.stem, "error", str(error).splitlines()[0], ""))
+            rows.append((path.stem, "error", str(error).splitlines()[0], "", ""))
             continue
+        spec, rule = compiled.spec, compiled.rule
         inputs = ", ".join(f"{i.name}[{','.join(i.shape)}]" for i in spec.inputs) or "-"
-        rows.append((spec.name, rule.structure, spec.optimiser.method, inputs))
-    widths = [max(len(r[i]) for r in rows + [("layer", "structure", "optimiser", "inputs")]) for i in range(4)]
-    for row in [("layer", "structure", "optimiser", "inputs")] + rows:
+        ops = [name for name, present in (("naive", True), ("chunk", compiled.chunk is not None),
+                                          ("flash", "flash.py" in {f.relative_path for f in compiled.files}),
+                                          ("fused_recurrent", compiled.fused is not None),
+                                          ("chunk_triton", "chunk_triton.py" in {f.relative_path for f in compiled.files}))
+               if present]
+        rows.append((spec.name, rule.structure, spec.optimiser.method, inputs, " ".join(ops)))
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
