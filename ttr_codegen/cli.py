@@ -126,11 +126,8 @@ def list_specs(specs_dir: Path = typer.Option(Path("specs"), "--specs-dir")) -> 
             continue
         spec, rule = compiled.spec, compiled.rule
         inputs = ", ".join(f"{i.name}[{','.join(i.shape)}]" for i in spec.inputs) or "-"
-        ops = [name for name, present in (("naive", True), ("chunk", compiled.chunk is not None),
-                                          ("flash", "flash.py" in {f.relative_path for f in compiled.files}),
-                                          ("fused_recurrent", compiled.fused is not None),
-                                          ("chunk_triton", "chunk_triton.py" in {f.relative_path for f in compiled.files}))
-               if present]
+        files = {f.relative_path for f in compiled.files}
+        ops = ["naive"] + [op for op in ("chunk", "flash", "fused_recurrent", "chunk_triton") if f"{op}.py" in files]
         rows.append((spec.name, rule.structure, spec.optimiser.method, inputs, " ".join(ops)))
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:

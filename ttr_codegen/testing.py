@@ -44,9 +44,9 @@ class Problem:
     def args(self) -> tuple:
         return (self.q, self.k, self.v, *self.inputs.values())
 
-    def to(self, dtype: torch.dtype) -> Problem:
-        return Problem(self.q.to(dtype), self.k.to(dtype), self.v.to(dtype),
-                       {n: x.to(dtype) for n, x in self.inputs.items()})
+    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> Problem:
+        return Problem(self.q.to(device, dtype), self.k.to(device, dtype), self.v.to(device, dtype),
+                       {n: x.to(device, dtype) for n, x in self.inputs.items()})
 
     def row(self, b: int, spec: Spec) -> Problem:
         """Batch row b alone (B = 1); per-head inputs are kept whole."""
@@ -306,58 +306,41 @@ class LayerChecks:
     # --- Triton kernels ------------------------------------------------------------------------
     def fused_recurrent_matches_oracle(self, T: int, K: int, V: int, device: str = "cpu",
                                        dtype: torch.dtype = torch.float32) -> None:
-        """The kernel equals the float64 oracle: outputs, final memory, a carried state, packed sequences."""
-        problem = self.problem(T, K, V, seed=15)
-        o_ref, memory_ref = self.oracle(problem)
-        run = problem.to(dtype)
-        run = Problem(*(x.to(device) for x in run.args()[:3]), {n: x.to(device) for n, x in run.inputs.items()})
-        bound = {"atol": 2e-4, "rtol": 2e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 5e-2}
-        o, state = self.fused_recurrent(*run.args(), output_final_state=True)
-        assert o.dtype == dtype and all(s.dtype == torch.float32 for s in _states(state))
-        torch.testing.assert_close(o.double().cpu(), o_ref, **bound)
-        torch.testing.assert_close(self.memory(tuple(s.double().cpu() for s in _states(state)) if isinstance(
-            state, tuple) else state.double().cpu(), problem), memory_ref, **bound)
-        if T > 1:  # decode token by token from the state of a prefix
-            half = T // 2
-            first = run.tokens(0, half, self.steps, self.per_step, self.spec)
-            second = run.tokens(half, T, self.steps, self.per_step, self.spec)
-            _, carried = self.fused_recurrent(*first.args(), output_final_state=True)
-            o_2, _ = self.fused_recurrent(*second.args(), initial_state=carried)
-            torch.testing.assert_close(o_2.double().cpu(), o_ref[:, half:], **bound)
-            # row 0's first half and row 1's second half, packed as two sequences
-            packed, cu_seqlens = pack([first.row(0, self.spec), second.row(1, self.spec)], self.spec)
-            o_packed, _ = self.fused_recurrent(*packed.args(), cu_seqlens=cu_seqlens)
-            expected = torch.cat([o_ref[:1, :half], self.oracle(problem.tokens(half, T, self.steps, self.per_step,
-                                                                               self.spec))[0][1:]], dim=1)
-            torch.testing.assert_close(o_packed.double().cpu(), expected, **bound)
+        """The decoding kernel equals the float64 oracle (see `_kernel_matches_oracle`)."""
+        self._kernel_matches_oracle(self.fused_recurrent, T, K, V, seed=15, device=device, dtype=dtype)
 
     def triton_chunk_matches_oracle(self, kernel, T: int, chunk_size: int, K: int = 20, V: int = 12,
                                     device: str = "cpu") -> None:
-        """The chunked Triton forward equals the float64 oracle in float32: outputs, final memory, a carried
-        state and packed sequences."""
-        problem = self.problem(T, K, V, seed=17)
+        """The chunked Triton forward equals the float64 oracle (see `_kernel_matches_oracle`)."""
+        self._kernel_matches_oracle(kernel, T, K, V, seed=17, device=device, dtype=torch.float32,
+                                    chunk_size=chunk_size)
+
+    def _kernel_matches_oracle(self, kernel, T: int, K: int, V: int, seed: int, device: str,
+                               dtype: torch.dtype, **options) -> None:
+        """A Triton kernel against the float64 oracle: outputs and final memory, a state carried from a
+        prefix, and packed sequences (all of batch row 0, then the second half of row 1)."""
+        problem = self.problem(T, K, V, seed=seed)
         o_ref, memory_ref = self.oracle(problem)
-        run = problem.to(torch.float32)
-        run = Problem(*(x.to(device) for x in run.args()[:3]), {n: x.to(device) for n, x in run.inputs.items()})
-        bound = {"atol": 2e-4, "rtol": 2e-4}
-        o, state = kernel(*run.args(), output_final_state=True, chunk_size=chunk_size)
+        run = problem.to(dtype, device)
+        bound = {"atol": 2e-4, "rtol": 2e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 5e-2}
+        o, state = kernel(*run.args(), output_final_state=True, **options)
+        assert o.dtype == dtype and all(s.dtype == torch.float32 for s in _states(state))
         torch.testing.assert_close(o.double().cpu(), o_ref, **bound)
-        torch.testing.assert_close(self.memory(state.double().cpu(), problem), memory_ref, **bound)
+        memory = tuple(s.double().cpu() for s in state) if isinstance(state, tuple) else state.double().cpu()
+        torch.testing.assert_close(self.memory(memory, problem), memory_ref, **bound)
         if T > 1:
             half = T // 2
             first = run.tokens(0, half, self.steps, self.per_step, self.spec)
             second = run.tokens(half, T, self.steps, self.per_step, self.spec)
-            _, carried = kernel(*first.args(), output_final_state=True, chunk_size=chunk_size)
-            o_2, _ = kernel(*second.args(), initial_state=carried, chunk_size=chunk_size)
+            _, carried = kernel(*first.args(), output_final_state=True, **options)
+            o_2, _ = kernel(*second.args(), initial_state=carried, **options)
             torch.testing.assert_close(o_2.double().cpu(), o_ref[:, half:], **bound)
-
             packed, cu_seqlens = pack([run.row(0, self.spec), second.row(1, self.spec)], self.spec)
-            o_packed, states = kernel(*packed.args(), cu_seqlens=cu_seqlens, output_final_state=True,
-                                      chunk_size=chunk_size)
+            o_packed, states = kernel(*packed.args(), cu_seqlens=cu_seqlens, output_final_state=True, **options)
             rest = problem.tokens(half, T, self.steps, self.per_step, self.spec)
             expected = torch.cat([o_ref[:1], self.oracle(rest)[0][1:]], dim=1)
             torch.testing.assert_close(o_packed.double().cpu(), expected, **bound)
-            assert states.shape[0] == 2
+            assert all(s.shape[0] == 2 for s in _states(states))
 
     def fused_recurrent_rejects_large_heads(self) -> None:
         problem = self.problem(2, 4, 300, B=1, H=1, seed=16).to(torch.float32)

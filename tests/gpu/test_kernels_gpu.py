@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ttr_codegen.testing import LayerChecks, Problem, pack
+from ttr_codegen.testing import LayerChecks, pack
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,11 +24,6 @@ def load(name):
                        fused_recurrent=getattr(module, f"fused_recurrent_{name}"))
 
 
-def to(problem: Problem, device, dtype) -> Problem:
-    return Problem(*(x.to(device, dtype) for x in problem.args()[:3]),
-                   {n: x.to(device, dtype) for n, x in problem.inputs.items()})
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("T", [1, 63, 1000, 4096])
@@ -39,9 +34,9 @@ def test_fused_recurrent(name, T, dtype):
     prefix = checks.problem(7, 128, 100, B=2, H=3, seed=T + 1)
     prefix.inputs.update({n: x for n, x in problem.inputs.items() if not checks.spec.input(n).per_token})
     device = torch.device("cuda")
-    _, state = checks.naive(*to(prefix, device, torch.float64).args(), output_final_state=True)
-    run = to(problem, device, dtype)
-    reference, reference_state = checks.naive(*to(run, device, torch.float64).args(), initial_state=state,
+    _, state = checks.naive(*prefix.to(torch.float64, device).args(), output_final_state=True)
+    run = problem.to(dtype, device)
+    reference, reference_state = checks.naive(*run.to(torch.float64, device).args(), initial_state=state,
                                               output_final_state=True)
     carried = tuple(s.float() for s in state) if isinstance(state, tuple) else state.float()
     o, final = checks.fused_recurrent(*run.args(), initial_state=carried, output_final_state=True)
@@ -70,9 +65,9 @@ def test_chunk_triton(name, T, dtype):
     checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", getattr(module, f"naive_{name}"), None)
     device = torch.device("cuda")
     problem = checks.problem(T, 128, 100, B=2, H=3, seed=T)
-    run = to(problem, device, dtype)
+    run = problem.to(dtype, device)
     state = torch.randn(2, 3, 128, 100, device=device, dtype=torch.float64) * 0.1
-    reference, reference_state = checks.naive(*to(run, device, torch.float64).args(), initial_state=state,
+    reference, reference_state = checks.naive(*run.to(torch.float64, device).args(), initial_state=state,
                                               output_final_state=True)
     with torch.no_grad():
         o, final = kernel(*run.args(), initial_state=state.float(), output_final_state=True)

@@ -81,6 +81,7 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
                  fused: FusedRecurrentPlan | None = None) -> list[RenderedFile]:
     env = environment()
     spec_from_package = PurePosixPath(os.path.relpath(Path(spec_path).resolve(), package_dir.resolve()).replace(os.sep, "/"))
+    triton_template = _triton_chunk_template(chunk)
     context = {
         "plan": plan,
         "spec_path": spec_path,
@@ -90,10 +91,10 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         "form": plan.form if isinstance(plan, AttentionPlan) else "recurrent",
         "chunk": chunk,
         "fused": fused,
-        "triton_chunk": _triton_chunk_template(chunk) is not None,
+        "triton_chunk": triton_template is not None,
         # chunk_<name> routes CUDA inference to the Triton kernels only where they were measured fast on a
         # GPU: the gated family. The delta-family kernels are correct but not yet fast (docs/triton.md).
-        "triton_dispatch": _triton_chunk_template(chunk) == "chunk_gated_triton.py.j2",
+        "triton_dispatch": triton_template == "chunk_gated_triton.py.j2",
     }
     templates = {"__init__.py": "init.py.j2", "naive.py": _NAIVE_TEMPLATE[context["form"]], "layer.py": "layer.py.j2"}
     if context["streaming"]:
@@ -101,7 +102,7 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
     if fused is not None:
         templates["fused_recurrent.py"] = "fused_recurrent.py.j2"
     if context["triton_chunk"]:
-        templates["chunk_triton.py"] = _triton_chunk_template(chunk)
+        templates["chunk_triton.py"] = triton_template
     if chunk is not None:
         templates["chunk.py"] = {"momentum": "chunk_momentum.py.j2", "second_order": "chunk_second_order.py.j2"}.get(chunk.family, "chunk.py.j2")
     files = []
