@@ -589,11 +589,10 @@ def _check_combination(check: _Checker, by_name: dict[str, InputSpec], weights: 
         check.error(check.positions["optimiser.weight_decay"], "optimiser.weight_decay",
                     "both 'weights.decay' and 'optimiser.weight_decay' forget the memory",
                     "keep one of the two")
-    for option in ("ridge",):
-        ref = getattr(optimiser, option)
-        if isinstance(ref, str) and ref in by_name and by_name[ref].per_token:
-            check.error(check.positions[f"optimiser.{option}"], f"optimiser.{option}",
-                        "the ridge must be fixed per head: shape [H] or [H, K]", "declare it with shape [H, K]")
+    ridge = optimiser.ridge
+    if isinstance(ridge, str) and ridge in by_name and by_name[ridge].per_token:
+        check.error(check.positions["optimiser.ridge"], "optimiser.ridge",
+                    "the ridge must be fixed per head: shape [H] or [H, K]", "declare it with shape [H, K]")
     for ref in (optimiser.step_size, optimiser.momentum, optimiser.weight_decay, weights.sample_weight):
         if ref and ref in by_name and by_name[ref].per_key:
             check.error(check.positions.get(f"inputs.{ref}", Position(1, 1)), f"inputs.{ref}.shape",
