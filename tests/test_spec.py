@@ -79,3 +79,12 @@ def test_a_derivation_failure_is_reported_at_the_field(monkeypatch, tmp_path):
     line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "step_size: beta" in text)
     assert diagnostic.format().startswith(f"{path}:{line}:3: error: optimiser.step_size: the system matrix")
     assert "help: use a loss whose Hessian" in diagnostic.format()
+
+
+def test_a_per_token_ridge_is_refused():
+    text = ("name: x\ninputs: {lamb: {shape: [B, T, H], role: ridge}}\nregressor: linear\n"
+            "optimiser: {method: exact, ridge: lamb}\n")
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, "x.yaml")
+    assert [d.format().splitlines()[0] for d in caught.value.diagnostics] == [
+        "x.yaml:4:28: error: optimiser.ridge: the ridge must be fixed per head: shape [H] or [H, K]"]
