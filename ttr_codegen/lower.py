@@ -244,7 +244,9 @@ class ChunkPlan:
     """The chunked form of an affine recurrence, in one of two families.
 
     gated:  S_t = Diag(exp(log_decay_t)) S_(t-1) + k_t v_t^T         (additive, or diagonal per key)
-    delta:  S_t = exp(log_decay_t) (I - beta_t k_t k_t^T) S_(t-1) + beta_t k_t v_t^T
+    delta:  S_t = exp(log_decay_t) S_(t-1) + k_t u_t^T with u_t = beta_t (v_t - k_t^T S_read), where the error
+            reads S_read = exp(log_decay_t) S_(t-1) ("decayed", e.g. Gated DeltaNet) or S_(t-1) ("previous",
+            e.g. its L2 reading): whichever keeps beta and the value scale free of exp(-log_decay)
     The prep lines compute log_decay, beta and rescaled k or v for the whole sequence from the derived
     coefficients (e.g. Longhorn's beta -> beta / (1 + beta k^T k), the L2 reading's beta / alpha).
     """
@@ -255,6 +257,7 @@ class ChunkPlan:
     substeps: int
     variant: str = ""  # second order: "exact" or "rls"
     ridge: str = ""  # second order: the ridge as code (a matrix to add for "exact", a number for "rls")
+    error_read: str = "decayed"  # delta family: the state its errors read, "decayed" or "previous"
 
 
 def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
@@ -279,6 +282,7 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
     names = {i.name: i.name for i in spec.inputs} | {"k": "k", "v": "v"}
     program = TokenProgram(names=names, dims={K: "K", V: "V"})
     lines: list[str] = []
+    error_read = "decayed"
     if rule.structure == "diagonal":
         (diag_chain,) = a.chains()
         gate_input = dict(rule.vectors)[diag_chain[0].args[0].name]
@@ -295,8 +299,15 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
         if rule.structure == "additive":
             family, beta, value_scale = "gated", None, write
         else:
+            # S_t = d S - r k k^T S + w k v^T = d S + beta k (alpha v - c k^T S)^T with beta c = r, beta alpha = w.
+            # Reading the decayed state (c = d) or the previous one (c = 1) gives the same layer; take the one
+            # whose beta and alpha do not grow like 1 / d, which would overflow for strongly decaying gates.
             rank_one = -a.coefficient((k_symbol, sp.Transpose(k_symbol)))
-            family, beta, value_scale = "delta", sp.simplify(rank_one / decay), sp.simplify(write * decay / rank_one)
+            family = "delta"
+            beta, value_scale = sp.simplify(rank_one / decay), sp.simplify(write * decay / rank_one)
+            if _grows_as_gate_closes(beta, decay) or _grows_as_gate_closes(value_scale, decay):
+                error_read = "previous"
+                beta, value_scale = sp.simplify(rank_one), sp.simplify(write / rank_one)
     if beta is not None:  # the templates read the effective step as `beta`
         code = program.scalar(beta)
         if code != "beta":
@@ -305,7 +316,21 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
     if value_scale is not None and value_scale != 1:
         code = program.scalar(value_scale)
         lines += program.lines + [f"v = ({code})[..., None] * v"]
-    return ChunkPlan(family, gate, tuple(lines), rule.substeps)
+    return ChunkPlan(family, gate, tuple(lines), rule.substeps, error_read=error_read)
+
+
+def _grows_as_gate_closes(expression: sp.Expr, decay: sp.Expr) -> bool:
+    """Whether `expression` grows without bound as the gate `decay` (e.g. exp(g)) goes to 0."""
+    log_decay = sp.expand_log(sp.log(decay), force=True)
+    if len(log_decay.free_symbols) != 1:
+        return False  # a constant gate, or one of several inputs: no single knob closes it
+    (symbol,) = log_decay.free_symbols
+    gate = sp.Dummy("gate", positive=True)
+    solutions = sp.solve(sp.Eq(log_decay, sp.log(gate)), symbol)
+    if len(solutions) != 1:
+        return False
+    in_gate = sp.simplify(expression.subs(symbol, solutions[0]))
+    return sp.limit(in_gate, gate, 0, "+").has(sp.oo, -sp.oo, sp.zoo)  # e.g. beta/gate -> oo*sign(beta)
 
 
 def _lower_momentum_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan:

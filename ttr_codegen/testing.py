@@ -25,6 +25,14 @@ _TYPICAL_VALUE = {
     "ridge": lambda x, generator: 0.5 + torch.rand(x.shape, generator=generator, dtype=x.dtype),
 }
 
+# Gates that forget almost everything: log-decays from about -0.1 down to -100 per token, forgetting
+# fractions near 1, momentum near 0 (for the chunked forms' overflow and underflow checks).
+_STRONG_GATE = {
+    "log_decay": lambda x, generator: -torch.exp(2.0 * x + 1.5).clamp(max=100.0),
+    "forget": lambda x, generator: torch.sigmoid(x + 6.0),
+    "momentum": lambda x, generator: torch.sigmoid(x - 6.0),
+}
+
 _INPUT_SHAPES = {("B", "T", "H"): "BTH", ("B", "T", "H", "K"): "BTHK", ("H",): "H", ("H", "K"): "HK"}
 
 
@@ -266,6 +274,28 @@ class LayerChecks:
         torch.testing.assert_close(o, torch.cat([r[0] for r in runs], dim=1), **_tolerance(torch.float64))
         torch.testing.assert_close(_states(states), _states(_join([_states(r[1]) for r in runs])),
                                    **_tolerance(torch.float64))
+
+    def chunk_strong_gates(self, T: int = 150, K: int = 8, V: int = 6) -> None:
+        """Gates that forget almost everything per token: the chunked form equals the oracle in float64 and
+        stays finite and within float32 rounding of it in float32 (no overflow in its gate factors)."""
+        problem = self.problem(T, K, V, seed=30)
+        generator = torch.Generator().manual_seed(31)
+        for name, x in problem.inputs.items():
+            role = self.spec.input(name).role
+            if role in _STRONG_GATE:
+                problem.inputs[name] = _STRONG_GATE[role](
+                    torch.randn(x.shape, generator=generator, dtype=torch.float64), generator)
+        assert set(self.spec.input(n).role for n in problem.inputs) & set(_STRONG_GATE), "no gate to strengthen"
+        o_ref, memory_ref = self.oracle(problem)
+        for chunk_size in (16, 64):
+            o, state = self.chunk(*problem.args(), output_final_state=True, chunk_size=chunk_size)
+            torch.testing.assert_close(o, o_ref, **_tolerance(torch.float64))
+            torch.testing.assert_close(self.memory(state, problem), memory_ref, **_tolerance(torch.float64))
+            o_32, _ = self.chunk(*problem.to(torch.float32).args(), chunk_size=chunk_size)
+            assert torch.isfinite(o_32).all()
+            bound = 1e-4 * (1 + o_ref.abs().max().item())
+            error = (o_32.double() - o_ref).abs().max().item()
+            assert error <= bound, f"float32, chunk {chunk_size}: max error {error:.3g} above bound {bound:.3g}"
 
     def chunk_gradients_match_oracle(self, T: int = 21, K: int = 4, V: int = 3) -> None:
         problem = self.problem(T, K, V, B=1, seed=11)

@@ -92,6 +92,10 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         "chunk": chunk,
         "fused": fused,
         "triton_chunk": triton_template is not None,
+        # Chunked forms whose gates must survive near-total forgetting. RLS is left out: it decays its prior
+        # with the data, so such gates make its own problem singular (the token loop overflows too).
+        "strong_gates": chunk is not None and chunk.variant != "rls"
+        and any(i.role in ("log_decay", "forget", "momentum") for i in plan.inputs),
         # chunk_<name> routes CUDA inference to the Triton kernels only where they were measured fast on a
         # GPU: the gated family. The delta-family kernels are correct but not yet fast (docs/triton.md).
         "triton_dispatch": triton_template == "chunk_gated_triton.py.j2",
