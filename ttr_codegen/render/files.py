@@ -65,9 +65,9 @@ def split_header(text: str) -> tuple[str | None, str]:
 
 
 def _triton_chunk_template(chunk: ChunkPlan | None) -> str | None:
-    """The chunked Triton kernels cover the gated family with a scalar gate (or none) and plain values, and
-    the delta family with a scalar gate (or none); per-key gates have none yet."""
-    if chunk is None or chunk.gate == "per_key":
+    """The chunked Triton kernels cover the gated family (per-key, scalar or no gate) with plain values, and
+    the delta family with a scalar gate (or none)."""
+    if chunk is None:
         return None
     if chunk.family == "gated" and not any(line.startswith("v =") for line in chunk.prep_lines):
         return "chunk_gated_triton.py.j2"

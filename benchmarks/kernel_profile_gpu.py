@@ -1,0 +1,63 @@
+"""Per-kernel GPU time of a generated chunked Triton forward and of fla-core's peer, from torch.profiler.
+
+    python benchmarks/kernel_profile_gpu.py delta_rule gated_delta_rule [--B 8 --T 2048]
+
+Shows where a layer's forward spends its time (prepare / states / output kernels), bf16, H=16, K=V=128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from chunk_gpu import PEERS  # noqa: E402
+from ttr_codegen.testing import LayerChecks  # noqa: E402
+
+
+def kernel_times(fn, repeats: int = 20) -> list[tuple[str, float]]:
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / repeats / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("layers", nargs="+")
+    parser.add_argument("--B", type=int, default=8)
+    parser.add_argument("--T", type=int, default=2048)
+    args = parser.parse_args()
+    print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}, bf16, B={args.B} T={args.T} H=16 K=V=128")
+    for name in args.layers:
+        ours = getattr(importlib.import_module(f"generated.{name}.chunk_triton"), f"chunk_{name}_triton")
+        p = LayerChecks(ROOT / "specs" / f"{name}.yaml", None, None).problem(args.T, 128, 128, B=args.B, H=16)
+        p = p.to(torch.bfloat16, "cuda")
+        runs = {"ours": lambda: ours(*p.args())}
+        if PEERS.get(name):
+            module_name, function, kwargs = PEERS[name]
+            peer = getattr(importlib.import_module(module_name), function)
+            runs["fla"] = lambda: peer(p.q, p.k, p.v, **kwargs(p.inputs))
+        with torch.no_grad():
+            for who, fn in runs.items():
+                total = triton.testing.do_bench(fn)
+                print(f"{name} / {who}: {total:.4f} ms (do_bench)")
+                for kernel, ms in kernel_times(fn)[:8]:
+                    print(f"    {ms:8.4f} ms  {kernel[:90]}")
+
+
+if __name__ == "__main__":
+    main()
