@@ -25,7 +25,7 @@ from ttr_codegen.testing import LayerChecks  # noqa: E402
 
 CANDIDATES = {
     "prepare": {"num_warps": [2, 4, 8], "num_stages": [1, 2]},
-    "states": {"BK": [64, 128], "BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
+    "states": {"BK": [64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [2, 3, 4]},
     "output": {"BK": [64, 128], "BV": [64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
 }
 
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("layers", nargs="+")
     parser.add_argument("--B", type=int, default=8)
     parser.add_argument("--T", type=int, default=2048)
+    parser.add_argument("--kernels", nargs="*", default=None, help="only sweep these kernels (e.g. states)")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}, bf16, B={args.B} T={args.T} H=16 K=V=128")
     for name in args.layers:
@@ -47,6 +48,8 @@ def main() -> None:
             base = triton.testing.do_bench(lambda: kernel(*p.args()))
             print(f"{name}: table {default} -> {base:.4f} ms", flush=True)
             for stage, settings in default.items():
+                if args.kernels and stage not in args.kernels:
+                    continue
                 keys = [k for k in CANDIDATES[stage] if k in settings]
                 results = []
                 for values in itertools.product(*(CANDIDATES[stage][k] for k in keys)):
