@@ -1,12 +1,18 @@
 """Chunked vs token-by-token: every generated chunk_<name> against its naive_<name>, on CPU.
 
-    python benchmarks/chunk_cpu.py [--B 2 --T 2048 --H 4 --K 64 --V 64 --repeats 3]
+    python benchmarks/chunk_cpu.py [--B 2 --T 2048 --H 4 --K 64 --V 64 --repeats 7] [--system-malloc]
+
+By default the script re-runs itself with glibc's heap kept (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_):
+otherwise glibc hands every freed block above 128 KiB back to the kernel and page-faults it in again on
+the next allocation, and on a virtual machine those faults alone made the same chunked call vary 2-4x
+from one process to the next. --system-malloc measures with the allocator's defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,14 +37,19 @@ def median_seconds(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    for name, default in (("B", 2), ("T", 2048), ("H", 4), ("K", 64), ("V", 64), ("repeats", 3)):
+    for name, default in (("B", 2), ("T", 2048), ("H", 4), ("K", 64), ("V", 64), ("repeats", 7)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile(chunk_<name>, fullgraph=True) (Inductor; compile time not counted)")
     parser.add_argument("--only", nargs="*", default=None, help="layer names to run")
+    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default trimming of the heap")
     args = parser.parse_args()
+    keep_heap = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
+    if not args.system_malloc and any(os.environ.get(k) != v for k, v in keep_heap.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **keep_heap})
     print(f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, float32, "
-          f"B={args.B} T={args.T} H={args.H} K={args.K} V={args.V}, median of {args.repeats}")
+          f"B={args.B} T={args.T} H={args.H} K={args.K} V={args.V}, median of {args.repeats}, "
+          f"{'system malloc' if args.system_malloc else 'heap kept (no page faults per allocation)'}")
     header = f"{'layer':22s} {'naive (s)':>10s} {'chunk (s)':>10s} {'speed-up':>9s}"
     print(header + (f" {'compiled (s)':>13s} {'speed-up':>9s}" if args.compile else ""))
     for package in sorted((ROOT / "generated").iterdir()):

@@ -5,7 +5,6 @@ No SymPy object crosses into the templates: every piece of math is printed here.
 
 from __future__ import annotations
 
-import re
 
 from dataclasses import dataclass
 
@@ -261,10 +260,6 @@ class ChunkPlan:
     ridge: str = ""  # second order: the ridge as code (a matrix to add for "exact", a number for "rls")
     error_read: str = "decayed"  # delta family: the state its errors read, "decayed" or "previous"
 
-    @property
-    def prep_reads_kv(self) -> bool:
-        """Whether the prep lines read or rescale k or v (the kernels then take float32 copies)."""
-        return any(re.search(r"\b[kv]\b", line) for line in self.prep_lines)
 
 
 def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:

@@ -96,10 +96,11 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         # with the data, so such gates make its own problem singular (the token loop overflows too).
         "strong_gates": chunk is not None and chunk.variant != "rls"
         and any(i.role in ("log_decay", "forget", "momentum") for i in plan.inputs),
-        # chunk_<name> routes CUDA inference to the Triton kernels where they were measured at least as fast
-        # as fla's on an H100: the scalar-gated and delta families. The per-key (GLA) kernel is correct but
-        # about 3x slower than fla's, so GLA keeps the PyTorch path (docs/triton.md).
-        "triton_dispatch": triton_template is not None and chunk.gate != "per_key",
+        # chunk_<name> routes CUDA inference to the Triton kernels that passed the GPU suite (tests/gpu) and
+        # were measured at least as fast as fla's: the scalar-gated family. The delta-family kernels are
+        # faster than fla's but their GPU suite has not run yet; the per-key (GLA) kernel is about 3x slower
+        # than fla's. Both are called directly as chunk_<name>_triton (docs/triton.md).
+        "triton_dispatch": triton_template == "chunk_gated_triton.py.j2" and chunk.gate != "per_key",
     }
     templates = {"__init__.py": "init.py.j2", "naive.py": _NAIVE_TEMPLATE[context["form"]], "layer.py": "layer.py.j2"}
     if context["streaming"]:

@@ -178,7 +178,12 @@ class TokenProgram:
             for letter_, dim in zip(ls, op.axes):
                 dims[letter_] = dim
         self.cost += sp.Mul(*dims.values())
-        self.lines.append(f'{name} = torch.einsum("{spec}", {a.code}, {b.code})')
+        if not out and len(a_letters) == len(b_letters) == 1:
+            # A batched dot product: einsum would route it through a batched matmul of 1 x K by K x 1 (one
+            # tiny gemv per row on a GPU); an element-wise product and a sum read the operands once.
+            self.lines.append(f"{name} = ({a.code} * {b.code}).sum(-1)")
+        else:
+            self.lines.append(f'{name} = torch.einsum("{spec}", {a.code}, {b.code})')
         axes = tuple(dims[x] for x in out)
         if len(out) == 2:
             return Operand(name, axes, 0, 1)
