@@ -55,3 +55,21 @@ def test_a_different_layer_does_not_pass_for_another_spec():
     # The L2 reading of Gated DeltaNet is not the published form: the oracle must tell them apart.
     with pytest.raises(AssertionError):
         checks_for(naive_gated_delta_rule_l2, GatedDeltaRuleL2, spec="gated_delta_rule").matches_oracle(20, 8, 8)
+
+
+def test_a_gate_factorisation_that_overflows_is_caught():
+    # exp(G_i - G_j) split as exp(G_i) * exp(-G_j) over a whole sequence: exact in exact arithmetic, but
+    # exp(-G_j) overflows once the gates have forgotten enough, which typical gates never reach.
+    from generated.simple_gla import chunk_simple_gla, naive_simple_gla
+
+    def split_gates(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                    chunk_size=64):
+        G = torch.cumsum(g, dim=1)[..., None]
+        o, state = chunk_simple_gla(q * G.exp(), k * (-G).exp(), v, torch.zeros_like(g), scale=scale,
+                                    initial_state=initial_state, output_final_state=True, chunk_size=chunk_size)
+        return o, (state * G[:, -1, :, :, None].exp() if output_final_state else None)
+
+    checks = LayerChecks(SPECS / "simple_gla.yaml", naive_simple_gla, None, chunk=split_gates)
+    checks.chunk_matches_oracle(63, 16)  # typical gates: indistinguishable from the real op
+    with pytest.raises(AssertionError):
+        checks.chunk_strong_gates()

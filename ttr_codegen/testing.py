@@ -275,9 +275,8 @@ class LayerChecks:
         torch.testing.assert_close(_states(states), _states(_join([_states(r[1]) for r in runs])),
                                    **_tolerance(torch.float64))
 
-    def chunk_strong_gates(self, T: int = 150, K: int = 8, V: int = 6) -> None:
-        """Gates that forget almost everything per token: the chunked form equals the oracle in float64 and
-        stays finite and within float32 rounding of it in float32 (no overflow in its gate factors)."""
+    def strong_gate_problem(self, T: int, K: int, V: int) -> Problem:
+        """A problem whose gates forget almost everything per token (see _STRONG_GATE)."""
         problem = self.problem(T, K, V, seed=30)
         generator = torch.Generator().manual_seed(31)
         for name, x in problem.inputs.items():
@@ -286,6 +285,12 @@ class LayerChecks:
                 problem.inputs[name] = _STRONG_GATE[role](
                     torch.randn(x.shape, generator=generator, dtype=torch.float64), generator)
         assert set(self.spec.input(n).role for n in problem.inputs) & set(_STRONG_GATE), "no gate to strengthen"
+        return problem
+
+    def chunk_strong_gates(self, T: int = 150, K: int = 8, V: int = 6) -> None:
+        """Gates that forget almost everything per token: the chunked form equals the oracle in float64 and
+        stays finite and within float32 rounding of it in float32 (no overflow in its gate factors)."""
+        problem = self.strong_gate_problem(T, K, V)
         o_ref, memory_ref = self.oracle(problem)
         for chunk_size in (16, 64):
             o, state = self.chunk(*problem.args(), output_final_state=True, chunk_size=chunk_size)
@@ -344,6 +349,15 @@ class LayerChecks:
         """The chunked Triton forward equals the float64 oracle (see `_kernel_matches_oracle`)."""
         self._kernel_matches_oracle(kernel, T, K, V, seed=17, device=device, dtype=torch.float32,
                                     chunk_size=chunk_size)
+
+    def triton_chunk_strong_gates(self, kernel, T: int = 100, K: int = 20, V: int = 12,
+                                  device: str = "cpu") -> None:
+        """The chunked Triton forward under near-total forgetting: finite, within float32 rounding of the oracle."""
+        problem = self.strong_gate_problem(T, K, V)
+        o_ref, _ = self.oracle(problem)
+        o, _ = kernel(*problem.to(torch.float32, device).args(), chunk_size=64)
+        assert torch.isfinite(o).all()
+        torch.testing.assert_close(o.double().cpu(), o_ref, atol=2e-4, rtol=2e-4)
 
     def _kernel_matches_oracle(self, kernel, T: int, K: int, V: int, seed: int, device: str,
                                dtype: torch.dtype, **options) -> None:
