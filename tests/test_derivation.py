@@ -182,3 +182,18 @@ def test_canonical_form_contracts_inner_products():
     (chain, coefficient), = poly.terms
     assert chain == (k, Transpose(v))
     assert str(coefficient) == "(k.T*k)"
+
+
+@pytest.mark.parametrize(("name", "error_read"), [
+    ("gated_delta_rule", "decayed"),  # S_t = e^g (I - beta k k^T) S + beta k v^T
+    ("gated_delta_rule_l2", "previous"),  # S_t = (e^g I - beta k k^T) S + beta k v^T
+    ("delta_rule", "decayed"),
+])
+def test_delta_chunks_keep_beta_free_of_one_over_the_gate(name, error_read):
+    # Reading the decayed state would give the L2 reading beta * exp(-g): infinite as the gate closes.
+    from ttr_codegen.lower import lower_chunk
+
+    chunk = lower_chunk(load_spec(SPECS / f"{name}.yaml"), rule(name))
+    assert chunk.family == "delta" and chunk.error_read == error_read
+    assert not any(line.startswith("beta =") and "exp(-" in line for line in chunk.prep_lines)
+    assert not any(line.startswith("v =") for line in chunk.prep_lines)
