@@ -5,7 +5,6 @@ No SymPy object crosses into the templates: every piece of math is printed here.
 
 from __future__ import annotations
 
-
 from dataclasses import dataclass
 
 import sympy as sp
@@ -242,14 +241,15 @@ def derivation_doc(rule: UpdateRule) -> list[str]:
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """The chunked form of an affine recurrence, in one of two families.
+    """The chunked form of a recurrence, in one of four families (the two affine ones spelled out here).
 
     gated:  S_t = Diag(exp(log_decay_t)) S_(t-1) + k_t v_t^T         (additive, or diagonal per key)
     delta:  S_t = exp(log_decay_t) S_(t-1) + k_t u_t^T with u_t = beta_t (v_t - k_t^T S_read), where the error
             reads S_read = exp(log_decay_t) S_(t-1) ("decayed", e.g. Gated DeltaNet) or S_(t-1) ("previous",
             e.g. its L2 reading): whichever keeps beta and the value scale free of exp(-log_decay)
-    The prep lines compute log_decay, beta and rescaled k or v for the whole sequence from the derived
-    coefficients (e.g. Longhorn's beta -> beta / (1 + beta k^T k), the L2 reading's beta / alpha).
+    momentum (Titans) and second_order (mesa, RLS) have templates of their own.
+    The prep lines compute log_decay, beta and rescaled v for the whole sequence from the derived
+    coefficients (e.g. Longhorn's beta -> beta / (1 + beta k^T k)).
     """
 
     family: str  # "gated", "delta", "momentum" or "second_order"
@@ -261,9 +261,8 @@ class ChunkPlan:
     error_read: str = "decayed"  # delta family: the state its errors read, "decayed" or "previous"
 
 
-
 def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
-    """The chunked plan of a recurrent rule, or None where this version has none (momentum, second order)."""
+    """The chunked plan of a recurrent rule, or None where this version has none (attention forms, affine memories)."""
     from .derive.derivation import S as S_SYMBOL
     from .derive.derivation import k as k_symbol
     from .derive.derivation import v as v_symbol

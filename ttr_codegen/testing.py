@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from . import oracle
 from .spec import Spec, load_spec
+from .spec.model import GATE_ROLES
 
 # A typical value of each input role, from a standard normal draw x (ridges from a uniform draw).
 _TYPICAL_VALUE = {
@@ -32,12 +33,20 @@ _STRONG_GATE = {
     "forget": lambda x, generator: torch.sigmoid(x + 6.0),
     "momentum": lambda x, generator: torch.sigmoid(x - 6.0),
 }
+assert set(_STRONG_GATE) == set(GATE_ROLES)
 
 _INPUT_SHAPES = {("B", "T", "H"): "BTH", ("B", "T", "H", "K"): "BTHK", ("H",): "H", ("H", "K"): "HK"}
 
 
 def _tolerance(dtype: torch.dtype) -> dict:
     return {"atol": 1e-9, "rtol": 1e-8} if dtype == torch.float64 else {"atol": 2e-4, "rtol": 2e-4}
+
+
+def _assert_within(o: torch.Tensor, o_ref: torch.Tensor, relative: float, what: str) -> None:
+    """Max error of o against o_ref at most `relative` * (1 + max |o_ref|)."""
+    bound = relative * (1 + o_ref.abs().max().item())
+    error = (o.double() - o_ref).abs().max().item()
+    assert error <= bound, f"{what}: max error {error:.3g} above bound {bound:.3g}"
 
 
 @dataclass
@@ -215,9 +224,7 @@ class LayerChecks:
         for s in state if isinstance(state, tuple) else (state,):
             assert s.dtype == torch.float32
         o_ref, _ = self.naive(*problem.to(torch.float64).args())
-        bound = (2e-2 if dtype == torch.bfloat16 else 1e-4) * (1 + o_ref.abs().max().item())
-        error = (o.double() - o_ref).abs().max().item()
-        assert error <= bound, f"{dtype}: max error {error:.3g} above bound {bound:.3g}"
+        _assert_within(o, o_ref, 2e-2 if dtype == torch.bfloat16 else 1e-4, str(dtype))
 
     def fast_matches_naive(self, T: int, block_size: int, K: int = 8, V: int = 6) -> None:
         """The fast op equals the oracle (and the reference) in float64, with and without a carried state."""
@@ -298,9 +305,7 @@ class LayerChecks:
             torch.testing.assert_close(self.memory(state, problem), memory_ref, **_tolerance(torch.float64))
             o_32, _ = self.chunk(*problem.to(torch.float32).args(), chunk_size=chunk_size)
             assert torch.isfinite(o_32).all()
-            bound = 1e-4 * (1 + o_ref.abs().max().item())
-            error = (o_32.double() - o_ref).abs().max().item()
-            assert error <= bound, f"float32, chunk {chunk_size}: max error {error:.3g} above bound {bound:.3g}"
+            _assert_within(o_32, o_ref, 1e-4, f"float32, chunk {chunk_size}")
 
     def chunk_gradients_match_oracle(self, T: int = 21, K: int = 4, V: int = 3) -> None:
         problem = self.problem(T, K, V, B=1, seed=11)
@@ -320,9 +325,7 @@ class LayerChecks:
         o, state = self.chunk(*problem.args(), output_final_state=True)
         assert o.dtype == torch.bfloat16 and all(s.dtype == torch.float32 for s in _states(state))
         o_ref, _ = self.naive(*problem.to(torch.float64).args())
-        bound = 2e-2 * (1 + o_ref.abs().max().item())
-        error = (o.double() - o_ref).abs().max().item()
-        assert error <= bound, f"bfloat16: max error {error:.3g} above bound {bound:.3g}"
+        _assert_within(o, o_ref, 2e-2, "bfloat16")
 
     def chunk_compiles(self) -> None:
         """torch.compile(fullgraph=True) traces the chunked path, forward and backward, with no graph break."""
@@ -357,7 +360,7 @@ class LayerChecks:
         o_ref, _ = self.oracle(problem)
         o, _ = kernel(*problem.to(torch.float32, device).args(), chunk_size=64)
         assert torch.isfinite(o).all()
-        torch.testing.assert_close(o.double().cpu(), o_ref, atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(o.double().cpu(), o_ref, **_tolerance(torch.float32))
 
     def _kernel_matches_oracle(self, kernel, T: int, K: int, V: int, seed: int, device: str,
                                dtype: torch.dtype, **options) -> None:

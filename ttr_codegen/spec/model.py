@@ -36,6 +36,8 @@ ROLES = {
     "forget": "a fraction alpha in [0, 1] of the memory forgotten per token",
     "momentum": "a momentum coefficient eta in [0, 1]",
 }
+# Roles that make the memory forget (or carry) its past: what strongly decaying gates stress.
+GATE_ROLES = ("log_decay", "forget", "momentum")
 
 REGRESSORS = {
     "linear": "m(k) = S^T k, S in R^{K x V}",
