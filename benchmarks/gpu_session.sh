@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is asked to check, in one call, each step bounded so that a slow one leaves
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device:
-#     bash benchmarks/gpu_session.sh            (carry the git-ignored wheels/ folder: fla-core, einops, pyyaml)
+#     bash benchmarks/gpu_session.sh [tests|bench|all]   (carry the git-ignored wheels/ folder: fla-core,
+#                                                        einops, pyyaml, pytest-xdist, execnet)
+# "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the kernels
+# against fla and profiles them. One device call has 10 minutes: run them as two calls.
 set -uo pipefail
 OUT="${OUT:-gpu-logs}"
 mkdir -p "$OUT"
 export PYTHONWARNINGS=ignore
-python3 -m pip install -q --no-index --find-links wheels pyyaml fla-core einops > "$OUT/install.txt" 2>&1
+WHAT="${1:-all}"
+python3 -m pip install -q --no-index --find-links wheels pyyaml fla-core einops pytest-xdist > "$OUT/install.txt" 2>&1
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/device.txt" 2>&1
 step() {  # step NAME SECONDS COMMAND...: run, keep its output, note how it ended
     local name=$1 seconds=$2
@@ -14,9 +18,13 @@ step() {  # step NAME SECONDS COMMAND...: run, keep its output, note how it ende
     timeout "$seconds" "$@" > "$OUT/$name.txt" 2>&1
     echo "$name: exit $?" >> "$OUT/steps.txt"
 }
-step gpu_tests_chunk 240 python3 -m pytest -m gpu tests/gpu -k chunk_triton -q -p no:cacheprovider
-step bench_chunk 240 python3 benchmarks/chunk_gpu.py
-step profile 90 python3 benchmarks/kernel_profile_gpu.py gla gated_delta_rule longhorn
+if [[ $WHAT != bench ]]; then
+    step gpu_tests 500 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -n 8 --durations=10 -rf
+    tail -n 25 "$OUT"/gpu_tests.txt
+fi
+if [[ $WHAT != tests ]]; then
+    step bench_chunk 330 python3 benchmarks/chunk_gpu.py
+    step profile 150 python3 benchmarks/kernel_profile_gpu.py gla simple_gla gated_delta_rule delta_rule
+    cat "$OUT/bench_chunk.txt"
+fi
 cat "$OUT/steps.txt"
-tail -n 3 "$OUT"/gpu_tests_chunk.txt
-cat "$OUT/bench_chunk.txt"

@@ -25,7 +25,9 @@ from ttr_codegen.testing import LayerChecks  # noqa: E402
 
 CANDIDATES = {
     "prepare": {"num_warps": [2, 4, 8], "num_stages": [1, 2]},
-    "states": {"BK": [64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [2, 3, 4]},
+    "cumsum": {"BK": [32, 64, 128], "num_warps": [2, 4]},
+    "scores": {"num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
+    "states": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [2, 3]},
     "output": {"BK": [64, 128], "BV": [64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
 }
 

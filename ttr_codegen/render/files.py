@@ -97,11 +97,8 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         # with the data, so such gates make its own problem singular (the token loop overflows too).
         "strong_gates": chunk is not None and chunk.variant != "rls"
         and any(i.role in GATE_ROLES for i in plan.inputs),
-        # chunk_<name> routes CUDA inference to the Triton kernels that passed the GPU suite (tests/gpu) and
-        # were measured at least as fast as fla's: the scalar-gated family. The delta-family kernels are
-        # faster than fla's but their GPU suite has not run yet; the per-key (GLA) kernel is about 3x slower
-        # than fla's. Both are called directly as chunk_<name>_triton (docs/triton.md).
-        "triton_dispatch": triton_template == "chunk_gated_triton.py.j2" and chunk.gate != "per_key",
+        # chunk_<name> routes CUDA inference (no autograd yet) to the Triton kernels wherever they exist.
+"triton_dispatch": triton_template is not None,
     }
     templates = {"__init__.py": "init.py.j2", "naive.py": _NAIVE_TEMPLATE[context["form"]], "layer.py": "layer.py.j2"}
     if context["streaming"]:
