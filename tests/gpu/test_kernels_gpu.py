@@ -83,3 +83,19 @@ def test_chunk_triton(name, T, dtype):
     packed, cu_seqlens = pack([run.row(b, checks.spec) for b in range(2)], checks.spec)
     o_packed, _ = kernel(*packed.args(), initial_state=state.float(), cu_seqlens=cu_seqlens)
     assert (o_packed.double() - reference.reshape(1, -1, *reference.shape[2:])).abs().max().item() <= bound
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", CHUNKED)
+def test_chunk_triton_largest_head(name, dtype):
+    """K = 256 (the kernels' limit) and V = 200 (no power of two), against the float64 reference."""
+    module = importlib.import_module(f"generated.{name}")
+    kernel = getattr(importlib.import_module(f"generated.{name}.chunk_triton"), f"chunk_{name}_triton")
+    checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", getattr(module, f"naive_{name}"), None)
+    run = checks.problem(300, 256, 200, B=2, H=2, seed=3).to(dtype, torch.device("cuda"))
+    reference, _ = checks.naive(*run.to(torch.float64).args())
+    with torch.no_grad():
+        o, _ = kernel(*run.args())
+    bound = (2e-4 if dtype == torch.float32 else 2e-2) * (1 + reference.abs().max().item())
+    assert (o.double() - reference).abs().max().item() <= bound
