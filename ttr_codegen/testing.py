@@ -389,14 +389,16 @@ class LayerChecks:
             torch.testing.assert_close(o_packed.double().cpu(), expected, **bound)
             assert all(s.shape[0] == 2 for s in _states(states))
 
-    def fused_recurrent_rejects_large_heads(self) -> None:
-        problem = self.problem(2, 4, 300, B=1, H=1, seed=16).to(torch.float32)
-        try:
-            self.fused_recurrent(*problem.args())
-        except ValueError as error:
-            assert "at most 256" in str(error)
-        else:
-            raise AssertionError("V = 300 was accepted")
+    def kernel_rejects_large_heads(self, kernel) -> None:
+        """A Triton kernel refuses K or V above 256 with a ValueError rather than a wrong result."""
+        for K, V in ((4, 300), (300, 4)):
+            problem = self.problem(2, K, V, B=1, H=1, seed=16).to(torch.float32)
+            try:
+                kernel(*problem.args())
+            except ValueError as error:
+                assert "at most 256" in str(error)
+            else:
+                raise AssertionError(f"K = {K}, V = {V} was accepted")
 
     def keyword_arguments(self) -> None:
         problem = self.problem(5, 4, 3, seed=7)

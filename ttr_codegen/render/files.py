@@ -98,7 +98,7 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         "strong_gates": chunk is not None and chunk.variant != "rls"
         and any(i.role in GATE_ROLES for i in plan.inputs),
         # chunk_<name> routes CUDA inference (no autograd yet) to the Triton kernels wherever they exist.
-"triton_dispatch": triton_template is not None,
+        "triton_dispatch": triton_template is not None,
     }
     templates = {"__init__.py": "init.py.j2", "naive.py": _NAIVE_TEMPLATE[context["form"]], "layer.py": "layer.py.j2"}
     if context["streaming"]:
