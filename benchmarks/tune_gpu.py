@@ -28,6 +28,7 @@ CANDIDATES = {
     "cumsum": {"BK": [32, 64, 128], "num_warps": [2, 4]},
     "scores": {"num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
     "states": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [2, 3]},
+    "states_long": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [2, 3]},
     "output": {"BK": [64, 128], "BV": [64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
 }
 
@@ -36,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("layers", nargs="+")
     parser.add_argument("--B", type=int, default=8)
-    parser.add_argument("--T", type=int, default=2048)
+    parser.add_argument("--T", type=int, default=2048)  # states_long applies where B * H is small (e.g. B=2 T=8192)
     parser.add_argument("--kernels", nargs="*", default=None, help="only sweep these kernels (e.g. states)")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}, bf16, B={args.B} T={args.T} H=16 K=V=128")

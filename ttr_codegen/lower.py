@@ -11,7 +11,7 @@ import sympy as sp
 from sympy import MatrixSymbol
 
 from .derive import UpdateRule
-from .derive.algebra import K, V
+from .derive.algebra import Inner, K, V
 from .render.torch_printer import TokenProgram
 from .spec import InputSpec, Spec
 from .spec.model import ROLES
@@ -259,6 +259,17 @@ class ChunkPlan:
     variant: str = ""  # second order: "exact" or "rls"
     ridge: str = ""  # second order: the ridge as code (a matrix to add for "exact", a number for "rls")
     error_read: str = "decayed"  # delta family: the state its errors read, "decayed" or "previous"
+    # Delta family: the effective step as Triton lines on a block of rows (k a [rows, BK] tile, the step
+    # input a [rows] vector; the last line assigns `beta`), so that the prepare kernel computes it from the
+    # keys it loads anyway instead of the host making passes over k. Empty: the host computes it.
+    kernel_step: tuple[str, ...] = ()
+    step_input: str = ""  # the input the kernel_step lines read
+    host_step_lines: tuple[str, ...] = ()  # the prep lines that kernel_step replaces
+
+    @property
+    def triton_prep_lines(self) -> tuple[str, ...]:
+        """The prep lines the Triton path runs on the host."""
+        return tuple(line for line in self.prep_lines if line not in self.host_step_lines)
 
 
 def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
@@ -309,6 +320,7 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
             if _grows_as_gate_closes(beta, decay) or _grows_as_gate_closes(value_scale, decay):
                 error_read = "previous"
                 beta, value_scale = sp.simplify(rank_one), sp.simplify(write / rank_one)
+    step_start = len(lines)
     if beta is not None:  # the templates read the effective step as `beta`
         code = program.scalar(beta)
         if code != "beta":
@@ -317,7 +329,36 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
     if value_scale is not None and value_scale != 1:
         code = program.scalar(value_scale)
         lines += program.lines + [f"v = ({code})[..., None] * v"]
-    return ChunkPlan(family, gate, tuple(lines), rule.substeps, error_read=error_read)
+        return ChunkPlan(family, gate, tuple(lines), rule.substeps, error_read=error_read)
+    step = _kernel_step(spec, beta) if beta is not None else None
+    if step is None:
+        return ChunkPlan(family, gate, tuple(lines), rule.substeps, error_read=error_read)
+    step_input, step_lines = step
+    return ChunkPlan(family, gate, tuple(lines), rule.substeps, error_read=error_read, kernel_step=step_lines,
+                     step_input=step_input, host_step_lines=tuple(lines[step_start:]))
+
+
+def _kernel_step(spec: Spec, beta: sp.Expr) -> tuple[str, tuple[str, ...]] | None:
+    """A delta-family step that reads the keys (e.g. Longhorn's beta / (1 + beta k^T k)) as Triton lines on
+    a block of rows, or None where it is a plain input (nothing to compute) or reads more than the keys and
+    one per-token input (it then stays on the host)."""
+    from .render.triton_printer import TritonRowProgram
+
+    inners = beta.atoms(Inner)
+    if not inners:
+        return None
+    symbols = {x.name for x in beta.xreplace({i: sp.Integer(1) for i in inners}).free_symbols}
+    if len(symbols) != 1:
+        return None
+    (name,) = symbols
+    if not any(i.name == name and i.per_token and not i.per_key for i in spec.inputs):
+        return None
+    program = TritonRowProgram(names={name: name, "k": "k"}, dims={K: "K", V: "V"})
+    try:
+        code = program.scalar(beta)
+    except NotImplementedError:
+        return None
+    return name, tuple(program.lines + [f"beta = {code}"])
 
 
 def _grows_as_gate_closes(expression: sp.Expr, decay: sp.Expr) -> bool:

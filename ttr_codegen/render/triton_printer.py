@@ -63,4 +63,23 @@ class TritonTokenProgram(TokenProgram):
         return result
 
 
-__all__ = ["TritonTokenProgram"]
+@dataclass
+class TritonRowProgram(TokenProgram):
+    """A per-token scalar for a block of rows: vectors are [rows, BK] tiles, scalars [rows] vectors.
+
+    Only dot products of two key-side vectors are printed (a row-wise `tl.sum`); anything else raises,
+    so a coefficient this cannot print stays on the host.
+    """
+
+    math_module: str = "tl"
+    broadcast_coefficients: bool = False
+
+    def _product(self, a: Operand, b: Operand, name: str) -> Operand:
+        if a.inverse or b.inverse or a.axes != (K,) or b.axes != (K,) or a.col is None or b.row is None:
+            raise NotImplementedError("only key . key products have a row-wise form")
+        self.cost += K
+        self.lines.append(f"{name} = tl.sum({a.code} * {b.code}, axis=1)")
+        return Operand(name, (), None, None)
+
+
+__all__ = ["TritonRowProgram", "TritonTokenProgram"]
