@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sympy as sp
+import torch
 from sympy import MatrixSymbol, Trace, Transpose
 
 from numeric import evaluate, random_matrices, scalars_for
@@ -197,3 +198,23 @@ def test_delta_chunks_keep_beta_free_of_one_over_the_gate(name, error_read):
     assert chunk.family == "delta" and chunk.error_read == error_read
     assert not any(line.startswith("beta =") and "exp(-" in line for line in chunk.prep_lines)
     assert not any(line.startswith("v =") for line in chunk.prep_lines)
+
+
+def test_longhorn_step_runs_in_the_prepare_kernel():
+    # beta / (1 + beta k.k) becomes Triton lines on a block of key rows; the torch form keeps its host lines.
+    from types import SimpleNamespace
+
+    from ttr_codegen.lower import lower_chunk
+
+    chunk = lower_chunk(load_spec(SPECS / "longhorn.yaml"), rule("longhorn"))
+    assert chunk.step_input == "beta" and chunk.kernel_step[-1].startswith("beta = ")
+    assert any("kT_k" in line for line in chunk.prep_lines)
+    assert chunk.triton_prep_lines == ()  # nothing left for the host
+    tl = SimpleNamespace(sum=lambda x, axis: x.sum(axis), exp=torch.exp)
+    g = torch.Generator().manual_seed(0)
+    rows_k, beta = torch.randn(16, 8, generator=g, dtype=torch.float64), torch.rand(16, generator=g, dtype=torch.float64)
+    scope = {"tl": tl, "k": rows_k, "beta": beta}
+    exec("\n".join(chunk.kernel_step), scope)
+    torch.testing.assert_close(scope["beta"], beta / (1 + beta * (rows_k * rows_k).sum(-1)))
+    plain = lower_chunk(load_spec(SPECS / "delta_rule.yaml"), rule("delta_rule"))
+    assert plain.kernel_step == () and plain.triton_prep_lines == plain.prep_lines
