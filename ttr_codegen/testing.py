@@ -42,7 +42,7 @@ def _tolerance(dtype: torch.dtype) -> dict:
     return {"atol": 1e-9, "rtol": 1e-8} if dtype == torch.float64 else {"atol": 2e-4, "rtol": 2e-4}
 
 
-def _assert_within(o: torch.Tensor, o_ref: torch.Tensor, relative: float, what: str) -> None:
+def assert_within(o: torch.Tensor, o_ref: torch.Tensor, relative: float, what: str) -> None:
     """Max error of o against o_ref at most `relative` * (1 + max |o_ref|)."""
     bound = relative * (1 + o_ref.abs().max().item())
     error = (o.double() - o_ref).abs().max().item()
@@ -224,7 +224,7 @@ class LayerChecks:
         for s in state if isinstance(state, tuple) else (state,):
             assert s.dtype == torch.float32
         o_ref, _ = self.naive(*problem.to(torch.float64).args())
-        _assert_within(o, o_ref, 2e-2 if dtype == torch.bfloat16 else 1e-4, str(dtype))
+        assert_within(o, o_ref, 2e-2 if dtype == torch.bfloat16 else 1e-4, str(dtype))
 
     def fast_matches_naive(self, T: int, block_size: int, K: int = 8, V: int = 6) -> None:
         """The fast op equals the oracle (and the reference) in float64, with and without a carried state."""
@@ -305,7 +305,7 @@ class LayerChecks:
             torch.testing.assert_close(self.memory(state, problem), memory_ref, **_tolerance(torch.float64))
             o_32, _ = self.chunk(*problem.to(torch.float32).args(), chunk_size=chunk_size)
             assert torch.isfinite(o_32).all()
-            _assert_within(o_32, o_ref, 1e-4, f"float32, chunk {chunk_size}")
+            assert_within(o_32, o_ref, 1e-4, f"float32, chunk {chunk_size}")
 
     def chunk_gradients_match_oracle(self, T: int = 21, K: int = 4, V: int = 3) -> None:
         problem = self.problem(T, K, V, B=1, seed=11)
@@ -325,7 +325,7 @@ class LayerChecks:
         o, state = self.chunk(*problem.args(), output_final_state=True)
         assert o.dtype == torch.bfloat16 and all(s.dtype == torch.float32 for s in _states(state))
         o_ref, _ = self.naive(*problem.to(torch.float64).args())
-        _assert_within(o, o_ref, 2e-2, "bfloat16")
+        assert_within(o, o_ref, 2e-2, "bfloat16")
 
     def chunk_compiles(self) -> None:
         """torch.compile(fullgraph=True) traces the chunked path, forward and backward, with no graph break."""

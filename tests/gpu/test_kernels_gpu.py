@@ -1,4 +1,4 @@
-"""Generated Triton kernels on a CUDA device, in float32 and bfloat16, against the float64 reference.
+"""Generated Triton kernels on a CUDA device, in float32, float16 and bfloat16, against the float64 reference.
 
 Run on a GPU machine: python -m pytest -m gpu tests/gpu. The reference is `naive_<name>` in float64 on
 the same device (checked against the oracle in the CPU suite); the oracle's O(T^2) solve is too slow
@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ttr_codegen.testing import LayerChecks, pack
+from ttr_codegen.testing import LayerChecks, assert_within, pack
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+TOLERANCE = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}  # relative to 1 + max |reference|
 LAYERS = sorted(p.parent.name for p in (ROOT / "generated").glob("*/fused_recurrent.py"))
 
 
@@ -25,7 +27,7 @@ def load(name):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@DTYPES
 @pytest.mark.parametrize("T", [1, 63, 1000, 4096])
 @pytest.mark.parametrize("name", LAYERS)
 def test_fused_recurrent(name, T, dtype):
@@ -40,23 +42,22 @@ def test_fused_recurrent(name, T, dtype):
                                               output_final_state=True)
     carried = tuple(s.float() for s in state) if isinstance(state, tuple) else state.float()
     o, final = checks.fused_recurrent(*run.args(), initial_state=carried, output_final_state=True)
-    scale = 1 + reference.abs().max().item()
-    bound = (2e-4 if dtype == torch.float32 else 2e-2) * scale
-    assert (o.double() - reference).abs().max().item() <= bound
+    assert_within(o, reference, TOLERANCE[dtype], "output")
+    state_tolerance = TOLERANCE[dtype] * (1 + reference.abs().max().item())  # states grow with the outputs
     for s, s_ref in zip(final if isinstance(final, tuple) else (final,),
                         reference_state if isinstance(reference_state, tuple) else (reference_state,)):
-        assert (s.double() - s_ref).abs().max().item() <= bound * (1 + s_ref.abs().max().item())
+        assert_within(s, s_ref, state_tolerance, "final state")
     # the two batch rows as packed sequences, each from its own state
     packed, cu_seqlens = pack([run.row(b, checks.spec) for b in range(2)], checks.spec)
     o_packed, _ = checks.fused_recurrent(*packed.args(), initial_state=carried, cu_seqlens=cu_seqlens)
-    assert (o_packed.double() - reference.reshape(1, -1, *reference.shape[2:])).abs().max().item() <= bound
+    assert_within(o_packed, reference.reshape(1, -1, *reference.shape[2:]), TOLERANCE[dtype], "packed output")
 
 
 CHUNKED = sorted(p.parent.name for p in (ROOT / "generated").glob("*/chunk_triton.py"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@DTYPES
 @pytest.mark.parametrize("T", [1, 63, 1000, 4096])
 @pytest.mark.parametrize("name", CHUNKED)
 def test_chunk_triton(name, T, dtype):
@@ -72,21 +73,19 @@ def test_chunk_triton(name, T, dtype):
     with torch.no_grad():
         o, final = kernel(*run.args(), initial_state=state.float(), output_final_state=True)
         routed, _ = getattr(module, f"chunk_{name}")(*run.args(), initial_state=state.float())
-    scale = 1 + reference.abs().max().item()
-    bound = (2e-4 if dtype == torch.float32 else 2e-2) * scale
-    assert (o.double() - reference).abs().max().item() <= bound
-    assert (final.double() - reference_state).abs().max().item() <= bound * (1 + reference_state.abs().max().item())
+    assert_within(o, reference, TOLERANCE[dtype], "output")
+    assert_within(final, reference_state, TOLERANCE[dtype] * (1 + reference.abs().max().item()), "final state")
     if "from .chunk_triton import" in (ROOT / "generated" / name / "chunk.py").read_text():  # it dispatches here
         torch.testing.assert_close(routed, o)
     else:
-        assert (routed.double() - reference).abs().max().item() <= bound
+        assert_within(routed, reference, TOLERANCE[dtype], "chunk_<name> output")
     packed, cu_seqlens = pack([run.row(b, checks.spec) for b in range(2)], checks.spec)
     o_packed, _ = kernel(*packed.args(), initial_state=state.float(), cu_seqlens=cu_seqlens)
-    assert (o_packed.double() - reference.reshape(1, -1, *reference.shape[2:])).abs().max().item() <= bound
+    assert_within(o_packed, reference.reshape(1, -1, *reference.shape[2:]), TOLERANCE[dtype], "packed output")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@DTYPES
 @pytest.mark.parametrize("name", CHUNKED)
 def test_chunk_triton_largest_head(name, dtype):
     """K = 256 (the kernels' limit) and V = 200 (no power of two), against the float64 reference."""
@@ -97,5 +96,4 @@ def test_chunk_triton_largest_head(name, dtype):
     reference, _ = checks.naive(*run.to(torch.float64).args())
     with torch.no_grad():
         o, _ = kernel(*run.args())
-    bound = (2e-4 if dtype == torch.float32 else 2e-2) * (1 + reference.abs().max().item())
-    assert (o.double() - reference).abs().max().item() <= bound
+    assert_within(o, reference, TOLERANCE[dtype], "output")
