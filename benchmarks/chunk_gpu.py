@@ -5,23 +5,40 @@
 Shapes B=8 T=2048 and B=2 T=8192, H=16, K=V=128; `triton.testing.do_bench` median ms, tokens/s, the ratio
 fla / ours (> 1: ours is faster), the fraction of the memory floor (reading q, k, v and writing o once at
 the measured device-to-device copy bandwidth) and the largest gap between the two outputs relative to the
-largest output (both must compute the same layer for the times to compare).
+largest output (both must compute the same layer for the times to compare). The first call of each
+kernel at each shape is timed apart, from an empty Triton cache: it includes compiling (and, for fla,
+autotuning).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-import torch
-import triton
+# An empty Triton cache, so that each kernel's first call includes its compilation, as on a fresh GPU.
+os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="ttr-bench-triton-"))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ttr_codegen.testing import LayerChecks  # noqa: E402
+
+
+def first_call_seconds(run) -> float:
+    """Wall time of one call, including whatever compiling or autotuning it does first."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 PEERS = {  # layer -> (fla module, function, extra keyword arguments from our inputs); None: fla has no such layer
     "delta_rule": ("fla.ops.delta_rule", "chunk_delta_rule", lambda i: {"beta": i["beta"]}),
@@ -61,7 +78,7 @@ def main() -> None:
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16 forward; "
         f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     say(f"{'layer':18s} {'shape':22s} {'ours (ms)':>10s} {'fla (ms)':>10s} {'fla/ours':>9s} {'Mtok/s':>8s} "
-        f"{'floor/ours':>11s} {'gap':>8s}")
+        f"{'floor/ours':>11s} {'gap':>8s} {'first call s (ours / fla)':>26s}")
     delta_rule_ms = {}
     for name, entry in PEERS.items():
         if args.only and name not in args.only:
@@ -80,6 +97,8 @@ def main() -> None:
             if name == "retnet":  # fla's retention fixes the per-head decay itself
                 inputs = {n: torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(16.0))).cuda() for n in inputs}
             with torch.no_grad():
+                first_ours = first_call_seconds(lambda: ours(q, k, v, *inputs.values()))
+                first_peer = first_call_seconds(lambda: peer(q, k, v, **kwargs(inputs))) if peer else float("nan")
                 t_ours = triton.testing.do_bench(lambda: ours(q, k, v, *inputs.values()))
                 t_peer = triton.testing.do_bench(lambda: peer(q, k, v, **kwargs(inputs))) if peer else float("nan")
                 # The two must compute the same layer for the times to compare: their largest output gap,
@@ -95,7 +114,7 @@ def main() -> None:
                 # The issue's yardstick for the layers beyond the delta rule: our delta_rule at the same shape.
                 note = f"   {t_ours / delta_rule_ms[B]:.2f}x our delta_rule"
             say(f"{name:18s} {f'B={B} T={T} H=16 K=V=128':22s} {t_ours:10.4f} {t_peer:10.4f} {t_peer / t_ours:8.2f}x "
-                f"{B * T / t_ours / 1e3:8.1f} {floor / t_ours:10.2f} {gap:8.1e}{note}")
+                f"{B * T / t_ours / 1e3:8.1f} {floor / t_ours:10.2f} {gap:8.1e} {first_ours:12.2f} / {first_peer:6.2f}{note}")
 
 
 if __name__ == "__main__":
