@@ -65,6 +65,11 @@ class _ScalarPrinter(PythonCodePrinter):
     def _print_Inner(self, expr):
         raise ValueError("Inner scalars are replaced by temporaries before printing")
 
+    def _print_Frobenius(self, expr):
+        """<A, B> = tr(A^T B) of two matrix symbols: a sum over their last two axes."""
+        a, b = (self.names[x.name] for x in expr.args)
+        return f"({a} * {b}).sum((-2, -1))"
+
 
 @dataclass
 class TokenProgram:
