@@ -11,7 +11,7 @@ import sympy as sp
 from sympy import MatrixSymbol
 
 from .derive import UpdateRule
-from .derive.algebra import Inner, K, V
+from .derive.algebra import Inner, K, MatPoly, V
 from .render.torch_printer import TokenProgram
 from .spec import InputSpec, Spec
 from .spec.model import ROLES
@@ -70,6 +70,7 @@ class NaivePlan:
     cost_per_token: str
     chunk_size: int
     block_v: int | None = None
+    step_reads: tuple[str, ...] = ()  # the first lines of step_lines: the sub-step's k, v and per-step inputs
 
 
 _LOG_WEIGHT_CODE = {
@@ -209,7 +210,52 @@ def _lower_recurrent(spec: Spec, rule: UpdateRule) -> NaivePlan:
         "K ** -0.5" if rule.scale is None else repr(rule.scale),
         tuple(token_lines), tuple(step_lines), tuple(readout_lines), rule.structure,
         rule.structure in ("delta", "delta-product", "diagonal-plus-rank-one"),
-        tuple(derivation_doc(rule)), str(cost), spec.schedule.chunk_size, spec.schedule.block_v)
+        tuple(derivation_doc(rule)), str(cost), spec.schedule.chunk_size, spec.schedule.block_v, tuple(step_reads))
+
+
+@dataclass(frozen=True)
+class AdjointPlan:
+    """The derived reverse-time step, printed for the PyTorch reference backward (`naive_<name>_backward`).
+
+    readout_lines add the token's output to dS and set dq_t (S: the state after the token); step_lines
+    set d<x>_t for every per-step input x and then pull dS back through the update (S: the state before
+    the sub-step). `gradients` lists (input, where its per-step gradient goes: "step", "token" or "head").
+    """
+
+    readout_lines: tuple[str, ...]
+    step_lines: tuple[str, ...]
+    gradients: tuple[tuple[str, str], ...]
+    doc: tuple[str, ...]  # the adjoint in plain text, for docstrings
+
+
+def lower_adjoint(spec: Spec, rule: UpdateRule, plan: NaivePlan) -> AdjointPlan | None:
+    """The adjoint of a recurrent rule in the naive loop's names, or None where it is not derived yet."""
+    from .derive.adjoint import derive_adjoint
+
+    if not isinstance(plan, NaivePlan):
+        return None
+    try:
+        adjoint = derive_adjoint(rule)
+    except NotImplementedError:
+        return None
+    names = {"q": "q_t", "k": "k_t", "v": "v_t", "scale": "scale", "dS": "dS", "do": "do_t"}
+    names |= {s.name: s.name for s in rule.states}
+    names |= {i.name: (f"{i.name}_t" if i.per_token else i.name) for i in plan.inputs}
+    program = TokenProgram(names=names, dims={K: "K", V: "V"}, python_scalars=frozenset({"scale"}))
+    readout = [f"dS = dS + {program.poly(adjoint.readout_state)}"]
+    query = program.poly(adjoint.readout_query)
+    readout = program.lines + readout + [f"dq_t = {query}"]
+    program.lines, program.memo = [], {}
+    step, gradients = [], []
+    where = {i.name: ("step" if i.per_step else "token" if i.per_token else "head") for i in plan.inputs}
+    for name, value in adjoint.inputs.items():
+        code = program.poly(value) if isinstance(value, MatPoly) else program.scalar(value)
+        step.append(f"d{name}_t = {code}")
+        gradients.append((name, where.get(name, "step")))  # k and v are per step
+    previous = program.poly(adjoint.state)
+    # The temporaries (all read dS after the sub-step) first, then the gradients, then dS is pulled back.
+    step = program.lines + step + [f"dS = {previous}"]
+    return AdjointPlan(tuple(readout), tuple(step), tuple(gradients), tuple(adjoint.lines()))
 
 
 def _layer_kind(i: InputSpec) -> str:

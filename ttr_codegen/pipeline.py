@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .derive import DerivationError, UpdateRule, derive
-from .lower import AttentionPlan, ChunkPlan, FusedRecurrentPlan, NaivePlan, lower, lower_chunk, lower_fused_recurrent
+from .lower import (AdjointPlan, AttentionPlan, ChunkPlan, FusedRecurrentPlan, NaivePlan, lower, lower_adjoint, lower_chunk,
+                    lower_fused_recurrent)
 from .render.files import RenderedFile, render_layer
 from .spec import Diagnostic, Spec, SpecError, load_spec
 
@@ -19,6 +20,7 @@ class Compiled:
     plan: NaivePlan | AttentionPlan
     chunk: ChunkPlan | None
     fused: FusedRecurrentPlan | None
+    adjoint: AdjointPlan | None
     package_dir: Path
     files: list[RenderedFile]
 
@@ -46,7 +48,8 @@ def compile_spec(spec_path: Path, out_root: Path) -> Compiled:
     plan = lower(spec, rule)
     chunk = lower_chunk(spec, rule)
     fused = lower_fused_recurrent(spec, rule)
+    adjoint = lower_adjoint(spec, rule, plan)
     package_dir = out_root / spec.name
     shown = display_path(spec_path)
-    files = render_layer(plan, shown, spec_path.read_text(), package_dir, chunk, fused)
-    return Compiled(spec, rule, plan, chunk, fused, package_dir, files)
+    files = render_layer(plan, shown, spec_path.read_text(), package_dir, chunk, fused, adjoint)
+    return Compiled(spec, rule, plan, chunk, fused, adjoint, package_dir, files)

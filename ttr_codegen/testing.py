@@ -112,8 +112,9 @@ class LayerChecks:
     # Degree-2 local polynomials have O(K^2) features per query: small K.
     SMALL_K_SHAPES = [(1, 3, 3), (63, 4, 3), (100, 3, 5)]
 
-    def __init__(self, spec_path: Path, naive, layer_class, fast=None, chunk=None, fused_recurrent=None):
+    def __init__(self, spec_path: Path, naive, layer_class, fast=None, chunk=None, fused_recurrent=None, backward=None):
         self.spec = load_spec(spec_path)
+        self.backward = backward  # naive_<name>_backward: the derived adjoint as a reverse token loop
         self.fused_recurrent = fused_recurrent  # the Triton decoding kernel (forward only)
         self.fast = fast  # an optional faster op with the same contract (e.g. flash_<name>)
         self.chunk = chunk  # chunk_<name>: the naive contract plus cu_seqlens and chunk_size
@@ -193,6 +194,21 @@ class LayerChecks:
         grads_ref = torch.autograd.grad((o_ref * weights).sum(), leaves_ref)
         for name, g, g_ref in zip(["q", "k", "v", *names], grads, grads_ref):
             torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-7, msg=lambda m, name=name: f"d/d{name}: {m}")
+
+    def derived_backward(self, T: int = 9, K: int = 5, V: int = 4) -> None:
+        """The derived adjoint (naive_<name>_backward) gives autograd's gradients of naive_<name>, for every
+        input and the initial state, with gradients flowing into both the outputs and the final state."""
+        problem = self.problem(T, K, V, seed=7)
+        generator = torch.Generator().manual_seed(8)
+        state = torch.randn(2, 2, K, V, dtype=torch.float64, generator=generator) * 0.3
+        d_out = torch.randn(2, T, 2, V, dtype=torch.float64, generator=generator)
+        d_final = torch.randn(2, 2, K, V, dtype=torch.float64, generator=generator)
+        leaves = [x.clone().requires_grad_(True) for x in (*problem.args(), state)]
+        o, final = self.naive(*leaves[:-1], initial_state=leaves[-1], output_final_state=True)
+        expected = torch.autograd.grad((o * d_out).sum() + (final * d_final).sum(), leaves)
+        derived = self.backward(*problem.args(), d_out, initial_state=state, d_final_state=d_final)
+        for name, g, g_ref in zip(["q", "k", "v", *problem.inputs, "initial_state"], derived, expected, strict=True):
+            torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-8, msg=lambda m, name=name: f"d/d{name}: {m}")
 
     def gradcheck(self, T: int = 4, K: int = 3, V: int = 2) -> None:
         """Finite differences agree with autograd for every input, initial state included."""

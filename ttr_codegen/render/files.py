@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 import jinja2
 
 from .. import __version__
-from ..lower import AttentionPlan, ChunkPlan, FusedRecurrentPlan, NaivePlan
+from ..lower import AdjointPlan, AttentionPlan, ChunkPlan, FusedRecurrentPlan, NaivePlan
 from ..spec.model import GATE_ROLES
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "templates"
@@ -79,7 +79,7 @@ def _triton_chunk_template(chunk: ChunkPlan | None) -> str | None:
 
 def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str,
                  package_dir: Path, chunk: ChunkPlan | None = None,
-                 fused: FusedRecurrentPlan | None = None) -> list[RenderedFile]:
+                 fused: FusedRecurrentPlan | None = None, adjoint: AdjointPlan | None = None) -> list[RenderedFile]:
     env = environment()
     spec_from_package = PurePosixPath(os.path.relpath(Path(spec_path).resolve(), package_dir.resolve()).replace(os.sep, "/"))
     triton_template = _triton_chunk_template(chunk)
@@ -99,12 +99,15 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         and any(i.role in GATE_ROLES for i in plan.inputs),
         # chunk_<name> routes CUDA inference (no autograd yet) to the Triton kernels wherever they exist.
         "triton_dispatch": triton_template is not None,
+        "adjoint": adjoint,
     }
     templates = {"__init__.py": "init.py.j2", "naive.py": _NAIVE_TEMPLATE[context["form"]], "layer.py": "layer.py.j2"}
     if context["streaming"]:
         templates["flash.py"] = "flash.py.j2"
     if fused is not None:
         templates["fused_recurrent.py"] = "fused_recurrent.py.j2"
+    if adjoint is not None:
+        templates["naive_backward.py"] = "naive_backward.py.j2"
     if context["triton_chunk"]:
         templates["chunk_triton.py"] = triton_template
     if chunk is not None:
