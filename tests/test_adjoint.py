@@ -10,19 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from ttr_codegen.derive.adjoint import Frobenius, derive_adjoint
+from ttr_codegen.derive.adjoint import Frobenius, RowDot, derive_adjoint
 from ttr_codegen.derive.algebra import K, V
 from ttr_codegen.pipeline import derive_spec
 from ttr_codegen.render.torch_printer import TokenProgram
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
-SINGLE_STATE = ["linear_attention", "retnet", "simple_gla", "delta_rule", "gated_delta_rule",
+SINGLE_STATE = ["linear_attention", "retnet", "simple_gla", "gla", "delta_rule", "gated_delta_rule",
                 "gated_delta_rule_l2", "longhorn", "delta_product"]
 SCALE = 0.7
 
 
 def evaluate(value, values: dict, names: dict) -> torch.Tensor:
     """Print a MatPoly or a scalar with the torch printer and run it on `values`."""
+    if isinstance(value, RowDot):  # a per-key gate's gradient
+        rows = (evaluate(value.left, values, names) * evaluate(value.right, values, names)).sum(-1)
+        return rows * values[value.times.name] if value.times is not None else rows
     program = TokenProgram(names=names, dims={K: "K", V: "V"}, python_scalars=frozenset({"scale"}))
     expression = program.scalar(value) if not hasattr(value, "terms") else program.poly(value)
     scope = dict(values, torch=torch, acc=torch.float64, scale=SCALE)
@@ -43,12 +46,15 @@ def test_adjoint_matches_autograd(name):
     values = {"S": rand(B, H, Kn, Vn), "k": rand(B, H, Kn) / 2, "v": rand(B, H, Vn), "q": rand(B, H, Kn),
               "dS": rand(B, H, Kn, Vn), "do": rand(B, H, Vn)}
     scalars = [n for n, x in adjoint.inputs.items() if not hasattr(x, "terms")]
-    for n in scalars:  # step sizes in (0, 1), log-gates below 0
-        values[n] = torch.rand(B, H, generator=g, dtype=torch.float64) * (-1 if n.startswith("g") else 1)
-    names = {n: n for n in values} | {"scale": "scale"}
+    for n in scalars:  # step sizes in (0, 1), log-gates below 0 (per key for a RowDot gradient)
+        shape = (B, H, Kn) if isinstance(adjoint.inputs[n], RowDot) else (B, H)
+        values[n] = torch.rand(*shape, generator=g, dtype=torch.float64) * (-1 if n.startswith("g") else 1)
+    gates = dict(rule.vectors)  # per-key gate leaves, exp_g = exp(g)
+    names = {n: n for n in values} | {"scale": "scale"} | {leaf: leaf for leaf in gates}
 
     leaves = {n: values[n].clone().requires_grad_() for n in ["S", "k", "v", "q", *scalars]}
-    forward = dict(values, **leaves)
+    forward = dict(values, **leaves) | {leaf: torch.exp(leaves[gate]) for leaf, gate in gates.items()}
+    values |= {leaf: torch.exp(values[gate]) for leaf, gate in gates.items()}
     new_state = evaluate(rule.update[0].value, forward, names)
     output = evaluate(rule.readout[-1].value, dict(forward, S=new_state), names)
     loss = (values["dS"] * new_state).sum() + (values["do"] * output).sum()
@@ -69,7 +75,7 @@ def test_decay_gradient_pairs_through_frobenius():
     assert derive_adjoint(rule).inputs["g"].atoms(Frobenius)
 
 
-@pytest.mark.parametrize("name", ["gla", "titans_linear"])
+@pytest.mark.parametrize("name", ["titans_linear", "mesa"])
 def test_unsupported_rules_say_so(name):
     _, rule = derive_spec(SPECS / f"{name}.yaml")
     with pytest.raises(NotImplementedError):

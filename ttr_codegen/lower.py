@@ -230,7 +230,7 @@ class AdjointPlan:
 
 def lower_adjoint(spec: Spec, rule: UpdateRule, plan: NaivePlan) -> AdjointPlan | None:
     """The adjoint of a recurrent rule in the naive loop's names, or None where it is not derived yet."""
-    from .derive.adjoint import derive_adjoint
+    from .derive.adjoint import RowDot, derive_adjoint
 
     if not isinstance(plan, NaivePlan):
         return None
@@ -241,6 +241,7 @@ def lower_adjoint(spec: Spec, rule: UpdateRule, plan: NaivePlan) -> AdjointPlan 
     names = {"q": "q_t", "k": "k_t", "v": "v_t", "scale": "scale", "dS": "dS", "do": "do_t"}
     names |= {s.name: s.name for s in rule.states}
     names |= {i.name: (f"{i.name}_t" if i.per_token else i.name) for i in plan.inputs}
+    names |= {leaf: leaf for leaf, _ in rule.vectors}  # per-key gates: exp_g = torch.exp(g_t), set per token
     program = TokenProgram(names=names, dims={K: "K", V: "V"}, python_scalars=frozenset({"scale"}))
     readout = [f"dS = dS + {program.poly(adjoint.readout_state)}"]
     query = program.poly(adjoint.readout_query)
@@ -249,7 +250,13 @@ def lower_adjoint(spec: Spec, rule: UpdateRule, plan: NaivePlan) -> AdjointPlan 
     step, gradients = [], []
     where = {i.name: ("step" if i.per_step else "token" if i.per_token else "head") for i in plan.inputs}
     for name, value in adjoint.inputs.items():
-        code = program.poly(value) if isinstance(value, MatPoly) else program.scalar(value)
+        if isinstance(value, RowDot):  # a per-key gate: the row sums of an element-wise product
+            code = f"({program.poly(value.left)} * {program.poly(value.right)}).sum(-1)"
+            code = f"{value.times.name} * {code}" if value.times is not None else code
+        elif isinstance(value, MatPoly):
+            code = program.poly(value)
+        else:
+            code = program.scalar(value)
         step.append(f"d{name}_t = {code}")
         gradients.append((name, where.get(name, "step")))  # k and v are per step
     previous = program.poly(adjoint.state)

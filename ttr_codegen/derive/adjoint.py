@@ -6,15 +6,17 @@ gradient is a vector-Jacobian product of the token's update or read-out:
 
     d x = d/dx [ <dS, update(S, k, v, beta, ...)> + <do, readout(S, q)> ],   <A, B> = tr(A^T B).
 
-SymPy differentiates each trace with respect to a matrix symbol (`Trace(...).diff(X)`); a coefficient
-that depends on an input through an inner product (Longhorn's beta / (1 + beta k^T k)) adds the
-chain-rule term through that inner product; a scalar input's gradient is the sum over terms of
-d(coefficient)/dx times the term's pairing with dS. A pairing <dS, chain> is rotated (the trace is
-cyclic) to start at a row vector, so it is an `Inner` like the forward's scalars; a chain with no vector
-(a decay term's S) pairs through `Frobenius`.
+On the canonical form this is exact bookkeeping on chains: an occurrence L X R of a leaf X in a term
+contributes L^T dS R^T (R dS^T L for an occurrence of X^T), and a per-key gate x inside Diag(x) gets the
+diagonal of that, a `RowDot`. A coefficient that depends on an input through an inner product
+(Longhorn's beta / (1 + beta k^T k)) adds the chain rule through that inner product (SymPy
+differentiates the coefficient); a scalar input's gradient is the sum over terms of d(coefficient)/dx
+times the term's pairing with dS. A pairing <dS, chain> is rotated (the trace is cyclic) to start at a
+row vector, so it is an `Inner` like the forward's scalars; a chain with no vector (a decay term's S)
+pairs through `Frobenius`.
 
-Scope: rules with one K x V state whose leaves carry no per-key diagonal (the linear family without
-per-key gates). Per-key gates and stacked states raise NotImplementedError for now.
+Scope: rules with one K x V state (the linear family, per-key gates included). Stacked states (Titans'
+momentum) and the second-order rules raise NotImplementedError for now.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import sympy as sp
-from sympy import DiagMatrix, MatrixSymbol, Trace, Transpose
+from sympy import DiagMatrix, MatrixSymbol, Transpose
 
 from .algebra import Inner, K, MatPoly, V, _tidy
 from .derivation import S, q
@@ -40,6 +42,20 @@ class Frobenius(sp.Function):
 
     def _sympystr(self, printer):
         return f"<{printer._print(self.args[0])}, {printer._print(self.args[1])}>"
+
+
+@dataclass(frozen=True)
+class RowDot:
+    """The vector with entries sum_j left_ij right_ij: the gradient of a per-key gate vector x inside
+    Diag(x) (the diagonal of left right^T)."""
+
+    left: MatPoly
+    right: MatPoly
+    times: MatrixSymbol | None = None  # then the result times this vector, entry by entry
+
+    def __str__(self) -> str:
+        text = f"rowsum(({self.left}) o ({self.right}))"
+        return f"{self.times} o {text}" if self.times is not None else text
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,34 @@ def pairing(adjoint: MatrixSymbol, chain: tuple) -> sp.Expr:
     raise NotImplementedError(f"no adjoint pairing for the chain {chain}")
 
 
+def _product(chain: tuple, rows) -> MatPoly:
+    """A chain as a MatPoly (the identity of size `rows` when empty)."""
+    if not chain:
+        return MatPoly.identity(rows)
+    return MatPoly.build(chain[0].shape[0], chain[-1].shape[1], [(tuple(chain), sp.Integer(1))])
+
+
+def _chain_vjp(chain: tuple, adjoint: MatPoly, wrt) -> MatPoly | RowDot | None:
+    """d/d wrt <adjoint, chain> for one chain: for each occurrence L X R, L^T adjoint R^T (transposed for
+    an occurrence of X^T); for a diagonal Diag(x), the diagonal of that, a RowDot. None: wrt is absent."""
+    total = None
+    for i, leaf in enumerate(chain):
+        left = _product(chain[:i], adjoint.rows)
+        right = _product(chain[i + 1:], leaf.shape[1])
+        if leaf == wrt:
+            term = left.T() @ adjoint @ right.T()
+        elif leaf == Transpose(wrt):
+            term = right @ adjoint.T() @ left
+        elif isinstance(leaf, DiagMatrix) and leaf.args[0] == wrt:
+            if total is not None:
+                raise NotImplementedError(f"{wrt} appears twice in {chain}")
+            return RowDot(left.T() @ adjoint, right)  # diag(L^T G R^T)_i = sum_j (L^T G)_ij R_ij
+        else:
+            continue
+        total = term if total is None else total + term
+    return total
+
+
 def _coefficient_derivative(coeff: sp.Expr, wrt) -> list[tuple[sp.Expr, Inner]]:
     """(d coeff / d inner, inner) for every inner product in coeff that reads the matrix symbol `wrt`."""
     terms = []
@@ -88,17 +132,24 @@ def _coefficient_derivative(coeff: sp.Expr, wrt) -> list[tuple[sp.Expr, Inner]]:
     return terms
 
 
-def vjp(poly: MatPoly, adjoint: MatrixSymbol, wrt: MatrixSymbol) -> MatPoly:
+def vjp(poly: MatPoly, adjoint: MatrixSymbol, wrt: MatrixSymbol) -> MatPoly | RowDot:
     """d/d wrt <adjoint, poly>, with the chain rule through coefficients' inner products."""
+    adjoint_poly = MatPoly.leaf(adjoint)
     result = MatPoly.build(*wrt.shape, [])
+    diagonal = []  # per-key gates: a RowDot from each term whose diagonal holds wrt
     for chain, coeff in poly.terms:
-        if any(isinstance(leaf, DiagMatrix) for leaf in chain):
-            raise NotImplementedError("per-key (diagonal) gates have no adjoint here yet")
-        if wrt in sp.MatMul(*chain).atoms(MatrixSymbol) if chain else False:
-            result = result + MatPoly.from_expr(Trace(Transpose(adjoint) * sp.MatMul(*chain)).diff(wrt)).scaled(coeff)
+        direct = _chain_vjp(chain, adjoint_poly, wrt)
+        if isinstance(direct, RowDot):
+            diagonal.append(RowDot(direct.left.scaled(coeff), direct.right))
+        elif direct is not None:
+            result = result + direct.scaled(coeff)
         for derivative, inner in _coefficient_derivative(coeff, wrt):
-            through_inner = MatPoly.from_expr(Trace(sp.MatMul(*inner.args)).diff(wrt))
+            through_inner = _chain_vjp(tuple(inner.args), MatPoly.identity(1), wrt)
             result = result + through_inner.scaled(derivative * pairing(adjoint, chain))
+    if diagonal:
+        if len(diagonal) > 1 or result.terms:
+            raise NotImplementedError(f"{wrt} outside a single diagonal has no adjoint here yet")
+        return diagonal[0]
     return result
 
 
@@ -121,9 +172,14 @@ def derive_adjoint(rule: UpdateRule) -> Adjoint:
     leaves |= {leaf for _, coeff in update.terms for inner in coeff.atoms(Inner) for leaf in inner.atoms(MatrixSymbol)}
     scalars = sorted({x for _, coeff in update.terms for x in coeff.free_symbols if isinstance(x, sp.Symbol)
                       and not isinstance(x, MatrixSymbol) and x not in (K, V)}, key=lambda x: x.name)
+    gates = dict(rule.vectors)  # a per-key gate leaf exp_g -> its log-gate input g
     inputs: dict = {}
     for leaf in sorted(leaves - {S}, key=lambda x: x.name):
-        inputs[leaf.name] = vjp(update, STATE_ADJOINT, leaf)
+        gradient = vjp(update, STATE_ADJOINT, leaf)
+        if leaf.name in gates:  # d g = exp(g) o d exp_g
+            inputs[gates[leaf.name]] = RowDot(gradient.left, gradient.right, times=leaf)
+        else:
+            inputs[leaf.name] = gradient
     for symbol in scalars:
         inputs[symbol.name] = vjp_scalar(update, STATE_ADJOINT, symbol)
     readout = rule.readout[-1].value
@@ -135,4 +191,5 @@ def derive_adjoint(rule: UpdateRule) -> Adjoint:
     )
 
 
-__all__ = ["OUTPUT_ADJOINT", "STATE_ADJOINT", "Adjoint", "Frobenius", "derive_adjoint", "pairing", "vjp", "vjp_scalar"]
+__all__ = ["OUTPUT_ADJOINT", "STATE_ADJOINT", "Adjoint", "Frobenius", "RowDot", "derive_adjoint", "pairing", "vjp",
+           "vjp_scalar"]
