@@ -71,6 +71,7 @@ class NaivePlan:
     chunk_size: int
     block_v: int | None = None
     step_reads: tuple[str, ...] = ()  # the first lines of step_lines: the sub-step's k, v and per-step inputs
+    assign_lines: tuple[tuple[str, ...], ...] = ()  # the rest of step_lines, one group per assignment
 
 
 _LOG_WEIGHT_CODE = {
@@ -187,12 +188,13 @@ def _lower_recurrent(spec: Spec, rule: UpdateRule) -> NaivePlan:
         names[leaf] = leaf
         token_lines.append(f"{leaf} = torch.exp({names[gate]})")
 
-    step_lines = list(step_reads)
+    assign_lines = []
     for assign in rule.update:
         program.lines = []
         expression = program.poly(assign.value)
-        step_lines += program.lines + [f"{assign.target} = {expression}"]
+        assign_lines.append((*program.lines, f"{assign.target} = {expression}"))
         program.forget(assign.target)
+    step_lines = [*step_reads, *(line for group in assign_lines for line in group)]
     update_cost = program.cost
 
     program.lines, program.memo, program.cost = [], {}, 0
@@ -210,27 +212,30 @@ def _lower_recurrent(spec: Spec, rule: UpdateRule) -> NaivePlan:
         "K ** -0.5" if rule.scale is None else repr(rule.scale),
         tuple(token_lines), tuple(step_lines), tuple(readout_lines), rule.structure,
         rule.structure in ("delta", "delta-product", "diagonal-plus-rank-one"),
-        tuple(derivation_doc(rule)), str(cost), spec.schedule.chunk_size, spec.schedule.block_v, tuple(step_reads))
+        tuple(derivation_doc(rule)), str(cost), spec.schedule.chunk_size, spec.schedule.block_v, tuple(step_reads),
+        tuple(assign_lines))
 
 
 @dataclass(frozen=True)
 class AdjointPlan:
     """The derived reverse-time step, printed for the PyTorch reference backward (`naive_<name>_backward`).
 
-    readout_lines add the token's output to dS and set dq_t (S: the state after the token); step_lines
-    set d<x>_t for every per-step input x and then pull dS back through the update (S: the state before
-    the sub-step). `gradients` lists (input, where its per-step gradient goes: "step", "token" or "head").
+    readout_lines add the token's output to the states' adjoints d<X> and set dq_t (the states after the
+    token). `steps` reverse the update's assignments, last first: (the assignment's index, its lines),
+    which set d<x>_t for the inputs it reads, add to the adjoints of the other states and replace its own
+    (the states as they were before the assignment). `gradients` lists (input, where its per-step gradient
+    goes: "step", "token" or "head").
     """
 
     readout_lines: tuple[str, ...]
-    step_lines: tuple[str, ...]
+    steps: tuple[tuple[int, tuple[str, ...]], ...]
     gradients: tuple[tuple[str, str], ...]
     doc: tuple[str, ...]  # the adjoint in plain text, for docstrings
 
 
 def lower_adjoint(spec: Spec, rule: UpdateRule, plan: NaivePlan) -> AdjointPlan | None:
     """The adjoint of a recurrent rule in the naive loop's names, or None where it is not derived yet."""
-    from .derive.adjoint import RowDot, derive_adjoint
+    from .derive.adjoint import derive_adjoint
 
     if not isinstance(plan, NaivePlan):
         return None
@@ -238,31 +243,49 @@ def lower_adjoint(spec: Spec, rule: UpdateRule, plan: NaivePlan) -> AdjointPlan 
         adjoint = derive_adjoint(rule)
     except NotImplementedError:
         return None
-    names = {"q": "q_t", "k": "k_t", "v": "v_t", "scale": "scale", "dS": "dS", "do": "do_t"}
-    names |= {s.name: s.name for s in rule.states}
+    names = {"q": "q_t", "k": "k_t", "v": "v_t", "scale": "scale", "do": "do_t"}
+    names |= {s.name: s.name for s in rule.states} | {f"d{s.name}": f"d{s.name}" for s in rule.states}
     names |= {i.name: (f"{i.name}_t" if i.per_token else i.name) for i in plan.inputs}
     names |= {leaf: leaf for leaf, _ in rule.vectors}  # per-key gates: exp_g = torch.exp(g_t), set per token
-    program = TokenProgram(names=names, dims={K: "K", V: "V"}, python_scalars=frozenset({"scale"}))
-    readout = [f"dS = dS + {program.poly(adjoint.readout_state)}"]
+
+    def new_program() -> TokenProgram:
+        return TokenProgram(names=names, dims={K: "K", V: "V"}, python_scalars=frozenset({"scale"}))
+
+    program = new_program()
+    updates = [_add_to(f"d{state}", program.poly(value)) for state, value in adjoint.readout.items()]
     query = program.poly(adjoint.readout_query)
-    readout = program.lines + readout + [f"dq_t = {query}"]
-    program.lines, program.memo = [], {}
-    step, gradients = [], []
+    readout = program.lines + updates + [f"dq_t = {query}"]
+    steps, gradients, seen = [], {}, set()
     where = {i.name: ("step" if i.per_step else "token" if i.per_token else "head") for i in plan.inputs}
-    for name, value in adjoint.inputs.items():
-        if isinstance(value, RowDot):  # a per-key gate: the row sums of an element-wise product
-            code = f"({program.poly(value.left)} * {program.poly(value.right)}).sum(-1)"
-            code = f"{value.times.name} * {code}" if value.times is not None else code
-        elif isinstance(value, MatPoly):
-            code = program.poly(value)
-        else:
-            code = program.scalar(value)
-        step.append(f"d{name}_t = {code}")
-        gradients.append((name, where.get(name, "step")))  # k and v are per step
-    previous = program.poly(adjoint.state)
-    # The temporaries (all read dS after the sub-step) first, then the gradients, then dS is pulled back.
-    step = program.lines + step + [f"dS = {previous}"]
-    return AdjointPlan(tuple(readout), tuple(step), tuple(gradients), tuple(adjoint.lines()))
+    for index, step in zip(reversed(range(len(rule.update))), adjoint.steps):
+        program = new_program()  # each assignment reads the states as they were before it
+        lines = [_add_to(f"d{other}", program.poly(value)) for other, value in step.others.items()]
+        for name, value in step.inputs.items():
+            code = _adjoint_code(program, value)
+            lines.append(_add_to(f"d{name}_t", code) if name in seen else f"d{name}_t = {code}")
+            seen.add(name)
+            gradients.setdefault(name, where.get(name, "step"))  # k and v are per step
+        target = program.poly(step.target)
+        # The temporaries (they read the adjoints as the assignment left them) first, its own adjoint last.
+        steps.append((index, (*program.lines, *lines, f"d{step.name} = {target}")))
+    return AdjointPlan(tuple(readout), tuple(steps), tuple(gradients.items()), tuple(adjoint.lines()))
+
+
+def _add_to(name: str, code: str) -> str:
+    """`name = name + code`, with a leading minus kept inside parentheses."""
+    return f"{name} = {name} + ({code})" if code.startswith("-") else f"{name} = {name} + {code}"
+
+
+def _adjoint_code(program: TokenProgram, value) -> str:
+    """A gradient as code: a MatPoly, a per-key gate's RowDot or a scalar."""
+    from .derive.adjoint import RowDot
+
+    if isinstance(value, RowDot):  # the row sums of an element-wise product, times the gate's exp
+        code = f"({program.poly(value.left)} * {program.poly(value.right)}).sum(-1)"
+        return f"{value.times.name} * {code}" if value.times is not None else code
+    if isinstance(value, MatPoly):
+        return program.poly(value)
+    return program.scalar(value)
 
 
 def _layer_kind(i: InputSpec) -> str:

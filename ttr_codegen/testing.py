@@ -200,14 +200,24 @@ class LayerChecks:
         input and the initial state, with gradients flowing into both the outputs and the final state."""
         problem = self.problem(T, K, V, seed=7)
         generator = torch.Generator().manual_seed(8)
-        state = torch.randn(2, 2, K, V, dtype=torch.float64, generator=generator) * 0.3
+        _, template = self.naive(*problem.args(), output_final_state=True)
+        several = isinstance(template, tuple)  # e.g. Titans' (S, Z)
+        parts = template if several else (template,)
+        state = [torch.randn(x.shape, dtype=torch.float64, generator=generator) * 0.3 for x in parts]
+        d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator) for x in parts]
         d_out = torch.randn(2, T, 2, V, dtype=torch.float64, generator=generator)
-        d_final = torch.randn(2, 2, K, V, dtype=torch.float64, generator=generator)
-        leaves = [x.clone().requires_grad_(True) for x in (*problem.args(), state)]
-        o, final = self.naive(*leaves[:-1], initial_state=leaves[-1], output_final_state=True)
-        expected = torch.autograd.grad((o * d_out).sum() + (final * d_final).sum(), leaves)
-        derived = self.backward(*problem.args(), d_out, initial_state=state, d_final_state=d_final)
-        for name, g, g_ref in zip(["q", "k", "v", *problem.inputs, "initial_state"], derived, expected, strict=True):
+        leaves = [x.clone().requires_grad_(True) for x in (*problem.args(), *state)]
+        carried = leaves[len(leaves) - len(parts):]
+        o, final = self.naive(*leaves[:len(leaves) - len(parts)], initial_state=tuple(carried) if several else carried[0],
+                              output_final_state=True)
+        finals = final if several else (final,)
+        loss = (o * d_out).sum() + sum((f * d).sum() for f, d in zip(finals, d_final))
+        expected = torch.autograd.grad(loss, leaves)
+        derived = self.backward(*problem.args(), d_out, initial_state=tuple(state) if several else state[0],
+                                d_final_state=tuple(d_final) if several else d_final[0])
+        derived = (*derived[:-1], *(derived[-1] if several else (derived[-1],)))
+        states = [f"initial_state[{i}]" for i in range(len(parts))]
+        for name, g, g_ref in zip(["q", "k", "v", *problem.inputs, *states], derived, expected, strict=True):
             torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-8, msg=lambda m, name=name: f"d/d{name}: {m}")
 
     def gradcheck(self, T: int = 4, K: int = 3, V: int = 2) -> None:

@@ -15,8 +15,11 @@ times the term's pairing with dS. A pairing <dS, chain> is rotated (the trace is
 row vector, so it is an `Inner` like the forward's scalars; a chain with no vector (a decay term's S)
 pairs through `Frobenius`.
 
-Scope: rules with one K x V state (the linear family, per-key gates included). Stacked states (Titans'
-momentum) and the second-order rules raise NotImplementedError for now.
+A token's update may be several assignments (Titans: Z <- f_Z(Z, S, ...), then S <- f_S(S, Z)); they
+are reversed last first, each adding to the adjoints of the states it reads and replacing its own.
+
+Scope: rules whose states are all K x V (the linear family, per-key gates and momentum included). The
+second-order rules (K x K states, a solve per query) raise NotImplementedError for now.
 """
 
 from __future__ import annotations
@@ -27,10 +30,9 @@ import sympy as sp
 from sympy import DiagMatrix, MatrixSymbol, Transpose
 
 from .algebra import Inner, K, MatPoly, V, _tidy
-from .derivation import S, q
+from .derivation import q
 from .rule import UpdateRule
 
-STATE_ADJOINT = MatrixSymbol("dS", K, V)  # the adjoint of the state after the token
 OUTPUT_ADJOINT = MatrixSymbol("do", V, 1)  # the adjoint of the token's output
 
 
@@ -59,26 +61,43 @@ class RowDot:
 
 
 @dataclass(frozen=True)
+class AssignAdjoint:
+    """The reverse of one assignment X <- f(states, inputs), with dX the adjoint of its result.
+
+    `others` adds to the adjoint of each other state f reads; `inputs` are the gradients it contributes
+    (MatPoly for vectors, RowDot for per-key gates, a SymPy scalar for scalars); then `target` replaces dX
+    (the adjoint of X's previous value). All read the states' values before the assignment.
+    """
+
+    name: str
+    others: dict
+    inputs: dict
+    target: MatPoly
+
+
+@dataclass(frozen=True)
 class Adjoint:
     """The reverse-mode step of one token (one sub-step for rules with several per token).
 
-    `state` pulls dS back through the update (the adjoint of the state before the token); `inputs` maps
-    each per-token input to its gradient, a MatPoly for vectors (k, v) and a SymPy scalar for scalars
-    (beta, g, ...), in dS and S (the state before the token). `readout_state` is what the token's output
-    adds to dS (in do and q) and `readout_query` is dq (in do and S, the state the query reads).
+    `readout` adds the token's output to the adjoints of the states it reads (in do and q) and
+    `readout_query` is dq (in do and the states after the token). `steps` reverse the update's
+    assignments, last assignment first.
     """
 
-    state: MatPoly
-    inputs: dict
-    readout_state: MatPoly
+    readout: dict
     readout_query: MatPoly
+    steps: tuple[AssignAdjoint, ...]
 
     def lines(self) -> list[str]:
         """One token's reverse step in order, one line per gradient, for `ttr explain`."""
-        rows = [f"dS += {self.readout_state}  (the token's output)",
-                f"dq = {self.readout_query}  (S after the token)"]
-        rows += [f"d{name} = {value}" for name, value in self.inputs.items()]
-        return rows + [f"dS <- {self.state}  (the adjoint of the state before the token)"]
+        rows = [f"d{name} += {value}  (the token's output)" for name, value in self.readout.items()]
+        rows.append(f"dq = {self.readout_query}  (the states after the token)")
+        for step in self.steps:
+            prefix = f"[{step.name}] " if len(self.steps) > 1 else ""
+            rows += [f"{prefix}d{name} += {value}" for name, value in step.others.items()]
+            rows += [f"{prefix}d{name} {'+=' if len(self.steps) > 1 else '='} {value}" for name, value in step.inputs.items()]
+            rows.append(f"{prefix}d{step.name} <- {step.target}  (the adjoint of {step.name} before the assignment)")
+        return rows
 
 
 def pairing(adjoint: MatrixSymbol, chain: tuple) -> sp.Expr:
@@ -164,32 +183,53 @@ def vjp_scalar(poly: MatPoly, adjoint: MatrixSymbol, wrt: sp.Symbol) -> sp.Expr:
 
 
 def derive_adjoint(rule: UpdateRule) -> Adjoint:
-    """The adjoint of a rule with one K x V state (see the module's scope)."""
-    if rule.form != "recurrent" or len(rule.states) != 1 or len(rule.update) != 1:
-        raise NotImplementedError(f"{rule.name}: only rules with a single state have an adjoint here yet")
-    update = rule.update[0].value
-    leaves = {leaf for chain in update.chains() for leaf in sp.MatMul(*chain).atoms(MatrixSymbol)} if update.terms else set()
-    leaves |= {leaf for _, coeff in update.terms for inner in coeff.atoms(Inner) for leaf in inner.atoms(MatrixSymbol)}
-    scalars = sorted({x for _, coeff in update.terms for x in coeff.free_symbols if isinstance(x, sp.Symbol)
-                      and not isinstance(x, MatrixSymbol) and x not in (K, V)}, key=lambda x: x.name)
+    """The adjoint of a rule whose states are all K x V (see the module's scope)."""
+    if rule.form != "recurrent" or any((state.rows, state.cols) != ("K", "V") for state in rule.states):
+        raise NotImplementedError(f"{rule.name}: only rules whose states are K x V have an adjoint here yet")
+    leaves_of = {}  # state name -> its MatrixSymbol in the rule
+    for assign in (*rule.update, *rule.readout):
+        for leaf in _leaves(assign.value):
+            if leaf.name in {state.name for state in rule.states}:
+                leaves_of[leaf.name] = leaf
+    adjoints = {name: MatrixSymbol(f"d{name}", K, V) for name in leaves_of}
     gates = dict(rule.vectors)  # a per-key gate leaf exp_g -> its log-gate input g
-    inputs: dict = {}
-    for leaf in sorted(leaves - {S}, key=lambda x: x.name):
-        gradient = vjp(update, STATE_ADJOINT, leaf)
-        if leaf.name in gates:  # d g = exp(g) o d exp_g
-            inputs[gates[leaf.name]] = RowDot(gradient.left, gradient.right, times=leaf)
-        else:
-            inputs[leaf.name] = gradient
-    for symbol in scalars:
-        inputs[symbol.name] = vjp_scalar(update, STATE_ADJOINT, symbol)
+    steps = []
+    for assign in reversed(rule.update):
+        f, adjoint = assign.value, adjoints[assign.target]
+        read = _leaves(f)
+        others = {name: vjp(f, adjoint, leaf) for name, leaf in leaves_of.items()
+                  if name != assign.target and leaf in read}
+        inputs: dict = {}
+        for leaf in sorted(read - set(leaves_of.values()), key=lambda x: x.name):
+            gradient = vjp(f, adjoint, leaf)
+            if leaf.name in gates:  # d g = exp(g) o d exp_g
+                inputs[gates[leaf.name]] = RowDot(gradient.left, gradient.right, times=leaf)
+            else:
+                inputs[leaf.name] = gradient
+        scalars = {x for _, coeff in f.terms for x in coeff.free_symbols
+                   if isinstance(x, sp.Symbol) and not isinstance(x, MatrixSymbol) and x not in (K, V)}
+        for symbol in sorted(scalars, key=lambda x: x.name):
+            inputs[symbol.name] = vjp_scalar(f, adjoint, symbol)
+        steps.append(AssignAdjoint(assign.target, others, inputs, vjp(f, adjoint, leaves_of[assign.target])))
     readout = rule.readout[-1].value
     return Adjoint(
-        state=vjp(update, STATE_ADJOINT, S),
-        inputs=inputs,
-        readout_state=vjp(readout, OUTPUT_ADJOINT, S),
+        readout={name: vjp(readout, OUTPUT_ADJOINT, leaf) for name, leaf in leaves_of.items()
+                 if leaf in _leaves(readout)},
         readout_query=vjp(readout, OUTPUT_ADJOINT, q),
+        steps=tuple(steps),
     )
 
 
-__all__ = ["OUTPUT_ADJOINT", "STATE_ADJOINT", "Adjoint", "Frobenius", "RowDot", "derive_adjoint", "pairing", "vjp",
+def _leaves(poly: MatPoly) -> set:
+    """The matrix and vector symbols a polynomial reads, in its chains and its coefficients' inner products."""
+    found = set()
+    for chain, coeff in poly.terms:
+        for leaf in chain:
+            found |= leaf.atoms(MatrixSymbol)
+        for inner in coeff.atoms(Inner):
+            found |= inner.atoms(MatrixSymbol)
+    return found
+
+
+__all__ = ["OUTPUT_ADJOINT", "Adjoint", "AssignAdjoint", "Frobenius", "RowDot", "derive_adjoint", "pairing", "vjp",
            "vjp_scalar"]
