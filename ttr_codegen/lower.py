@@ -266,7 +266,7 @@ def lower_adjoint(spec: Spec, rule: UpdateRule, plan: NaivePlan) -> AdjointPlan 
             seen.add(name)
             gradients.setdefault(name, where.get(name, "step"))  # k and v are per step
         target = program.poly(step.target)
-        # The temporaries (they read the adjoints as the assignment left them) first, its own adjoint last.
+        # Temporaries first (they read d<target> and the states before the assignment), d<target> replaced last.
         steps.append((index, (*program.lines, *lines, f"d{step.name} = {target}")))
     return AdjointPlan(tuple(readout), tuple(steps), tuple(gradients.items()), tuple(adjoint.lines()))
 

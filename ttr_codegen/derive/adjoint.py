@@ -186,11 +186,9 @@ def derive_adjoint(rule: UpdateRule) -> Adjoint:
     """The adjoint of a rule whose states are all K x V (see the module's scope)."""
     if rule.form != "recurrent" or any((state.rows, state.cols) != ("K", "V") for state in rule.states):
         raise NotImplementedError(f"{rule.name}: only rules whose states are K x V have an adjoint here yet")
-    leaves_of = {}  # state name -> its MatrixSymbol in the rule
-    for assign in (*rule.update, *rule.readout):
-        for leaf in _leaves(assign.value):
-            if leaf.name in {state.name for state in rule.states}:
-                leaves_of[leaf.name] = leaf
+    if len(rule.readout) != 1:
+        raise NotImplementedError(f"{rule.name}: a read-out in several assignments has no adjoint here yet")
+    leaves_of = {state.name: MatrixSymbol(state.name, K, V) for state in rule.states}  # as the rule writes them
     adjoints = {name: MatrixSymbol(f"d{name}", K, V) for name in leaves_of}
     gates = dict(rule.vectors)  # a per-key gate leaf exp_g -> its log-gate input g
     steps = []
