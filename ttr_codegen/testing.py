@@ -195,30 +195,57 @@ class LayerChecks:
         for name, g, g_ref in zip(["q", "k", "v", *names], grads, grads_ref):
             torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-7, msg=lambda m, name=name: f"d/d{name}: {m}")
 
+    def _with_states(self, T: int, K: int, V: int, seed: int):
+        """A problem with a random initial state and random gradients for the output and the final state:
+        (problem, state parts, output gradient, final-state gradient parts, whether the state is a tuple)."""
+        problem = self.problem(T, K, V, seed=seed)
+        generator = torch.Generator().manual_seed(seed + 1)
+        prefix = self.problem(5, K, V, seed=seed + 2)
+        prefix.inputs.update({n: x for n, x in problem.inputs.items() if not self.spec.input(n).per_token})
+        _, carried = self.naive(*prefix.args(), output_final_state=True)  # a realistic (e.g. SPD) state
+        several = isinstance(carried, tuple)  # e.g. Titans' (S, Z)
+        parts = carried if several else (carried,)
+        state = [x.detach() for x in parts]
+        d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator) for x in parts]
+        d_out = torch.randn(2, T, 2, V, dtype=torch.float64, generator=generator)
+        return problem, state, d_out, d_final, several
+
+    def _state_gradients(self, op, problem, state, d_out, d_final, several, **options) -> tuple:
+        """Autograd of <d_out, o> + <d_final, final state> through `op`, for every input and state part."""
+        leaves = [x.clone().requires_grad_(True) for x in (*problem.args(), *state)]
+        carried = leaves[len(leaves) - len(state):]
+        o, final = op(*leaves[:len(leaves) - len(state)], initial_state=tuple(carried) if several else carried[0],
+                      output_final_state=True, **options)
+        finals = final if several else (final,)
+        loss = (o * d_out).sum() + sum((f * d).sum() for f, d in zip(finals, d_final))
+        return torch.autograd.grad(loss, leaves)
+
+    def _compare_gradients(self, found, expected, problem, n_states: int) -> None:
+        names = ["q", "k", "v", *problem.inputs, *(f"initial_state[{i}]" for i in range(n_states))]
+        for i, (name, g, g_ref) in enumerate(zip(names, found, expected, strict=True)):
+            if i >= len(names) - n_states and g.shape[-1] == g.shape[-2] == problem.k.shape[-1]:
+                # A K x K state (a covariance) is symmetric: only its gradient's symmetric part acts on it,
+                # and two correct ops may split the rest differently (P k against P^T k).
+                g, g_ref = (g + g.transpose(-1, -2)) / 2, (g_ref + g_ref.transpose(-1, -2)) / 2
+            torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-8, msg=lambda m, name=name: f"d/d{name}: {m}")
+
     def derived_backward(self, T: int = 9, K: int = 5, V: int = 4) -> None:
         """The derived adjoint (naive_<name>_backward) gives autograd's gradients of naive_<name>, for every
         input and the initial state, with gradients flowing into both the outputs and the final state."""
-        problem = self.problem(T, K, V, seed=7)
-        generator = torch.Generator().manual_seed(8)
-        _, template = self.naive(*problem.args(), output_final_state=True)
-        several = isinstance(template, tuple)  # e.g. Titans' (S, Z)
-        parts = template if several else (template,)
-        state = [torch.randn(x.shape, dtype=torch.float64, generator=generator) * 0.3 for x in parts]
-        d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator) for x in parts]
-        d_out = torch.randn(2, T, 2, V, dtype=torch.float64, generator=generator)
-        leaves = [x.clone().requires_grad_(True) for x in (*problem.args(), *state)]
-        carried = leaves[len(leaves) - len(parts):]
-        o, final = self.naive(*leaves[:len(leaves) - len(parts)], initial_state=tuple(carried) if several else carried[0],
-                              output_final_state=True)
-        finals = final if several else (final,)
-        loss = (o * d_out).sum() + sum((f * d).sum() for f, d in zip(finals, d_final))
-        expected = torch.autograd.grad(loss, leaves)
+        problem, state, d_out, d_final, several = self._with_states(T, K, V, seed=7)
+        expected = self._state_gradients(self.naive, problem, state, d_out, d_final, several)
         derived = self.backward(*problem.args(), d_out, initial_state=tuple(state) if several else state[0],
                                 d_final_state=tuple(d_final) if several else d_final[0])
         derived = (*derived[:-1], *(derived[-1] if several else (derived[-1],)))
-        states = [f"initial_state[{i}]" for i in range(len(parts))]
-        for name, g, g_ref in zip(["q", "k", "v", *problem.inputs, *states], derived, expected, strict=True):
-            torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-8, msg=lambda m, name=name: f"d/d{name}: {m}")
+        self._compare_gradients(derived, expected, problem, len(state))
+
+    def chunk_state_gradients(self, T: int = 37, K: int = 5, V: int = 4) -> None:
+        """Gradients through chunk_<name> (chunks of 16) equal those through naive_<name> for every input and
+        the initial state, with gradients flowing into both the outputs and the final state."""
+        problem, state, d_out, d_final, several = self._with_states(T, K, V, seed=9)
+        expected = self._state_gradients(self.naive, problem, state, d_out, d_final, several)
+        found = self._state_gradients(self.chunk, problem, state, d_out, d_final, several, chunk_size=16)
+        self._compare_gradients(found, expected, problem, len(state))
 
     def gradcheck(self, T: int = 4, K: int = 3, V: int = 2) -> None:
         """Finite differences agree with autograd for every input, initial state included."""

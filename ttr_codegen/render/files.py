@@ -99,6 +99,11 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         and any(i.role in GATE_ROLES for i in plan.inputs),
         # chunk_<name> routes CUDA inference (no autograd yet) to the Triton kernels wherever they exist.
         "triton_dispatch": triton_template is not None,
+        # The additive and scalar-gated family's chunked form is an autograd function whose backward is the
+        # derived adjoint, run as three more scans of the same recurrence.
+        "adjoint_scan": adjoint is not None and chunk is not None and chunk.family == "gated"
+        and chunk.gate in ("none", "scalar") and chunk.substeps == 1
+        and not any(line.startswith("v =") for line in chunk.prep_lines),
         "adjoint": adjoint,
     }
     templates = {"__init__.py": "init.py.j2", "naive.py": _NAIVE_TEMPLATE[context["form"]], "layer.py": "layer.py.j2"}
