@@ -239,6 +239,21 @@ class LayerChecks:
         derived = (*derived[:-1], *(derived[-1] if several else (derived[-1],)))
         self._compare_gradients(derived, expected, problem, len(state))
 
+    def triton_train_gradients(self, train, T: int = 40, K: int = 8, V: int = 6) -> None:
+        """The Triton training path (its forward scan and the derived backward's scans; on the CPU under the
+        interpreter) gives the gradients of naive_<name> for every input and the initial state, in float32."""
+        problem, state, d_out, d_final, several = self._with_states(T, K, V, seed=21)
+        expected = self._state_gradients(self.naive, problem, state, d_out, d_final, several)
+
+        def op(*args, initial_state, output_final_state):
+            return train(*args, None, initial_state, output_final_state, 16)
+
+        found = self._state_gradients(op, problem.to(torch.float32), [x.float() for x in state], d_out.float(),
+                                      [x.float() for x in d_final], several)
+        names = ["q", "k", "v", *problem.inputs, *(f"initial_state[{i}]" for i in range(len(state)))]
+        for name, g, g_ref in zip(names, found, expected, strict=True):
+            assert_within(g, g_ref, 1e-4, f"d/d{name}")
+
     def chunk_state_gradients(self, T: int = 37, K: int = 5, V: int = 4) -> None:
         """Gradients through chunk_<name> (chunks of 16) equal those through naive_<name> for every input and
         the initial state, with gradients flowing into both the outputs and the final state."""

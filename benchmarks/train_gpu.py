@@ -1,0 +1,79 @@
+"""Forward + backward on the GPU: generated layers against fla-core's chunk kernels, bf16.
+
+    python benchmarks/train_gpu.py [--only simple_gla ...]
+
+For each layer whose chunked form trains on the Triton kernels (its backward the derived adjoint on the
+same kernels), at B=8 T=2048 and B=2 T=8192, H=16, K=V=128: `triton.testing.do_bench` median ms of one
+forward and one backward (gradients of every input), the ratio fla / ours, and the peak memory of that
+step beyond the inputs. Where fla refuses (its guard against Triton 3.4-3.7.0 on Hopper), it says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ttr_codegen.testing import LayerChecks  # noqa: E402
+
+PEERS = {
+    "simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla", lambda i: {"g": i["g"]}),
+    "linear_attention": ("fla.ops.linear_attn", "chunk_linear_attn", lambda i: {"normalize": False}),
+    "retnet": ("fla.ops.retention", "chunk_retention", lambda i: {}),
+}
+
+
+def step_ms_and_memory(run, leaves, d_out) -> tuple[float, float]:
+    """(median ms, peak MiB beyond what is allocated before) of forward + backward."""
+    def step():
+        o = run()
+        torch.autograd.grad(o, leaves, d_out)
+
+    step()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return triton.testing.do_bench(step), peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", nargs="*", default=None)
+    args = parser.parse_args()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16 forward+backward")
+    print(f"{'layer':18s} {'shape':22s} {'ours (ms)':>10s} {'fla (ms)':>10s} {'fla/ours':>9s} {'ours MiB':>9s} {'fla MiB':>8s}")
+    for name, (module_name, function, kwargs) in PEERS.items():
+        if args.only and name not in args.only:
+            continue
+        ours = getattr(importlib.import_module(f"generated.{name}"), f"chunk_{name}")
+        peer = getattr(importlib.import_module(module_name), function)
+        checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", None, None)
+        for B, T in ((8, 2048), (2, 8192)):
+            p = checks.problem(T, 128, 128, B=B, H=16).to(torch.bfloat16)
+            q, k, v = (x.cuda().requires_grad_(True) for x in p.args()[:3])
+            inputs = {n: x.cuda() for n, x in p.inputs.items()}
+            if name == "retnet":  # fla's retention fixes the per-head decay itself
+                inputs = {n: torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(16.0))).cuda() for n in inputs}
+            trainable = [x.requires_grad_(True) for x in inputs.values() if x.dim() == 3]  # per-token gates
+            d_out = torch.randn(B, T, 16, 128, device="cuda", dtype=torch.bfloat16)
+            t_ours, m_ours = step_ms_and_memory(lambda: ours(q, k, v, *inputs.values())[0], [q, k, v, *trainable], d_out)
+            try:
+                t_peer, m_peer = step_ms_and_memory(lambda: peer(q, k, v, **kwargs(inputs))[0], [q, k, v, *trainable], d_out)
+                ratio = f"{t_peer / t_ours:8.2f}x"
+            except Exception as error:  # e.g. fla's guard on this Triton version
+                t_peer, m_peer, ratio = float("nan"), float("nan"), f"  refuses ({type(error).__name__}: {str(error)[:60]})"
+            print(f"{name:18s} {f'B={B} T={T} H=16 K=V=128':22s} {t_ours:10.3f} {t_peer:10.3f} {ratio} "
+                  f"{m_ours:9.0f} {m_peer:8.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
