@@ -8,7 +8,6 @@ from pathlib import Path
 
 import typer
 
-from .derive.adjoint import derive_adjoint
 from .lower import derivation_doc
 from .pipeline import compile_spec
 from .render.files import RenderedFile
@@ -106,13 +105,9 @@ def explain(
     else:
         typer.echo("  states: none of fixed size; each query reads the cache of the keys and values before it")
     typer.echo(f"  cost per token (multiply-adds per head): {plan.cost_per_token}")
-    try:
-        adjoint = derive_adjoint(rule)
-    except NotImplementedError:
-        adjoint = None
-    if adjoint is not None:
+    if compiled.adjoint is not None:
         typer.echo("  adjoint, one token backwards (dS: the gradient of the state after the token; S: the state before it):")
-        for line in adjoint.lines():
+        for line in compiled.adjoint.doc:
             typer.echo(f"    {line}")
     if latex:
         typer.echo(f"  objective (LaTeX): {rule.objective_latex}")

@@ -402,11 +402,12 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
         if code != "beta":
             lines += program.lines + [f"beta = {code}"]
         program.lines = []
-    if value_scale is not None and value_scale != 1:
+    rescaled_values = value_scale is not None and value_scale != 1
+    if rescaled_values:
         code = program.scalar(value_scale)
         lines += program.lines + [f"v = ({code})[..., None] * v"]
-        return ChunkPlan(family, gate, tuple(lines), rule.substeps, error_read=error_read)
-    step = _kernel_step(spec, beta) if beta is not None else None
+    # A step the prepare kernel can compute (its value-rescale line, if any, may read the step's temporaries).
+    step = _kernel_step(spec, beta) if beta is not None and not rescaled_values else None
     if step is None:
         return ChunkPlan(family, gate, tuple(lines), rule.substeps, error_read=error_read)
     step_input, step_lines = step
