@@ -70,8 +70,7 @@ class NaivePlan:
     cost_per_token: str
     chunk_size: int
     block_v: int | None = None
-    step_reads: tuple[str, ...] = ()  # the first lines of step_lines: the sub-step's k, v and per-step inputs
-    assign_lines: tuple[tuple[str, ...], ...] = ()  # the rest of step_lines, one group per assignment
+    assign_lines: tuple[tuple[str, ...], ...] = ()  # step_lines after the sub-step's reads, one group per assignment
 
 
 _LOG_WEIGHT_CODE = {
@@ -181,9 +180,7 @@ def _lower_recurrent(spec: Spec, rule: UpdateRule) -> NaivePlan:
 
     token_lines = ["q_t = q[:, t]"]
     token_lines += [f"{i.name}_t = {i.token_code}" for i in inputs if i.per_token and not i.per_step]
-    step_reads = ["k_t = k[:, t * n_steps + j]" if n > 1 else "k_t = k[:, t]",
-                  "v_t = v[:, t * n_steps + j]" if n > 1 else "v_t = v[:, t]"]
-    step_reads += [f"{i.name}_t = {i.token_code}" for i in inputs if i.per_step]
+    step_reads = _step_reads(inputs, "t * n_steps + j" if n > 1 else "t")
     for leaf, gate in rule.vectors:
         names[leaf] = leaf
         token_lines.append(f"{leaf} = torch.exp({names[gate]})")
@@ -212,7 +209,7 @@ def _lower_recurrent(spec: Spec, rule: UpdateRule) -> NaivePlan:
         "K ** -0.5" if rule.scale is None else repr(rule.scale),
         tuple(token_lines), tuple(step_lines), tuple(readout_lines), rule.structure,
         rule.structure in ("delta", "delta-product", "diagonal-plus-rank-one"),
-        tuple(derivation_doc(rule)), str(cost), spec.schedule.chunk_size, spec.schedule.block_v, tuple(step_reads),
+        tuple(derivation_doc(rule)), str(cost), spec.schedule.chunk_size, spec.schedule.block_v,
         tuple(assign_lines))
 
 
@@ -228,6 +225,7 @@ class AdjointPlan:
     """
 
     readout_lines: tuple[str, ...]
+    step_reads: tuple[str, ...]  # a sub-step's k, v and per-step inputs at row t * n_steps + j (any n_steps)
     steps: tuple[tuple[int, tuple[str, ...]], ...]
     gradients: tuple[tuple[str, str], ...]
     doc: tuple[str, ...]  # the adjoint in plain text, for docstrings
@@ -268,7 +266,8 @@ def lower_adjoint(spec: Spec, rule: UpdateRule, plan: NaivePlan) -> AdjointPlan 
         target = program.poly(step.target)
         # Temporaries first (they read d<target> and the states before the assignment), d<target> replaced last.
         steps.append((index, (*program.lines, *lines, f"d{step.name} = {target}")))
-    return AdjointPlan(tuple(readout), tuple(steps), tuple(gradients.items()), tuple(adjoint.lines()))
+    return AdjointPlan(tuple(readout), tuple(_step_reads(plan.inputs, "t * n_steps + j")), tuple(steps),
+                       tuple(gradients.items()), tuple(adjoint.lines()))
 
 
 def _add_to(name: str, code: str) -> str:
@@ -286,6 +285,11 @@ def _adjoint_code(program: TokenProgram, value) -> str:
     if isinstance(value, MatPoly):
         return program.poly(value)
     return program.scalar(value)
+
+
+def _step_reads(inputs, row: str) -> list[str]:
+    """A sub-step's reads of k, v and the per-step inputs, at the row given as code."""
+    return [f"{x}_t = {x}[:, {row}]" for x in ("k", "v", *(i.name for i in inputs if i.per_step))]
 
 
 def _layer_kind(i: InputSpec) -> str:
