@@ -220,8 +220,13 @@ class LayerChecks:
         loss = (o * d_out).sum() + sum((f * d).sum() for f, d in zip(finals, d_final))
         return torch.autograd.grad(loss, leaves)
 
+    @staticmethod
+    def _gradient_names(problem, n_states: int) -> list[str]:
+        """The names of the gradients `_state_gradients` returns, in order."""
+        return ["q", "k", "v", *problem.inputs, *(f"initial_state[{i}]" for i in range(n_states))]
+
     def _compare_gradients(self, found, expected, problem, n_states: int) -> None:
-        names = ["q", "k", "v", *problem.inputs, *(f"initial_state[{i}]" for i in range(n_states))]
+        names = self._gradient_names(problem, n_states)
         for i, (name, g, g_ref) in enumerate(zip(names, found, expected, strict=True)):
             if i >= len(names) - n_states and g.shape[-1] == g.shape[-2] == problem.k.shape[-1]:
                 # A K x K state (a covariance) is symmetric: only its gradient's symmetric part acts on it,
@@ -250,8 +255,7 @@ class LayerChecks:
 
         found = self._state_gradients(op, problem.to(torch.float32), [x.float() for x in state], d_out.float(),
                                       [x.float() for x in d_final], several)
-        names = ["q", "k", "v", *problem.inputs, *(f"initial_state[{i}]" for i in range(len(state)))]
-        for name, g, g_ref in zip(names, found, expected, strict=True):
+        for name, g, g_ref in zip(self._gradient_names(problem, len(state)), found, expected, strict=True):
             assert_within(g, g_ref, 1e-4, f"d/d{name}")
 
     def triton_scan_opcheck(self, scan_op) -> None:
