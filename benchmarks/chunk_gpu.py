@@ -54,6 +54,14 @@ PEERS = {  # layer -> (fla module, function, extra keyword arguments from our in
 }
 
 
+def cuda_inputs(name: str, problem) -> dict:
+    """A problem's layer inputs on the GPU. RetNet's per-head decays are set to fla's own, because fla's
+    retention fixes them itself."""
+    if name == "retnet":
+        return {n: torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(16.0))).cuda() for n in problem.inputs}
+    return {n: x.cuda() for n, x in problem.inputs.items()}
+
+
 def copy_bandwidth() -> float:
     x = torch.empty(2**28, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -93,9 +101,7 @@ def main() -> None:
         for B, T in ((8, 2048), (2, 8192)):
             p = checks.problem(T, 128, 128, B=B, H=16).to(torch.bfloat16)
             q, k, v = (x.cuda() for x in p.args()[:3])
-            inputs = {n: x.cuda() for n, x in p.inputs.items()}
-            if name == "retnet":  # fla's retention fixes the per-head decay itself
-                inputs = {n: torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(16.0))).cuda() for n in inputs}
+            inputs = cuda_inputs(name, p)
             with torch.no_grad():
                 first_ours = first_call_seconds(lambda: ours(q, k, v, *inputs.values()))
                 first_peer = first_call_seconds(lambda: peer(q, k, v, **kwargs(inputs))) if peer else float("nan")

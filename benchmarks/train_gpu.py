@@ -20,14 +20,13 @@ import triton
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from chunk_gpu import PEERS, cuda_inputs  # noqa: E402
 from ttr_codegen.testing import LayerChecks  # noqa: E402
 
-PEERS = {
-    "simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla", lambda i: {"g": i["g"]}),
-    "linear_attention": ("fla.ops.linear_attn", "chunk_linear_attn", lambda i: {"normalize": False}),
-    "retnet": ("fla.ops.retention", "chunk_retention", lambda i: {}),
-}
+# The layers whose chunked form trains on the Triton kernels.
+TRAINED = [name for name in PEERS if "_triton_train" in (ROOT / "generated" / name / "chunk.py").read_text()]
 
 
 def step_ms_and_memory(run, leaves, d_out) -> tuple[float, float]:
@@ -51,18 +50,17 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16 forward+backward")
     print(f"{'layer':18s} {'shape':22s} {'ours (ms)':>10s} {'fla (ms)':>10s} {'fla/ours':>9s} {'ours MiB':>9s} {'fla MiB':>8s}")
-    for name, (module_name, function, kwargs) in PEERS.items():
+    for name in TRAINED:
         if args.only and name not in args.only:
             continue
+        module_name, function, kwargs = PEERS[name]
         ours = getattr(importlib.import_module(f"generated.{name}"), f"chunk_{name}")
         peer = getattr(importlib.import_module(module_name), function)
         checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", None, None)
         for B, T in ((8, 2048), (2, 8192)):
             p = checks.problem(T, 128, 128, B=B, H=16).to(torch.bfloat16)
             q, k, v = (x.cuda().requires_grad_(True) for x in p.args()[:3])
-            inputs = {n: x.cuda() for n, x in p.inputs.items()}
-            if name == "retnet":  # fla's retention fixes the per-head decay itself
-                inputs = {n: torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(16.0))).cuda() for n in inputs}
+            inputs = cuda_inputs(name, p)
             trainable = [x.requires_grad_(True) for x in inputs.values() if x.dim() == 3]  # per-token gates
             d_out = torch.randn(B, T, 16, 128, device="cuda", dtype=torch.bfloat16)
             t_ours, m_ours = step_ms_and_memory(lambda: ours(q, k, v, *inputs.values())[0], [q, k, v, *trainable], d_out)
