@@ -1,8 +1,9 @@
 """Per-kernel GPU time of a generated chunked Triton forward and of fla-core's peer, from torch.profiler.
 
-    python benchmarks/kernel_profile_gpu.py delta_rule gated_delta_rule [--B 8 --T 2048]
+    python benchmarks/kernel_profile_gpu.py delta_rule gated_delta_rule [--B 8 --T 2048] [--backward]
 
-Shows where a layer's forward spends its time (prepare / states / output kernels), bf16, H=16, K=V=128.
+Shows where a layer's forward (or, with --backward, its forward and backward: the training path of
+chunk_<name>) spends its time, kernel by kernel, bf16, H=16, K=V=128.
 """
 
 from __future__ import annotations
@@ -40,24 +41,40 @@ def main() -> None:
     parser.add_argument("layers", nargs="+")
     parser.add_argument("--B", type=int, default=8)
     parser.add_argument("--T", type=int, default=2048)
+    parser.add_argument("--backward", action="store_true", help="forward + backward of every input")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}, bf16, B={args.B} T={args.T} H=16 K=V=128")
     for name in args.layers:
-        ours = getattr(importlib.import_module(f"generated.{name}.chunk_triton"), f"chunk_{name}_triton")
+        module = importlib.import_module(f"generated.{name}")
+        ours = (getattr(module, f"chunk_{name}") if args.backward else
+                getattr(importlib.import_module(f"generated.{name}.chunk_triton"), f"chunk_{name}_triton"))
         p = LayerChecks(ROOT / "specs" / f"{name}.yaml", None, None).problem(args.T, 128, 128, B=args.B, H=16)
         p = p.to(torch.bfloat16, "cuda")
-        runs = {"ours": lambda: ours(*p.args())}
+        leaves = [p.q, p.k, p.v, *(x for x in p.inputs.values() if x.dim() == 3)]  # per-token gates train
+        d_out = torch.randn_like(p.v)
+
+        def step(run):
+            if not args.backward:
+                return run
+            return lambda: torch.autograd.grad(run(), leaves, d_out)
+
+        runs = {"ours": step(lambda: ours(*p.args())[0])}
         if PEERS.get(name):
             module_name, function, kwargs = PEERS[name]
             peer = getattr(importlib.import_module(module_name), function)
-            runs["fla"] = lambda: peer(p.q, p.k, p.v, **kwargs(p.inputs))
-        with torch.no_grad():
+            runs["fla"] = step(lambda: peer(p.q, p.k, p.v, **kwargs(p.inputs))[0])
+        for x in leaves:
+            x.requires_grad_(args.backward)
+        with torch.set_grad_enabled(args.backward):
             for who, fn in runs.items():
-                total = triton.testing.do_bench(fn)
+                try:
+                    total = triton.testing.do_bench(fn)
+                except Exception as error:  # e.g. fla's guard on this Triton version
+                    print(f"{name} / {who}: refuses ({type(error).__name__}: {str(error)[:60]})")
+                    continue
                 print(f"{name} / {who}: {total:.4f} ms (do_bench)")
-                for kernel, ms in kernel_times(fn)[:8]:
+                for kernel, ms in kernel_times(fn)[:12]:
                     print(f"    {ms:8.4f} ms  {kernel[:90]}")
-
 
 if __name__ == "__main__":
     main()

@@ -2,8 +2,8 @@
 
     python benchmarks/train_gpu.py [--only simple_gla ...]
 
-For each layer whose chunked form trains on the Triton kernels (its backward the derived adjoint on the
-same kernels), at B=8 T=2048 and B=2 T=8192, H=16, K=V=128: `triton.testing.do_bench` median ms of one
+For each layer with an fla peer whose chunked form trains on the Triton kernels (the derived adjoint's
+backward kernels), at B=8 T=2048 and B=2 T=8192, H=16, K=V=128: `triton.testing.do_bench` median ms of one
 forward and one backward (gradients of every input), the ratio fla / ours, and the peak memory of that
 step beyond the inputs. Where fla refuses (its guard against Triton 3.4-3.7.0 on Hopper), it says so.
 """
@@ -26,7 +26,8 @@ from chunk_gpu import PEERS, cuda_inputs  # noqa: E402
 from ttr_codegen.testing import LayerChecks  # noqa: E402
 
 # The layers whose chunked form trains on the Triton kernels.
-TRAINED = [name for name in PEERS if "_triton_train" in (ROOT / "generated" / name / "chunk.py").read_text()]
+TRAINED = [name for name, peer in PEERS.items()
+           if peer and "_triton_train" in (ROOT / "generated" / name / "chunk.py").read_text()]
 
 
 def step_ms_and_memory(run, leaves, d_out) -> tuple[float, float]:

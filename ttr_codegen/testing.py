@@ -90,6 +90,39 @@ def pack(problems: list[Problem], spec: Spec) -> tuple[Problem, torch.Tensor]:
     return Problem(q, k, v, inputs), cu_seqlens
 
 
+def naive_per_sequence(naive, args, initial: torch.Tensor, cu_seqlens: torch.Tensor):
+    """A packed problem's (output, final states) from `naive` run on each sequence from its own initial state
+    (per-token tensors are cut along T; per-head ones are shared)."""
+    total = args[0].shape[1]
+    outputs, finals = [], []
+    for i, (start, stop) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+        cut = [x[:, start:stop] if x.dim() > 1 and x.shape[1] == total else x for x in args]
+        o, final = naive(*cut, initial_state=initial[i:i + 1], output_final_state=True)
+        outputs.append(o)
+        finals.append(final)
+    return torch.cat(outputs, dim=1), torch.cat(finals)
+
+
+def compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, relative: float, **compile_options) -> None:
+    """torch.compile(model, fullgraph=True) (raising on any graph break): one forward and backward of a mean
+    square loss give eager's output and parameter gradients (within `relative`, see assert_within), and every
+    gradient is finite and non-zero."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, **compile_options)
+    out = compiled(x)
+    out.square().mean().backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager = model(x)
+    eager.square().mean().backward()
+    assert_within(out, eager, relative, "output")
+    for (name, p), g in zip(model.named_parameters(), compiled_grads, strict=True):
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, name
+        assert_within(g, p.grad, relative, f"d/d{name}")
+
+
 def _states(state) -> tuple:
     return state if isinstance(state, tuple) else (state,)
 
@@ -244,27 +277,86 @@ class LayerChecks:
         derived = (*derived[:-1], *(derived[-1] if several else (derived[-1],)))
         self._compare_gradients(derived, expected, problem, len(state))
 
-    def triton_train_gradients(self, train, T: int = 40, K: int = 8, V: int = 6) -> None:
-        """The Triton training path (its forward scan and the derived backward's scans; on the CPU under the
-        interpreter) gives the gradients of naive_<name> for every input and the initial state, in float32."""
+    def triton_train_gradients(self, train, T: int = 100, chunk_size: int = 16, K: int = 8, V: int = 6) -> None:
+        """The Triton training path (its forward and the derived backward's kernels; on the CPU under the
+        interpreter) gives the gradients of naive_<name> for every input and the initial state, in float32.
+        T = 100 ends on a part chunk."""
         problem, state, d_out, d_final, several = self._with_states(T, K, V, seed=21)
         expected = self._state_gradients(self.naive, problem, state, d_out, d_final, several)
 
         def op(*args, initial_state, output_final_state):
-            return train(*args, None, initial_state, output_final_state, 16)
+            return train(*args, None, initial_state, output_final_state, None, chunk_size)
 
         found = self._state_gradients(op, problem.to(torch.float32), [x.float() for x in state], d_out.float(),
                                       [x.float() for x in d_final], several)
         for name, g, g_ref in zip(self._gradient_names(problem, len(state)), found, expected, strict=True):
             assert_within(g, g_ref, 1e-4, f"d/d{name}")
 
-    def triton_scan_opcheck(self, scan_op) -> None:
-        """The Triton scan's custom op passes torch.library.opcheck (schema, fake tensors, dispatch)."""
+    def triton_train_strong_gates(self, train, T: int = 100, K: int = 20, V: int = 12) -> None:
+        """The Triton training path under near-total forgetting, in chunks of 64 ending on a part chunk: finite
+        gradients, within float32 rounding of naive_<name>'s (relative to the largest)."""
+        problem = self.strong_gate_problem(T, K, V)
+        generator = torch.Generator().manual_seed(32)
+        d_out = torch.randn(2, T, 2, V, dtype=torch.float64, generator=generator)
+
+        def gradients(op, args):
+            leaves = [x.clone().requires_grad_(True) for x in args]
+            return torch.autograd.grad((op(*leaves)[0] * d_out.to(leaves[0].dtype)).sum(), leaves)
+
+        expected = gradients(self.naive, problem.args())
+        found = gradients(lambda *args: train(*args, None, None, False, None, 64), problem.to(torch.float32).args())
+        for name, g, g_ref in zip(self._gradient_names(problem, 0), found, expected, strict=True):
+            assert torch.isfinite(g).all(), f"d/d{name} is not finite"
+            assert_within(g, g_ref, 1e-4, f"d/d{name}")
+
+    def triton_train_packed_gradients(self, train, lengths=(1, 17, 70, 9), K: int = 8, V: int = 6) -> None:
+        """The Triton training path with cu_seqlens gives the gradients of naive_<name> run on each sequence
+        from its own initial state, for every input and the initial states."""
+        problems = [self.problem(n, K, V, B=1, seed=60 + i) for i, n in enumerate(lengths)]
+        for p in problems[1:]:  # per-head inputs are shared by the packed sequences
+            p.inputs.update({n: x for n, x in problems[0].inputs.items() if not self.spec.input(n).per_token})
+        packed, cu_seqlens = pack(problems, self.spec)
+        generator = torch.Generator().manual_seed(70)
+        initial = torch.randn(len(lengths), 2, K, V, dtype=torch.float64, generator=generator) * 0.5
+        d_out = torch.randn(1, sum(lengths), 2, V, dtype=torch.float64, generator=generator)
+        d_final = torch.randn(len(lengths), 2, K, V, dtype=torch.float64, generator=generator)
+
+        def gradients(args, state, run):
+            leaves = [x.clone().requires_grad_(True) for x in (*args, state)]
+            o, final = run(leaves[:-1], leaves[-1])
+            return torch.autograd.grad((o * d_out.to(o.dtype)).sum() + (final * d_final.to(final.dtype)).sum(), leaves)
+
+        expected = gradients(packed.args(), initial,
+                             lambda args, state: naive_per_sequence(self.naive, args, state, cu_seqlens))
+        found = gradients(packed.to(torch.float32).args(), initial.float(),
+                          lambda args, state: train(*args, None, state, True, cu_seqlens, 32))
+        for name, g, g_ref in zip(self._gradient_names(packed, 1), found, expected, strict=True):
+            assert_within(g, g_ref, 1e-4, f"d/d{name}")
+
+    def triton_ops_opcheck(self, chunk_op, backward_op, gate: str, family: str = "gated") -> None:
+        """The Triton custom ops (forward with autograd, and backward) pass torch.library.opcheck: schema, fake
+        tensors, autograd registration and dispatch, with and without an initial state and cu_seqlens."""
         problem = self.problem(20, 8, 6, B=1, seed=25).to(torch.float32)
-        gated = any(i.role == "log_decay" for i in self.spec.inputs)
-        log_decay = -torch.rand(1, 20, 2, generator=torch.Generator().manual_seed(26)) if gated else None
-        state = torch.randn(1, 2, 8, 6, generator=torch.Generator().manual_seed(27))
-        torch.library.opcheck(scan_op, (problem.q, problem.k, problem.v, log_decay, 0.5, state, 16))
+        generator = torch.Generator().manual_seed(26)
+        log_decay = {"none": None, "scalar": -torch.rand(1, 20, 2, generator=generator),
+                     "per_key": -torch.rand(1, 20, 2, 8, generator=generator)}[gate]
+        beta = torch.rand(1, 20, 2, generator=generator)  # the delta family's step
+        state = torch.randn(1, 2, 8, 6, generator=generator)
+        do, d_final = torch.randn(1, 20, 2, 6, generator=generator), torch.randn(1, 2, 8, 6, generator=generator)
+        q, k, v = problem.q, problem.k, problem.v
+        for cu_seqlens, initial in ((None, state), (torch.tensor([0, 7, 20]), None)):
+            final_grad = d_final if cu_seqlens is None else torch.cat([d_final, d_final])
+            leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+            if family == "delta":
+                torch.library.opcheck(chunk_op, (*leaves, beta, log_decay, 0.5, initial, cu_seqlens, 16))
+                torch.library.opcheck(backward_op, (q, k, v, beta, log_decay, 0.5, initial, do, final_grad,
+                                                    cu_seqlens, 16))
+                continue
+            torch.library.opcheck(chunk_op, (*leaves, log_decay, 0.5, initial, cu_seqlens, 16))
+            _, _, cumulated, scores = chunk_op(q, k, v, log_decay, 0.5, initial, cu_seqlens, 16)
+            torch.library.opcheck(backward_op, (q, k, v, cumulated if log_decay is not None else None,
+                                                scores if gate == "per_key" else None, 0.5, initial, do, final_grad,
+                                                cu_seqlens, 16))
 
     def triton_train_compiles(self, train) -> None:
         """torch.compile(fullgraph=True) traces the Triton training path, forward and backward (the scans are
@@ -275,7 +367,7 @@ class LayerChecks:
         problem = self.problem(40, 8, 6, B=1, seed=23).to(torch.float32)
 
         def run(*args):
-            return train(*args, None, None, True, 16)
+            return train(*args, None, None, True, None, 16)
 
         compiled = torch.compile(run, fullgraph=True, backend="aot_eager")  # raises on any graph break
         results = []

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ttr_codegen.testing import LayerChecks, assert_within, pack
+from ttr_codegen.testing import LayerChecks, assert_within, compiled_matches_eager, naive_per_sequence, pack
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,3 +129,60 @@ def test_chunk_triton_backward(name, T, dtype):
     found = gradients(getattr(module, f"chunk_{name}"), run.args(), state.float())
     for what, g, g_ref in zip(["q", "k", "v", *run.inputs, "initial_state"], found, expected, strict=True):
         assert_within(g, g_ref, BACKWARD_TOLERANCE[dtype], f"d/d{what}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", TRAINED)
+def test_chunk_triton_backward_packed(name, dtype):
+    """Packed sequences (cu_seqlens) on the Triton training path: gradients of every input and of each
+    sequence's initial state against float64 autograd of the reference run sequence by sequence."""
+    module = importlib.import_module(f"generated.{name}")
+    checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", getattr(module, f"naive_{name}"), None)
+    device = torch.device("cuda")
+    problems = [checks.problem(n, 128, 100, B=1, H=3, seed=80 + i) for i, n in enumerate((1, 200, 1000, 77))]
+    for p in problems[1:]:  # per-head inputs are shared by the packed sequences
+        p.inputs.update({n: x for n, x in problems[0].inputs.items() if not checks.spec.input(n).per_token})
+    packed, cu_seqlens = pack(problems, checks.spec)
+    cu_seqlens = cu_seqlens.to(device)
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    state = torch.randn(4, 3, 128, 100, device=device, dtype=torch.float64, generator=generator) * 0.1
+    d_out = torch.randn(1, packed.q.shape[1], 3, 100, device=device, dtype=torch.float64, generator=generator)
+    d_final = torch.randn(4, 3, 128, 100, device=device, dtype=torch.float64, generator=generator)
+
+    def gradients(run, args, initial):
+        leaves = [x.clone().requires_grad_(True) for x in (*args, initial)]
+        o, final = run(leaves[:-1], leaves[-1])
+        loss = (o.double() * d_out).sum() + (final.double() * d_final).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    expected = gradients(lambda args, initial: naive_per_sequence(checks.naive, args, initial, cu_seqlens),
+                         packed.to(torch.float64, device).args(), state)
+    chunk = getattr(module, f"chunk_{name}")
+    found = gradients(lambda args, initial: chunk(*args, initial_state=initial, output_final_state=True,
+                                                  cu_seqlens=cu_seqlens),
+                      packed.to(dtype, device).args(), state.float())
+    for what, g, g_ref in zip(["q", "k", "v", *packed.inputs, "initial_state"], found, expected, strict=True):
+        assert_within(g, g_ref, BACKWARD_TOLERANCE[dtype], f"d/d{what}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_of_generated_layers_compiles_fullgraph_on_cuda():
+    """A two-layer model (GLA, then simple GLA) on CUDA in bf16 under torch.compile(fullgraph=True) with
+    inductor: forward and backward run the Triton custom ops and match eager."""
+    from torch import nn
+
+    from generated.gla import Gla
+    from generated.simple_gla import SimpleGla
+
+    class TwoLayers(nn.Module):
+        def __init__(self, width: int = 256, heads: int = 2):
+            super().__init__()
+            self.first, self.second = Gla(width, heads), SimpleGla(width, heads)
+
+        def forward(self, x):
+            x = x + self.first(x)[0]
+            return x + self.second(x)[0]
+
+    torch.manual_seed(0)
+    compiled_matches_eager(TwoLayers().cuda(), torch.randn(2, 300, 256, device="cuda"), 1e-3)
