@@ -92,12 +92,18 @@ def pack(problems: list[Problem], spec: Spec) -> tuple[Problem, torch.Tensor]:
 
 def naive_per_sequence(naive, args, initial: torch.Tensor, cu_seqlens: torch.Tensor):
     """A packed problem's (output, final states) from `naive` run on each sequence from its own initial state
-    (per-token tensors are cut along T; per-head ones are shared)."""
+    (per-token tensors are cut along T, per-sub-step ones along T * sub-steps; per-head ones are shared)."""
     total = args[0].shape[1]
+
+    def cut(x, start, stop):
+        if x.dim() < 2 or x.shape[1] % total:
+            return x
+        rows = x.shape[1] // total  # sub-steps per token
+        return x[:, start * rows:stop * rows]
+
     outputs, finals = [], []
     for i, (start, stop) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
-        cut = [x[:, start:stop] if x.dim() > 1 and x.shape[1] == total else x for x in args]
-        o, final = naive(*cut, initial_state=initial[i:i + 1], output_final_state=True)
+        o, final = naive(*(cut(x, start, stop) for x in args), initial_state=initial[i:i + 1], output_final_state=True)
         outputs.append(o)
         finals.append(final)
     return torch.cat(outputs, dim=1), torch.cat(finals)
@@ -340,7 +346,7 @@ class LayerChecks:
         generator = torch.Generator().manual_seed(26)
         log_decay = {"none": None, "scalar": -torch.rand(1, 20, 2, generator=generator),
                      "per_key": -torch.rand(1, 20, 2, 8, generator=generator)}[gate]
-        beta = torch.rand(1, 20, 2, generator=generator)  # the delta family's step
+        beta = torch.rand(*problem.k.shape[:3], generator=generator)  # the delta family's step (per sub-step)
         state = torch.randn(1, 2, 8, 6, generator=generator)
         do, d_final = torch.randn(1, 20, 2, 6, generator=generator), torch.randn(1, 2, 8, 6, generator=generator)
         q, k, v = problem.q, problem.k, problem.v

@@ -104,10 +104,8 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         "adjoint_scan": adjoint is not None and chunk is not None and chunk.family == "gated"
         and chunk.gate in ("none", "scalar") and chunk.substeps == 1
         and not any(line.startswith("v =") for line in chunk.prep_lines),
-        # The Triton kernels include the derived backward (the gated family, and the delta family without
-        # sub-steps): chunk_<name> trains on them.
-        "triton_train": adjoint is not None and (triton_template == "chunk_gated_triton.py.j2" or (
-            triton_template == "chunk_delta_triton.py.j2" and chunk.substeps == 1)),
+        # The Triton kernels include the derived backward: chunk_<name> trains on them.
+        "triton_train": adjoint is not None and triton_template is not None,
         "adjoint": adjoint,
     }
     templates = {"__init__.py": "init.py.j2", "naive.py": _NAIVE_TEMPLATE[context["form"]], "layer.py": "layer.py.j2"}
