@@ -17,7 +17,7 @@ from ttr_codegen.render.torch_printer import TokenProgram
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 LINEAR = ["linear_attention", "retnet", "simple_gla", "gla", "delta_rule", "gated_delta_rule",
-          "gated_delta_rule_l2", "longhorn", "delta_product", "titans_linear"]
+          "gated_delta_rule_l2", "longhorn", "delta_product", "titans_linear", "rls"]  # rls: a K x K state too
 SCALE = 0.7
 
 
@@ -44,8 +44,16 @@ def test_adjoint_matches_autograd(name):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
     states = [s.name for s in rule.states]
+    size = {"K": Kn, "V": Vn}
     values = {"k": rand(B, H, Kn) / 2, "v": rand(B, H, Vn), "q": rand(B, H, Kn), "do": rand(B, H, Vn)}
-    values |= {x: rand(B, H, Kn, Vn) for x in states} | {f"d{x}": rand(B, H, Kn, Vn) for x in states}
+    for state in rule.states:
+        shape = (B, H, size[state.rows], size[state.cols])
+        if state.rows == state.cols:  # a K x K state is a covariance: symmetric positive definite
+            root = rand(*shape)
+            values[state.name] = root @ root.transpose(-1, -2) / Kn + torch.eye(Kn, dtype=torch.float64)
+        else:
+            values[state.name] = rand(*shape)
+        values[f"d{state.name}"] = rand(*shape)
     gradients = {n: x for step in adjoint.steps for n, x in step.inputs.items()}
     scalars = [n for n, x in gradients.items() if not hasattr(x, "terms")]
     for n in scalars:  # step sizes in (0, 1), log-gates below 0 (per key for a RowDot gradient)
@@ -91,7 +99,7 @@ def test_decay_gradient_pairs_through_frobenius():
     assert derive_adjoint(rule).steps[0].inputs["g"].atoms(Frobenius)
 
 
-@pytest.mark.parametrize("name", ["mesa", "rls"])
+@pytest.mark.parametrize("name", ["mesa", "affine_mesa"])
 def test_unsupported_rules_say_so(name):
     _, rule = derive_spec(SPECS / f"{name}.yaml")
     with pytest.raises(NotImplementedError):

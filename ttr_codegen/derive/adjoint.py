@@ -18,8 +18,9 @@ pairs through `Frobenius`.
 A token's update may be several assignments (Titans: Z <- f_Z(Z, S, ...), then S <- f_S(S, Z)); they
 are reversed last first, each adding to the adjoints of the states it reads and replacing its own.
 
-Scope: rules whose states are all K x V (the linear family, per-key gates and momentum included). The
-second-order rules (K x K states, a solve per query) raise NotImplementedError for now.
+Scope: recurrent rules whose states are K x V or K x K (the linear family, per-key gates and momentum
+included, and RLS with its inverse covariance P, whose coefficients read P through k^T P k). A read-out
+through a solve in several assignments (the mesa layer) raises NotImplementedError for now.
 """
 
 from __future__ import annotations
@@ -183,13 +184,14 @@ def vjp_scalar(poly: MatPoly, adjoint: MatrixSymbol, wrt: sp.Symbol) -> sp.Expr:
 
 
 def derive_adjoint(rule: UpdateRule) -> Adjoint:
-    """The adjoint of a rule whose states are all K x V (see the module's scope)."""
-    if rule.form != "recurrent" or any((state.rows, state.cols) != ("K", "V") for state in rule.states):
-        raise NotImplementedError(f"{rule.name}: only rules whose states are K x V have an adjoint here yet")
+    """The adjoint of a recurrent rule whose states are K x V or K x K (see the module's scope)."""
+    if rule.form != "recurrent" or any((state.rows, state.cols) not in (("K", "V"), ("K", "K")) for state in rule.states):
+        raise NotImplementedError(f"{rule.name}: only rules whose states are K x V or K x K have an adjoint here yet")
     if len(rule.readout) != 1:
         raise NotImplementedError(f"{rule.name}: a read-out in several assignments has no adjoint here yet")
-    leaves_of = {state.name: MatrixSymbol(state.name, K, V) for state in rule.states}  # as the rule writes them
-    adjoints = {name: MatrixSymbol(f"d{name}", K, V) for name in leaves_of}
+    size = {"K": K, "V": V}
+    leaves_of = {state.name: MatrixSymbol(state.name, size[state.rows], size[state.cols]) for state in rule.states}
+    adjoints = {name: MatrixSymbol(f"d{name}", *leaf.shape) for name, leaf in leaves_of.items()}
     gates = dict(rule.vectors)  # a per-key gate leaf exp_g -> its log-gate input g
     steps = []
     for assign in reversed(rule.update):
