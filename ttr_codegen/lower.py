@@ -229,6 +229,7 @@ class AdjointPlan:
     steps: tuple[tuple[int, tuple[str, ...]], ...]
     gradients: tuple[tuple[str, str], ...]
     doc: tuple[str, ...]  # the adjoint in plain text, for docstrings
+    readout_gradients: tuple[tuple[str, str], ...] = ()  # inputs only the read-out reads (mesa's ridge): (name, where)
 
 
 def lower_adjoint(spec: Spec, rule: UpdateRule, plan: NaivePlan) -> AdjointPlan | None:
@@ -245,14 +246,26 @@ def lower_adjoint(spec: Spec, rule: UpdateRule, plan: NaivePlan) -> AdjointPlan 
     names |= {s.name: s.name for s in rule.states} | {f"d{s.name}": f"d{s.name}" for s in rule.states}
     names |= {i.name: (f"{i.name}_t" if i.per_token else i.name) for i in plan.inputs}
     names |= {leaf: leaf for leaf, _ in rule.vectors}  # per-key gates: exp_g = torch.exp(g_t), set per token
+    names |= {a.target: a.target for a in rule.readout[:-1]} | {f"d{a.target}": f"d{a.target}" for a in rule.readout[:-1]}
 
     def new_program() -> TokenProgram:
         return TokenProgram(names=names, dims={K: "K", V: "V"}, python_scalars=frozenset({"scale"}))
 
     program = new_program()
+    # The read-out's intermediates again (mesa's h_reg, from the states after the token), then their adjoints.
+    readout = []
+    for assign in rule.readout[:-1]:
+        expression = program.poly(assign.value)
+        readout += [*program.lines, f"{assign.target} = {expression}"]
+        program.lines = []
+    for name, value in adjoint.readout_intermediates:
+        expression = program.poly(value)
+        readout += [*program.lines, f"d{name} = {expression}"]
+        program.lines = []
     updates = [_add_to(f"d{state}", program.poly(value)) for state, value in adjoint.readout.items()]
     query = program.poly(adjoint.readout_query)
-    readout = program.lines + updates + [f"dq_t = {query}"]
+    inputs = [f"d{name}_t = {_adjoint_code(program, value)}" for name, value in adjoint.readout_inputs.items()]
+    readout += program.lines + updates + inputs + [f"dq_t = {query}"]
     steps, gradients, seen = [], {}, set()
     where = {i.name: ("step" if i.per_step else "token" if i.per_token else "head") for i in plan.inputs}
     for index, step in zip(reversed(range(len(rule.update))), adjoint.steps):
@@ -267,7 +280,8 @@ def lower_adjoint(spec: Spec, rule: UpdateRule, plan: NaivePlan) -> AdjointPlan 
         # Temporaries first (they read d<target> and the states before the assignment), d<target> replaced last.
         steps.append((index, (*program.lines, *lines, f"d{step.name} = {target}")))
     return AdjointPlan(tuple(readout), tuple(_step_reads(plan.inputs, "t * n_steps + j")), tuple(steps),
-                       tuple(gradients.items()), tuple(adjoint.lines()))
+                       tuple(gradients.items()), tuple(adjoint.lines()),
+                       tuple((name, where[name]) for name in adjoint.readout_inputs))
 
 
 def _add_to(name: str, code: str) -> str:

@@ -18,17 +18,22 @@ pairs through `Frobenius`.
 A token's update may be several assignments (Titans: Z <- f_Z(Z, S, ...), then S <- f_S(S, Z)); they
 are reversed last first, each adding to the adjoints of the states it reads and replacing its own.
 
+A read-out may be several assignments too (mesa: h_reg = Diag(lamb) + h_kk, then o = h_kv^T h_reg^-1 q): do
+flows back through them last first, each intermediate's adjoint d<I> becoming a symbol the next ones read.
+An inverse's occurrence L A^-1 R gives -A^-T L^T G R^T A^-T.
+
 Scope: recurrent rules whose states are K x V or K x K (the linear family, per-key gates and momentum
-included, and RLS with its inverse covariance P, whose coefficients read P through k^T P k). A read-out
-through a solve in several assignments (the mesa layer) raises NotImplementedError for now.
+included; RLS, whose coefficients read its inverse covariance P through k^T P k; mesa). Other state shapes
+(affine_mesa's scalar weight total and mean vectors, which its coefficients read as scalars) raise
+NotImplementedError for now.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy as sp
-from sympy import DiagMatrix, MatrixSymbol, Transpose
+from sympy import DiagMatrix, Inverse, MatrixSymbol, Transpose
 
 from .algebra import Inner, K, MatPoly, V, _tidy
 from .derivation import q
@@ -88,10 +93,17 @@ class Adjoint:
     readout: dict
     readout_query: MatPoly
     steps: tuple[AssignAdjoint, ...]
+    # A read-out in several assignments (mesa: h_reg = Diag(lamb) + h_kk, then o = h_kv^T h_reg^-1 q): the
+    # adjoints d<I> of its intermediates, in the order they are computed (each may read the ones before),
+    # and the gradients of the inputs it reads (per-head ridges).
+    readout_intermediates: tuple = ()
+    readout_inputs: dict = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         """One token's reverse step in order, one line per gradient, for `ttr explain`."""
-        rows = [f"d{name} += {value}  (the token's output)" for name, value in self.readout.items()]
+        rows = [f"d{name} = {value}  (the read-out's {name})" for name, value in self.readout_intermediates]
+        rows += [f"d{name} += {value}  (the token's output)" for name, value in self.readout.items()]
+        rows += [f"d{name} = {value}  (the read-out)" for name, value in self.readout_inputs.items()]
         rows.append(f"dq = {self.readout_query}  (the states after the token)")
         for step in self.steps:
             prefix = f"[{step.name}] " if len(self.steps) > 1 else ""
@@ -131,6 +143,12 @@ def _chain_vjp(chain: tuple, adjoint: MatPoly, wrt) -> MatPoly | RowDot | None:
             term = left.T() @ adjoint @ right.T()
         elif leaf == Transpose(wrt):
             term = right @ adjoint.T() @ left
+        elif leaf == Inverse(wrt):  # d(A^-1) = -A^-1 dA A^-1: L A^-1 R gives -A^-T L^T G R^T A^-T
+            inverse_t = MatPoly.leaf(Transpose(Inverse(wrt)))
+            term = -(inverse_t @ left.T() @ adjoint @ right.T() @ inverse_t)
+        elif leaf == Transpose(Inverse(wrt)):  # L A^-T R: the transpose of the above
+            inverse = MatPoly.leaf(Inverse(wrt))
+            term = -(inverse @ right @ adjoint.T() @ left @ inverse)
         elif isinstance(leaf, DiagMatrix) and leaf.args[0] == wrt:
             if total is not None:
                 raise NotImplementedError(f"{wrt} appears twice in {chain}")
@@ -187,8 +205,6 @@ def derive_adjoint(rule: UpdateRule) -> Adjoint:
     """The adjoint of a recurrent rule whose states are K x V or K x K (see the module's scope)."""
     if rule.form != "recurrent" or any((state.rows, state.cols) not in (("K", "V"), ("K", "K")) for state in rule.states):
         raise NotImplementedError(f"{rule.name}: only rules whose states are K x V or K x K have an adjoint here yet")
-    if len(rule.readout) != 1:
-        raise NotImplementedError(f"{rule.name}: a read-out in several assignments has no adjoint here yet")
     size = {"K": K, "V": V}
     leaves_of = {state.name: MatrixSymbol(state.name, size[state.rows], size[state.cols]) for state in rule.states}
     adjoints = {name: MatrixSymbol(f"d{name}", *leaf.shape) for name, leaf in leaves_of.items()}
@@ -211,13 +227,39 @@ def derive_adjoint(rule: UpdateRule) -> Adjoint:
         for symbol in sorted(scalars, key=lambda x: x.name):
             inputs[symbol.name] = vjp_scalar(f, adjoint, symbol)
         steps.append(AssignAdjoint(assign.target, others, inputs, vjp(f, adjoint, leaves_of[assign.target])))
-    readout = rule.readout[-1].value
-    return Adjoint(
-        readout={name: vjp(readout, OUTPUT_ADJOINT, leaf) for name, leaf in leaves_of.items()
-                 if leaf in _leaves(readout)},
-        readout_query=vjp(readout, OUTPUT_ADJOINT, q),
-        steps=tuple(steps),
-    )
+    return _readout_adjoint(rule, leaves_of, tuple(steps))
+
+
+def _readout_adjoint(rule: UpdateRule, leaves_of: dict, steps: tuple) -> Adjoint:
+    """The read-out's reverse, last assignment first: the output's adjoint do flows into the states, q, the
+    intermediates (each then passes its adjoint d<I> on, as a symbol the lowering computes first) and the
+    inputs it reads."""
+    final = rule.readout[-1]
+    intermediates = {a.target for a in rule.readout[:-1]}
+    found: dict = {}  # leaf name -> its adjoint so far
+    queries, inputs = [], {}
+    computed = []
+    for assign in reversed(rule.readout):
+        if assign is final:
+            adjoint = OUTPUT_ADJOINT
+        else:
+            computed.append((assign.target, found.pop(assign.target)))
+            adjoint = MatrixSymbol(f"d{assign.target}", assign.value.rows, assign.value.cols)
+        for leaf in sorted(_leaves(assign.value), key=lambda x: x.name):
+            gradient = vjp(assign.value, adjoint, leaf)
+            if leaf == q:
+                queries.append(gradient)
+            elif leaf.name in leaves_of or leaf.name in intermediates:
+                found[leaf.name] = gradient if leaf.name not in found else found[leaf.name] + gradient
+            elif isinstance(gradient, RowDot) or leaf.name not in inputs:
+                inputs[leaf.name] = gradient
+            else:
+                inputs[leaf.name] = inputs[leaf.name] + gradient
+    query = queries[0]
+    for more in queries[1:]:
+        query = query + more
+    return Adjoint(readout={name: found[name] for name in leaves_of if name in found}, readout_query=query,
+                   steps=steps, readout_intermediates=tuple(computed), readout_inputs=inputs)
 
 
 def _leaves(poly: MatPoly) -> set:

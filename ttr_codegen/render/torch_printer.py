@@ -35,6 +35,18 @@ class Operand:
         return len(self.axes)
 
 
+def _inverse(leaf) -> bool:
+    """An inverse, or the transpose of one."""
+    return isinstance(leaf, Inverse) or (isinstance(leaf, Transpose) and isinstance(leaf.arg, Inverse))
+
+
+def _solve_matrix(operand: Operand, transpose: bool) -> str:
+    """The matrix to solve with for an inverse operand (its own, or its transpose where the operand's axes
+    are swapped, or `transpose` asks for it; both: the matrix itself)."""
+    swapped = (operand.row, operand.col) != (0, 1)
+    return f"{operand.code}.transpose(-1, -2)" if swapped != transpose else operand.code
+
+
 def _token(leaf) -> str:
     if isinstance(leaf, Transpose):
         return _token(leaf.arg) + "T"
@@ -115,9 +127,14 @@ class TokenProgram:
         return result
 
     def _best_split(self, chain: tuple) -> int:
-        # An inverse is applied by solving with what stands to its right, so that part goes first.
-        inverses = [i for i, leaf in enumerate(chain) if isinstance(leaf, Inverse)]
+        # An inverse is applied by solving with what stands to its right, so that part goes first; in an outer
+        # product (a column, then a row) each side solves on its own (a row times an inverse is a solve with
+        # the transpose), so it splits there first.
+        inverses = [i for i, leaf in enumerate(chain) if _inverse(leaf)]
         if inverses:
+            for split in range(1, len(chain)):
+                if chain[split - 1].shape[1] == 1 and chain[split].shape[0] == 1:
+                    return split
             return 1 if inverses[0] == 0 else inverses[0]
         best = None
         for split in range(1, len(chain)):
@@ -143,12 +160,20 @@ class TokenProgram:
 
     def _product(self, a: Operand, b: Operand, name: str) -> Operand:
         if a.inverse:
-            code = f"torch.linalg.solve({a.code}, {b.code})"
+            code = f"torch.linalg.solve({_solve_matrix(a, transpose=False)}, {b.code})"
             result = Operand(name, b.axes, b.row, b.col)
             n = a.axes[0]
             self.cost += n**3 / 3 + n**2 * sp.Mul(*[d for d in b.axes if d != n] or [1])
             self.lines.append(f"{name} = {code}")
             return result
+        if b.inverse:
+            if a.rank != 1 or a.row is not None:
+                raise NotImplementedError("only a row vector times an inverse is printed (a solve with the transpose)")
+            # x^T B^-1 = (B^-T x)^T: the solution of B^T y = x, kept as a row.
+            self.lines.append(f"{name} = torch.linalg.solve({_solve_matrix(b, transpose=True)}, {a.code})")
+            n = b.axes[0]
+            self.cost += n**3 / 3 + n**2
+            return Operand(name, (n,), None, 0)
         used: list[str] = []
 
         def letter(dim) -> str:
