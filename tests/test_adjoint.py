@@ -18,7 +18,7 @@ from ttr_codegen.render.torch_printer import TokenProgram
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 LINEAR = ["linear_attention", "retnet", "simple_gla", "gla", "delta_rule", "gated_delta_rule",
           "gated_delta_rule_l2", "longhorn", "delta_product", "titans_linear",
-          "rls", "mesa"]  # K x K states too; mesa reads out through a solve
+          "rls", "mesa", "affine_mesa"]  # K x K, vector and scalar states too; the mesas read out through a solve
 SCALE = 0.7
 
 
@@ -48,9 +48,12 @@ def test_adjoint_matches_autograd(name):
     size = {"K": Kn, "V": Vn}
     values = {"k": rand(B, H, Kn) / 2, "v": rand(B, H, Vn), "q": rand(B, H, Kn), "do": rand(B, H, Vn),
               "K": Kn, "V": Vn}  # the sizes, for printed identities
+    size["1"] = None
     for state in rule.states:
-        shape = (B, H, size[state.rows], size[state.cols])
-        if state.rows == state.cols:  # a K x K state is a covariance: symmetric positive definite
+        shape = (B, H, *(size[d] for d in (state.rows, state.cols) if d != "1"))
+        if (state.rows, state.cols) == ("1", "1"):  # a weight total: positive
+            values[state.name] = 1 + torch.rand(*shape, generator=g, dtype=torch.float64)
+        elif state.rows == state.cols:  # a K x K state is a covariance: symmetric positive definite
             root = rand(*shape)
             values[state.name] = root @ root.transpose(-1, -2) / Kn + torch.eye(Kn, dtype=torch.float64)
         else:
@@ -109,8 +112,7 @@ def test_decay_gradient_pairs_through_frobenius():
     assert derive_adjoint(rule).steps[0].inputs["g"].atoms(Frobenius)
 
 
-@pytest.mark.parametrize("name", ["affine_mesa"])
-def test_unsupported_rules_say_so(name):
-    _, rule = derive_spec(SPECS / f"{name}.yaml")
+def test_attention_forms_have_no_recurrent_adjoint():
+    _, rule = derive_spec(SPECS / "softmax_attention.yaml")
     with pytest.raises(NotImplementedError):
         derive_adjoint(rule)

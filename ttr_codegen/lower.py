@@ -262,7 +262,7 @@ def lower_adjoint(spec: Spec, rule: UpdateRule, plan: NaivePlan) -> AdjointPlan 
         expression = program.poly(value)
         readout += [*program.lines, f"d{name} = {expression}"]
         program.lines = []
-    updates = [_add_to(f"d{state}", program.poly(value)) for state, value in adjoint.readout.items()]
+    updates = [_add_to(f"d{state}", _adjoint_code(program, value)) for state, value in adjoint.readout.items()]
     query = program.poly(adjoint.readout_query)
     inputs = [f"d{name}_t = {_adjoint_code(program, value)}" for name, value in adjoint.readout_inputs.items()]
     readout += program.lines + updates + inputs + [f"dq_t = {query}"]
@@ -270,13 +270,13 @@ def lower_adjoint(spec: Spec, rule: UpdateRule, plan: NaivePlan) -> AdjointPlan 
     where = {i.name: ("step" if i.per_step else "token" if i.per_token else "head") for i in plan.inputs}
     for index, step in zip(reversed(range(len(rule.update))), adjoint.steps):
         program = new_program()  # each assignment reads the states as they were before it
-        lines = [_add_to(f"d{other}", program.poly(value)) for other, value in step.others.items()]
+        lines = [_add_to(f"d{other}", _adjoint_code(program, value)) for other, value in step.others.items()]
         for name, value in step.inputs.items():
             code = _adjoint_code(program, value)
             lines.append(_add_to(f"d{name}_t", code) if name in seen else f"d{name}_t = {code}")
             seen.add(name)
             gradients.setdefault(name, where.get(name, "step"))  # k and v are per step
-        target = program.poly(step.target)
+        target = _adjoint_code(program, step.target)
         # Temporaries first (they read d<target> and the states before the assignment), d<target> replaced last.
         steps.append((index, (*program.lines, *lines, f"d{step.name} = {target}")))
     return AdjointPlan(tuple(readout), tuple(_step_reads(plan.inputs, "t * n_steps + j")), tuple(steps),

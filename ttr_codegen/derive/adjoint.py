@@ -22,10 +22,12 @@ A read-out may be several assignments too (mesa: h_reg = Diag(lamb) + h_kk, then
 flows back through them last first, each intermediate's adjoint d<I> becoming a symbol the next ones read.
 An inverse's occurrence L A^-1 R gives -A^-T L^T G R^T A^-T.
 
-Scope: recurrent rules whose states are K x V or K x K (the linear family, per-key gates and momentum
-included; RLS, whose coefficients read its inverse covariance P through k^T P k; mesa). Other state shapes
-(affine_mesa's scalar weight total and mean vectors, which its coefficients read as scalars) raise
-NotImplementedError for now.
+A scalar state (affine_mesa's weight total omega) is a symbol of the coefficients, and so is its adjoint:
+its gradients come from differentiating coefficients, like a scalar input's.
+
+Scope: every recurrent rule of the catalogue (the linear family with per-key gates, momentum and
+sub-steps; RLS, whose coefficients read its inverse covariance P through k^T P k; mesa and affine_mesa).
+The attention forms (a weighted sum over all keys, no recurrence) raise NotImplementedError.
 """
 
 from __future__ import annotations
@@ -113,8 +115,12 @@ class Adjoint:
         return rows
 
 
-def pairing(adjoint: MatrixSymbol, chain: tuple) -> sp.Expr:
-    """<adjoint, chain> as a scalar: tr(adjoint^T chain), rotated to start at a row vector."""
+def pairing(adjoint: MatrixSymbol | sp.Symbol, chain: tuple) -> sp.Expr:
+    """<adjoint, chain> as a scalar: tr(adjoint^T chain), rotated to start at a row vector. A scalar state's
+    adjoint is a plain symbol: its chains are empty (a 1 x 1 product is already an inner product)."""
+    if not isinstance(adjoint, MatrixSymbol):
+        assert chain == (), chain
+        return adjoint
     cycle = (Transpose(adjoint),) + tuple(chain)
     for start, leaf in enumerate(cycle):
         if leaf.shape[0] == 1:  # a row vector: the rotated cycle runs row ... column, a 1 x 1 chain
@@ -172,11 +178,11 @@ def _coefficient_derivative(coeff: sp.Expr, wrt) -> list[tuple[sp.Expr, Inner]]:
 
 def vjp(poly: MatPoly, adjoint: MatrixSymbol, wrt: MatrixSymbol) -> MatPoly | RowDot:
     """d/d wrt <adjoint, poly>, with the chain rule through coefficients' inner products."""
-    adjoint_poly = MatPoly.leaf(adjoint)
+    adjoint_poly = MatPoly.leaf(adjoint) if isinstance(adjoint, MatrixSymbol) else None  # None: a scalar state's
     result = MatPoly.build(*wrt.shape, [])
     diagonal = []  # per-key gates: a RowDot from each term whose diagonal holds wrt
     for chain, coeff in poly.terms:
-        direct = _chain_vjp(chain, adjoint_poly, wrt)
+        direct = _chain_vjp(chain, adjoint_poly, wrt) if adjoint_poly is not None else None
         if isinstance(direct, RowDot):
             diagonal.append(RowDot(direct.left.scaled(coeff), direct.right))
         elif direct is not None:
@@ -202,19 +208,33 @@ def vjp_scalar(poly: MatPoly, adjoint: MatrixSymbol, wrt: sp.Symbol) -> sp.Expr:
 
 
 def derive_adjoint(rule: UpdateRule) -> Adjoint:
-    """The adjoint of a recurrent rule whose states are K x V or K x K (see the module's scope)."""
-    if rule.form != "recurrent" or any((state.rows, state.cols) not in (("K", "V"), ("K", "K")) for state in rule.states):
-        raise NotImplementedError(f"{rule.name}: only rules whose states are K x V or K x K have an adjoint here yet")
-    size = {"K": K, "V": V}
-    leaves_of = {state.name: MatrixSymbol(state.name, size[state.rows], size[state.cols]) for state in rule.states}
+    """The adjoint of a recurrent rule whose states are matrices or vectors of K and V, or scalars (see the
+    module's scope)."""
+    if rule.form != "recurrent":
+        raise NotImplementedError(f"{rule.name}: only recurrent rules have an adjoint here")
+    size = {"K": K, "V": V, "1": 1}
+    # A matrix or vector state is a leaf of the chains; a scalar one (affine_mesa's weight total) is a symbol
+    # of the coefficients, and so is its adjoint.
+    symbols = {x.name: x for a in (*rule.update, *rule.readout) for _, c in a.value.terms for x in c.free_symbols}
+    leaves_of, scalars_of = {}, {}
+    for state in rule.states:
+        if (state.rows, state.cols) == ("1", "1"):
+            scalars_of[state.name] = symbols.get(state.name, sp.Symbol(state.name))
+        else:
+            leaves_of[state.name] = MatrixSymbol(state.name, size[state.rows], size[state.cols])
     adjoints = {name: MatrixSymbol(f"d{name}", *leaf.shape) for name, leaf in leaves_of.items()}
+    adjoints |= {name: sp.Symbol(f"d{name}") for name in scalars_of}
     gates = dict(rule.vectors)  # a per-key gate leaf exp_g -> its log-gate input g
     steps = []
     for assign in reversed(rule.update):
         f, adjoint = assign.value, adjoints[assign.target]
         read = _leaves(f)
+        coefficient_symbols = {x for _, coeff in f.terms for x in coeff.free_symbols
+                               if isinstance(x, sp.Symbol) and not isinstance(x, MatrixSymbol) and x not in (K, V)}
         others = {name: vjp(f, adjoint, leaf) for name, leaf in leaves_of.items()
                   if name != assign.target and leaf in read}
+        others |= {name: vjp_scalar(f, adjoint, symbol) for name, symbol in scalars_of.items()
+                   if name != assign.target and symbol in coefficient_symbols}
         inputs: dict = {}
         for leaf in sorted(read - set(leaves_of.values()), key=lambda x: x.name):
             gradient = vjp(f, adjoint, leaf)
@@ -222,15 +242,15 @@ def derive_adjoint(rule: UpdateRule) -> Adjoint:
                 inputs[gates[leaf.name]] = RowDot(gradient.left, gradient.right, times=leaf)
             else:
                 inputs[leaf.name] = gradient
-        scalars = {x for _, coeff in f.terms for x in coeff.free_symbols
-                   if isinstance(x, sp.Symbol) and not isinstance(x, MatrixSymbol) and x not in (K, V)}
-        for symbol in sorted(scalars, key=lambda x: x.name):
+        for symbol in sorted(coefficient_symbols - set(scalars_of.values()), key=lambda x: x.name):
             inputs[symbol.name] = vjp_scalar(f, adjoint, symbol)
-        steps.append(AssignAdjoint(assign.target, others, inputs, vjp(f, adjoint, leaves_of[assign.target])))
-    return _readout_adjoint(rule, leaves_of, tuple(steps))
+        target = (vjp_scalar(f, adjoint, scalars_of[assign.target]) if assign.target in scalars_of
+                  else vjp(f, adjoint, leaves_of[assign.target]))
+        steps.append(AssignAdjoint(assign.target, others, inputs, target))
+    return _readout_adjoint(rule, leaves_of, scalars_of, tuple(steps))
 
 
-def _readout_adjoint(rule: UpdateRule, leaves_of: dict, steps: tuple) -> Adjoint:
+def _readout_adjoint(rule: UpdateRule, leaves_of: dict, scalars_of: dict, steps: tuple) -> Adjoint:
     """The read-out's reverse, last assignment first: the output's adjoint do flows into the states, q, the
     intermediates (each then passes its adjoint d<I> on, as a symbol the lowering computes first) and the
     inputs it reads."""
@@ -245,6 +265,10 @@ def _readout_adjoint(rule: UpdateRule, leaves_of: dict, steps: tuple) -> Adjoint
         else:
             computed.append((assign.target, found.pop(assign.target)))
             adjoint = MatrixSymbol(f"d{assign.target}", assign.value.rows, assign.value.cols)
+        for name, symbol in scalars_of.items():  # a scalar state read by a coefficient
+            if any(symbol in coeff.free_symbols for _, coeff in assign.value.terms):
+                gradient = vjp_scalar(assign.value, adjoint, symbol)
+                found[name] = gradient if name not in found else found[name] + gradient
         for leaf in sorted(_leaves(assign.value), key=lambda x: x.name):
             gradient = vjp(assign.value, adjoint, leaf)
             if leaf == q:
@@ -258,7 +282,8 @@ def _readout_adjoint(rule: UpdateRule, leaves_of: dict, steps: tuple) -> Adjoint
     query = queries[0]
     for more in queries[1:]:
         query = query + more
-    return Adjoint(readout={name: found[name] for name in leaves_of if name in found}, readout_query=query,
+    states = [*leaves_of, *scalars_of]
+    return Adjoint(readout={name: found[name] for name in states if name in found}, readout_query=query,
                    steps=steps, readout_intermediates=tuple(computed), readout_inputs=inputs)
 
 
