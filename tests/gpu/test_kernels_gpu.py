@@ -15,6 +15,15 @@ from ttr_codegen.testing import LayerChecks, assert_within, compiled_matches_eag
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _release_cached_memory():
+    """Give each test's cached blocks back to the device: several pytest workers share one GPU, and memory one
+    worker's allocator keeps can leave another's kernel launch short of memory."""
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}  # relative to 1 + max |reference|
 LAYERS = sorted(p.parent.name for p in (ROOT / "generated").glob("*/fused_recurrent.py"))
