@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is asked to check, in one call, each step bounded so that a slow one leaves
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device:
-#     bash benchmarks/gpu_session.sh [tests|bench|all]   (carry the git-ignored wheels/ folder: fla-core,
-#                                                        einops, pyyaml, pytest-xdist, execnet)
-# "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the kernels
-# against fla and profiles them. One device call has 10 minutes: run them as two calls.
+#     bash benchmarks/gpu_session.sh [tests|bench|train|all]   (carry the git-ignored wheels/ folder:
+#                                                              fla-core, einops, pyyaml, pytest-xdist, execnet)
+# "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
+# kernels against fla and profiles them; "train" runs only the training tests (backward, packed, compile)
+# and times forward+backward against fla (its guard bypassed where it refuses: time only). One device call
+# has 10 minutes: run them as separate calls.
 set -uo pipefail
 OUT="${OUT:-gpu-logs}"
 mkdir -p "$OUT"
@@ -18,6 +20,14 @@ step() {  # step NAME SECONDS COMMAND...: run, keep its output, note how it ende
     timeout "$seconds" "$@" > "$OUT/$name.txt" 2>&1
     echo "$name: exit $?" >> "$OUT/steps.txt"
 }
+if [[ $WHAT == train ]]; then
+    step train_tests 300 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -n 8 -rf \
+        -k "backward or compiles_fullgraph"
+    tail -n 15 "$OUT"/train_tests.txt
+    step bench_train 270 python3 benchmarks/train_gpu.py --bypass-fla-guard
+    cat "$OUT/bench_train.txt" "$OUT/steps.txt"
+    exit 0
+fi
 if [[ $WHAT != bench ]]; then
     step gpu_tests 500 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -n 8 --durations=10 -rf
     tail -n 25 "$OUT"/gpu_tests.txt
