@@ -117,16 +117,28 @@ BACKWARD_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 
 @pytest.mark.parametrize("T", [63, 1000])
 @pytest.mark.parametrize("name", TRAINED)
 def test_chunk_triton_backward(name, T, dtype):
-    """chunk_<name> with autograd on CUDA (the Triton forward and the derived backward on the same kernels)
-    against float64 autograd of the reference, for every input, the initial state and the final state."""
+    """chunk_<name> with autograd on CUDA (the Triton forward and the derived backward's kernels) against
+    float64 autograd of the reference, for every input, the initial state and the final state."""
+    _check_backward(name, T, dtype, K=128, V=100)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", TRAINED)
+def test_chunk_triton_backward_largest_head(name, dtype):
+    """The backward at K = 256 (the kernels' limit) and V = 200 (no power of two)."""
+    _check_backward(name, 300, dtype, K=256, V=200)
+
+
+def _check_backward(name: str, T: int, dtype: torch.dtype, K: int, V: int) -> None:
     module = importlib.import_module(f"generated.{name}")
     checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", getattr(module, f"naive_{name}"), None)
     device = torch.device("cuda")
-    run = checks.problem(T, 128, 100, B=2, H=3, seed=T).to(dtype, device)
+    run = checks.problem(T, K, V, B=2, H=3, seed=T).to(dtype, device)
     generator = torch.Generator(device="cuda").manual_seed(T)
-    state = torch.randn(2, 3, 128, 100, device=device, dtype=torch.float64, generator=generator) * 0.1
-    d_out = torch.randn(2, T, 3, 100, device=device, dtype=torch.float64, generator=generator)
-    d_final = torch.randn(2, 3, 128, 100, device=device, dtype=torch.float64, generator=generator)
+    state = torch.randn(2, 3, K, V, device=device, dtype=torch.float64, generator=generator) * 0.1
+    d_out = torch.randn(2, T, 3, V, device=device, dtype=torch.float64, generator=generator)
+    d_final = torch.randn(2, 3, K, V, device=device, dtype=torch.float64, generator=generator)
 
     def gradients(op, args, initial):
         leaves = [x.clone().requires_grad_(True) for x in (*args, initial)]
