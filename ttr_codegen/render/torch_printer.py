@@ -40,11 +40,11 @@ def _inverse(leaf) -> bool:
     return isinstance(leaf, Inverse) or (isinstance(leaf, Transpose) and isinstance(leaf.arg, Inverse))
 
 
-def _solve_matrix(operand: Operand, transpose: bool) -> str:
-    """The matrix to solve with for an inverse operand (its own, or its transpose where the operand's axes
-    are swapped, or `transpose` asks for it; both: the matrix itself)."""
+def _solve_matrix(operand: Operand) -> str:
+    """The matrix to solve with for an inverse operand: its own, or its transpose where the operand's axes
+    are swapped (an inverse's transpose)."""
     swapped = (operand.row, operand.col) != (0, 1)
-    return f"{operand.code}.transpose(-1, -2)" if swapped != transpose else operand.code
+    return f"{operand.code}.transpose(-1, -2)" if swapped else operand.code
 
 
 def _token(leaf) -> str:
@@ -119,6 +119,12 @@ class TokenProgram:
             return self.operand(chain[0])
         if chain in self.memo:
             return self.memo[chain]
+        if chain[0].shape[0] == 1 and any(_inverse(leaf) for leaf in chain):
+            # A row through an inverse, x^T A^-1, is the transpose of the column A^-T x: one solve, shared
+            # with any other use of that column.
+            column = self.chain(tuple(leaf.T for leaf in reversed(chain)))
+            self.memo[chain] = Operand(column.code, column.axes, column.col, column.row)
+            return self.memo[chain]
         split = self._best_split(chain)
         left, right = self.chain(chain[:split]), self.chain(chain[split:])
         name = "_".join(_token(leaf) for leaf in chain)
@@ -128,8 +134,8 @@ class TokenProgram:
 
     def _best_split(self, chain: tuple) -> int:
         # An inverse is applied by solving with what stands to its right, so that part goes first; in an outer
-        # product (a column, then a row) each side solves on its own (a row times an inverse is a solve with
-        # the transpose), so it splits there first.
+        # product (a column, then a row) each side solves on its own (a row through an inverse as the
+        # transposed column), so it splits there first.
         inverses = [i for i, leaf in enumerate(chain) if _inverse(leaf)]
         if inverses:
             for split in range(1, len(chain)):
@@ -160,20 +166,14 @@ class TokenProgram:
 
     def _product(self, a: Operand, b: Operand, name: str) -> Operand:
         if a.inverse:
-            code = f"torch.linalg.solve({_solve_matrix(a, transpose=False)}, {b.code})"
+            code = f"torch.linalg.solve({_solve_matrix(a)}, {b.code})"
             result = Operand(name, b.axes, b.row, b.col)
             n = a.axes[0]
             self.cost += n**3 / 3 + n**2 * sp.Mul(*[d for d in b.axes if d != n] or [1])
             self.lines.append(f"{name} = {code}")
             return result
-        if b.inverse:
-            if a.rank != 1 or a.row is not None:
-                raise NotImplementedError("only a row vector times an inverse is printed (a solve with the transpose)")
-            # x^T B^-1 = (B^-T x)^T: the solution of B^T y = x, kept as a row.
-            self.lines.append(f"{name} = torch.linalg.solve({_solve_matrix(b, transpose=True)}, {a.code})")
-            n = b.axes[0]
-            self.cost += n**3 / 3 + n**2
-            return Operand(name, (n,), None, 0)
+        if b.inverse:  # a row through an inverse goes through its transposed column (see chain)
+            raise NotImplementedError("a matrix times an inverse is not printed")
         used: list[str] = []
 
         def letter(dim) -> str:
