@@ -255,9 +255,16 @@ def _readout_adjoint(rule: UpdateRule, leaves_of: dict, scalars_of: dict, steps:
     intermediates (each then passes its adjoint d<I> on, as a symbol the lowering computes first) and the
     inputs it reads."""
     final = rule.readout[-1]
-    intermediates = {a.target for a in rule.readout[:-1]}
-    found: dict = {}  # leaf name -> its adjoint so far
-    queries, inputs = [], {}
+    found: dict = {}  # name -> its adjoint so far: states, intermediates, q and the inputs the read-out reads
+
+    def add(name: str, gradient) -> None:
+        if name not in found:
+            found[name] = gradient
+        elif isinstance(gradient, RowDot) or isinstance(found[name], RowDot):
+            raise NotImplementedError(f"{name} in several diagonals of the read-out has no adjoint here yet")
+        else:
+            found[name] = found[name] + gradient
+
     computed = []
     for assign in reversed(rule.readout):
         if assign is final:
@@ -267,24 +274,13 @@ def _readout_adjoint(rule: UpdateRule, leaves_of: dict, scalars_of: dict, steps:
             adjoint = MatrixSymbol(f"d{assign.target}", assign.value.rows, assign.value.cols)
         for name, symbol in scalars_of.items():  # a scalar state read by a coefficient
             if any(symbol in coeff.free_symbols for _, coeff in assign.value.terms):
-                gradient = vjp_scalar(assign.value, adjoint, symbol)
-                found[name] = gradient if name not in found else found[name] + gradient
+                add(name, vjp_scalar(assign.value, adjoint, symbol))
         for leaf in sorted(_leaves(assign.value), key=lambda x: x.name):
-            gradient = vjp(assign.value, adjoint, leaf)
-            if leaf == q:
-                queries.append(gradient)
-            elif leaf.name in leaves_of or leaf.name in intermediates:
-                found[leaf.name] = gradient if leaf.name not in found else found[leaf.name] + gradient
-            elif isinstance(gradient, RowDot) or leaf.name not in inputs:
-                inputs[leaf.name] = gradient
-            else:
-                inputs[leaf.name] = inputs[leaf.name] + gradient
-    query = queries[0]
-    for more in queries[1:]:
-        query = query + more
+            add(leaf.name, vjp(assign.value, adjoint, leaf))
     states = [*leaves_of, *scalars_of]
-    return Adjoint(readout={name: found[name] for name in states if name in found}, readout_query=query,
-                   steps=steps, readout_intermediates=tuple(computed), readout_inputs=inputs)
+    return Adjoint(readout={name: found.pop(name) for name in states if name in found},
+                   readout_query=found.pop(q.name), steps=steps, readout_intermediates=tuple(computed),
+                   readout_inputs=found)
 
 
 def _leaves(poly: MatPoly) -> set:
