@@ -253,8 +253,8 @@ class LayerChecks:
         """Autograd of <d_out, o> + <d_final, final state> through `op`, for every input and state part."""
         leaves = [x.clone().requires_grad_(True) for x in (*problem.args(), *state)]
         carried = leaves[len(leaves) - len(state):]
-        o, final = op(*leaves[:len(leaves) - len(state)], initial_state=tuple(carried) if several else carried[0],
-                      output_final_state=True, **options)
+        initial = None if not state else tuple(carried) if several else carried[0]
+        o, final = op(*leaves[:len(leaves) - len(state)], initial_state=initial, output_final_state=True, **options)
         finals = final if several else (final,)
         loss = (o * d_out).sum() + sum((f * d).sum() for f, d in zip(finals, d_final))
         return torch.autograd.grad(loss, leaves)
@@ -302,15 +302,13 @@ class LayerChecks:
         """The Triton training path under near-total forgetting, in chunks of 64 ending on a part chunk: finite
         gradients, within float32 rounding of naive_<name>'s (relative to the largest)."""
         problem = self.strong_gate_problem(T, K, V)
-        generator = torch.Generator().manual_seed(32)
-        d_out = torch.randn(2, T, 2, V, dtype=torch.float64, generator=generator)
+        d_out = torch.randn(2, T, 2, V, dtype=torch.float64, generator=torch.Generator().manual_seed(32))
+        expected = self._state_gradients(self.naive, problem, [], d_out, [], False)
 
-        def gradients(op, args):
-            leaves = [x.clone().requires_grad_(True) for x in args]
-            return torch.autograd.grad((op(*leaves)[0] * d_out.to(leaves[0].dtype)).sum(), leaves)
+        def op(*args, initial_state, output_final_state):
+            return train(*args, None, initial_state, output_final_state, None, 64)
 
-        expected = gradients(self.naive, problem.args())
-        found = gradients(lambda *args: train(*args, None, None, False, None, 64), problem.to(torch.float32).args())
+        found = self._state_gradients(op, problem.to(torch.float32), [], d_out.float(), [], False)
         for name, g, g_ref in zip(self._gradient_names(problem, 0), found, expected, strict=True):
             assert torch.isfinite(g).all(), f"d/d{name} is not finite"
             assert_within(g, g_ref, 1e-4, f"d/d{name}")
