@@ -1,0 +1,139 @@
+"""What each generated Triton kernel asks of an H100, found without one: registers, local memory and shared
+memory of every kernel a training step launches, compiled for sm_90a by the installed Triton.
+
+    python benchmarks/kernel_resources.py [layer ...] [--K 128 --V 100] [--dtype float32 bfloat16]
+
+A kernel that spills keeps its spilled values in local memory, and the driver reserves local memory for
+every thread the GPU can hold at once (2048 per SM, 132 SMs): 1 KiB of stack per thread costs about 264 MiB
+per process, whatever the kernel's grid. The last column is that reservation. Matches the device where the
+installed Triton is the device's version (3.6 on our H100s; `pip install triton==3.6.0` in a virtual
+environment to check against it).
+
+How: a child process runs the layer's Triton training step under the interpreter and records each launch's
+arguments (without running the kernels); this process compiles each distinct specialization for sm_90a.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+THREADS_PER_GPU = 2048 * 132  # resident threads of an H100 SXM: what the local memory is reserved for
+TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int32": "i32", "int64": "i64"}
+
+
+def trained_layers() -> list[str]:
+    return sorted(p.parent.name for p in (ROOT / "generated").glob("*/chunk.py") if "_triton_train" in p.read_text())
+
+
+def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list:
+    """(module, kernel, {argument: ["tensor", dtype] or ["value", v]}) of every launch of a forward and
+    backward of chunk_<name> on the Triton path. Runs under TRITON_INTERPRET=1 with the launches stubbed."""
+    import torch
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from ttr_codegen.testing import LayerChecks
+
+    launches = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        values = dict(zip(self.arg_names, args)) | kwargs
+        launches.append([self.fn.__module__, self.fn.__name__, {
+            k: ["tensor", str(v.dtype).removeprefix("torch.")] if isinstance(v, torch.Tensor) else ["value", v]
+            for k, v in values.items()}])
+
+    InterpretedFunction.run = record  # the step's values are garbage from here on; only the launches matter
+    chunk = importlib.import_module(f"generated.{name}.chunk")
+    problem = LayerChecks(ROOT / "specs" / f"{name}.yaml", None, None).problem(T, K, V, B=1, H=1, seed=0)
+    leaves = [x.to(getattr(torch, dtype) if i < 3 else torch.float32).requires_grad_(True)
+              for i, x in enumerate(problem.args())]
+    state = torch.zeros(1, 1, K, V, requires_grad=True)
+    o, final = chunk._triton_train(*leaves, None, state, True, None, 64)
+    torch.autograd.grad(o.float().sum() + final.sum(), [*leaves, state], allow_unused=True)
+    return launches
+
+
+def cubin_resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) per thread of a compiled kernel, from cuobjdump (bundled with Triton)."""
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.cubin").write_bytes(cubin)
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f"{tmp}/k.cubin"],
+                               capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return int(found.group(1)), int(found.group(2))
+
+
+def compile_for_hopper(module: str, kernel: str, arguments: dict):
+    """The compiled kernel of one recorded launch, for sm_90a."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    jit = getattr(importlib.import_module(module), kernel)
+    signature, constants, attributes = {}, {}, {}
+    for i, param in enumerate(jit.params):
+        kind, value = arguments[param.name]
+        if param.is_constexpr or value is None:
+            signature[param.name], constants[param.name] = "constexpr", value
+        elif kind == "tensor":
+            signature[param.name] = "*" + TYPES[value]
+            attributes[(i,)] = [["tt.divisibility", 16]]  # as the launcher specialises aligned pointers
+        else:
+            signature[param.name] = "fp32" if isinstance(value, float) else "i32"
+    options = {k: v for k, (_, v) in arguments.items() if k not in jit.arg_names}  # num_warps, num_stages
+    source = ASTSource(jit, signature, constants, attributes)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options), options
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("layers", nargs="*")
+    parser.add_argument("--K", type=int, default=128)
+    parser.add_argument("--V", type=int, default=100)
+    parser.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--record", action="store_true", help=argparse.SUPPRESS)  # the child's part
+    args = parser.parse_args()
+    if args.record:
+        print(json.dumps(record_launches(args.layers[0], args.K, args.V, args.dtype[0])))
+        return
+    import triton
+
+    print(f"sm_90a, Triton {triton.__version__}, K={args.K} V={args.V}, a training step (forward and backward)")
+    print(f"{'layer':20s} {'dtype':9s} {'kernel':22s} {'regs':>5s} {'stack B':>8s} {'shared B':>9s} "
+          f"{'warps':>5s} {'stages':>6s} {'local MiB':>9s}")
+    for name in args.layers or trained_layers():
+        for dtype in args.dtype:
+            child = subprocess.run([sys.executable, __file__, name, "--record", "--K", str(args.K), "--V", str(args.V),
+                                    "--dtype", dtype], capture_output=True, text=True,
+                                   env=os.environ | {"TRITON_INTERPRET": "1"})
+            if child.returncode:
+                print(f"{name:20s} {dtype:9s} recording failed:\n{child.stderr[-2000:]}")
+                continue
+            seen = set()
+            for module, kernel, arguments in json.loads(child.stdout.splitlines()[-1]):
+                key = json.dumps([kernel, arguments], sort_keys=True)
+                if key in seen:  # the backward recomputes the forward's kernels with the same arguments
+                    continue
+                seen.add(key)
+                compiled, options = compile_for_hopper(module, kernel, arguments)
+                registers, stack = cubin_resources(compiled.asm["cubin"])
+                print(f"{name:20s} {dtype:9s} {kernel:22s} {registers:5d} {stack:8d} "
+                      f"{compiled.metadata.shared:9d} {options.get('num_warps', 4):5d} {options.get('num_stages', 3):6d} "
+                      f"{stack * THREADS_PER_GPU / 2**20:9.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
