@@ -6,6 +6,8 @@ for T = 4096.
 """
 
 import importlib
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,10 +22,19 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(autouse=True)
 def _release_cached_memory():
     """Give each test's cached blocks back to the device: several pytest workers share one GPU, and memory one
-    worker's allocator keeps can leave another's kernel launch short of memory."""
+    worker's allocator keeps can leave another's kernel launch short of memory. A test that leaves the CUDA
+    context broken (a faulting kernel: every later CUDA call fails) ends its process: under pytest-xdist a
+    fresh worker takes the remaining tests, so one fault fails one test instead of all that worker runs."""
     yield
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        except (RuntimeError, torch.AcceleratorError) as error:
+            if "illegal" in str(error) or "unspecified launch failure" in str(error):
+                sys.stderr.write(f"CUDA context lost ({error}); ending this test process\n")
+                os._exit(3)
+            raise
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}  # relative to 1 + max |reference|
 LAYERS = sorted(p.parent.name for p in (ROOT / "generated").glob("*/fused_recurrent.py"))
