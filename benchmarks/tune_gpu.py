@@ -1,10 +1,11 @@
 """Sweep the launch settings (LAUNCH table) of generated chunked Triton kernels on this GPU.
 
-    python benchmarks/tune_gpu.py delta_rule simple_gla [--B 8 --T 2048]
+    python benchmarks/tune_gpu.py delta_rule simple_gla [--B 8 --T 2048] [--backward] [--kernels dstates ...]
 
 One kernel's settings vary at a time, the others stay at the table's values; each line prints the whole
-forward's `triton.testing.do_bench` time (bf16, H=16, K=V=128), and the best setting per kernel closes the
-sweep. Paste the winners into the template's launch table to make them the default.
+forward's `triton.testing.do_bench` time (bf16, H=16, K=V=128), or with --backward a training step's
+(forward and backward of `chunk_<name>`, gradients of every input), and the best setting per kernel closes
+the sweep. Paste the winners into the template's launch table to make them the default.
 """
 
 from __future__ import annotations
@@ -30,7 +31,37 @@ CANDIDATES = {
     "states": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [2, 3]},
     "states_long": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [2, 3]},
     "output": {"BK": [64, 128], "BV": [64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
+    # The backward's: the adjoint walks, then the kernels that run every chunk in parallel.
+    "dstates": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
+    "dstates_long": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
+    "dv": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
+    "dv_local": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
+    "intra": {"num_warps": [2, 4, 8], "num_stages": [1, 2]},
+    "dqk": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
+    "dqkw": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
+    "wy_backward": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
 }
+
+
+def timed_step(name: str, B: int, T: int, backward: bool):
+    """A function running the layer's Triton forward (or, with backward, a training step) on bf16 inputs."""
+    p = LayerChecks(ROOT / "specs" / f"{name}.yaml", None, None).problem(T, 128, 128, B=B, H=16)
+    p = p.to(torch.bfloat16, "cuda")
+    if not backward:
+        kernel = getattr(importlib.import_module(f"generated.{name}.chunk_triton"), f"chunk_{name}_triton")
+
+        def forward():
+            with torch.no_grad():
+                kernel(*p.args())
+        return forward
+    layer = getattr(importlib.import_module(f"generated.{name}"), f"chunk_{name}")
+    args = [x.requires_grad_(True) for x in p.args()]
+    trainable = [x for x in args if x.dim() >= 3]  # q, k, v and per-token gates (not per-head constants)
+    d_out = torch.randn(B, T, 16, 128, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        torch.autograd.grad(layer(*args)[0], trainable, d_out)
+    return step
 
 
 def main() -> None:
@@ -39,34 +70,36 @@ def main() -> None:
     parser.add_argument("--B", type=int, default=8)
     parser.add_argument("--T", type=int, default=2048)  # states_long applies where B * H is small (e.g. B=2 T=8192)
     parser.add_argument("--kernels", nargs="*", default=None, help="only sweep these kernels (e.g. states)")
+    parser.add_argument("--backward", action="store_true", help="time a training step (the backward's kernels too)")
     args = parser.parse_args()
-    print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}, bf16, B={args.B} T={args.T} H=16 K=V=128")
+    what = "forward + backward" if args.backward else "forward"
+    print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}, bf16 {what}, B={args.B} T={args.T} H=16 K=V=128")
     for name in args.layers:
         module = importlib.import_module(f"generated.{name}.chunk_triton")
-        kernel = getattr(module, f"chunk_{name}_triton")
-        p = LayerChecks(ROOT / "specs" / f"{name}.yaml", None, None).problem(args.T, 128, 128, B=args.B, H=16)
-        p = p.to(torch.bfloat16, "cuda")
+        run = timed_step(name, args.B, args.T, args.backward)
         default = {k: dict(v) for k, v in module.LAUNCH.items()}
-        with torch.no_grad():
-            base = triton.testing.do_bench(lambda: kernel(*p.args()))
-            print(f"{name}: table {default} -> {base:.4f} ms", flush=True)
-            for stage, settings in default.items():
-                if args.kernels and stage not in args.kernels:
+        base = triton.testing.do_bench(run)
+        print(f"{name}: table {default} -> {base:.4f} ms", flush=True)
+        for stage, settings in default.items():
+            if args.kernels and stage not in args.kernels:
+                continue
+            keys = [k for k in CANDIDATES.get(stage, {}) if k in settings]
+            if not keys:
+                print(f"    {stage}: no candidates to sweep")
+                continue
+            results = []
+            for values in itertools.product(*(CANDIDATES[stage][k] for k in keys)):
+                module.LAUNCH = {**default, stage: {**settings, **dict(zip(keys, values))}}
+                try:
+                    ms = triton.testing.do_bench(run)
+                except Exception as error:  # e.g. out of shared memory for this tile
+                    print(f"    {stage} {dict(zip(keys, values))}: failed ({type(error).__name__})")
                     continue
-                keys = [k for k in CANDIDATES[stage] if k in settings]
-                results = []
-                for values in itertools.product(*(CANDIDATES[stage][k] for k in keys)):
-                    module.LAUNCH = {**default, stage: {**settings, **dict(zip(keys, values))}}
-                    try:
-                        ms = triton.testing.do_bench(lambda: kernel(*p.args()))
-                    except Exception as error:  # e.g. out of shared memory for this tile
-                        print(f"    {stage} {dict(zip(keys, values))}: failed ({type(error).__name__})")
-                        continue
-                    results.append((ms, dict(zip(keys, values))))
-                results.sort(key=lambda r: r[0])
-                for ms, values in results[:3]:
-                    print(f"    {stage} {values}: {ms:.4f} ms", flush=True)
-            module.LAUNCH = default
+                results.append((ms, dict(zip(keys, values))))
+            results.sort(key=lambda r: r[0])
+            for ms, values in results[:3]:
+                print(f"    {stage} {values}: {ms:.4f} ms", flush=True)
+        module.LAUNCH = default
 
 
 if __name__ == "__main__":
