@@ -1,0 +1,257 @@
+"""Gradients of a nonlinear memory's loss, derived: the chain rule applied to symbols, printed as torch.
+
+A nonlinear regressor (TTT's x + LN(W x + b), a two-layer MLP, Titans' MLP memory) is a short program over
+a mini-batch of rows: products with its weight matrices, bias adds, a layer norm's mean and variance,
+elementwise activations. Its test-time optimiser needs the gradient of the weighted loss
+
+    L = 1/2 sum_i eta_i ||f(x_i; W) - y_i||^2
+
+with respect to every fast weight, taken at the weights of the mini-batch start. Here that program is
+written once as a `Program` (a straight line of operations on named values), walked backwards applying
+each operation's vector-Jacobian product, and printed as explicit torch lines: the generated code
+computes the gradients with no autograd. An elementwise function (an activation, the layer norm's
+1 / sqrt(var + eps)) is a SymPy expression of one symbol, and SymPy differentiates it.
+
+Every value is a tensor `[..., r, c]`: rows `[n, D]`, a column `[n, 1]` (a row's mean), or a vector
+`[1, D]` (a bias, a layer norm's weight). A weight matrix is `[..., D_in, D_out]` and acts as x W, the
+layout of every state here (S is K x V, read as k^T S). Leading axes (batch, head) are shared, so a weight
+may differ per sequence and head, as a fast weight does. Broadcasting follows torch;
+the backward sums a gradient over the axes its value was broadcast along.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from ..render.torch_printer import _ScalarPrinter
+
+X = sp.Symbol("x")  # the argument of an elementwise function
+
+ROWS, COLUMN, VECTOR, MATRIX = "rows", "column", "vector", "matrix"
+
+
+@dataclass(frozen=True)
+class Value:
+    name: str
+    kind: str  # ROWS, COLUMN, VECTOR or MATRIX
+
+
+@dataclass(frozen=True)
+class Op:
+    out: Value
+    fn: str  # "linear" (x W), "add", "sub", "mul", "mean" (over the last axis), "apply" (elementwise)
+    args: tuple[Value, ...]
+    function: sp.Expr | None = None  # for "apply": an expression of X
+
+
+@dataclass
+class Program:
+    """A regressor's forward over a mini-batch, built operation by operation."""
+
+    inputs: list[Value] = field(default_factory=list)
+    ops: list[Op] = field(default_factory=list)
+
+    def input(self, name: str, kind: str) -> Value:
+        value = Value(name, kind)
+        self.inputs.append(value)
+        return value
+
+    def _op(self, name: str, fn: str, args: tuple[Value, ...], kind: str, function=None) -> Value:
+        out = Value(name, kind)
+        self.ops.append(Op(out, fn, args, function))
+        return out
+
+    def linear(self, name: str, x: Value, weight: Value) -> Value:
+        return self._op(name, "linear", (x, weight), ROWS)
+
+    def add(self, name: str, a: Value, b: Value) -> Value:
+        return self._op(name, "add", (a, b), _broadcast_kind(a.kind, b.kind))
+
+    def sub(self, name: str, a: Value, b: Value) -> Value:
+        return self._op(name, "sub", (a, b), _broadcast_kind(a.kind, b.kind))
+
+    def mul(self, name: str, a: Value, b: Value) -> Value:
+        return self._op(name, "mul", (a, b), _broadcast_kind(a.kind, b.kind))
+
+    def mean(self, name: str, a: Value) -> Value:
+        return self._op(name, "mean", (a,), COLUMN)
+
+    def apply(self, name: str, function: sp.Expr, a: Value) -> Value:
+        return self._op(name, "apply", (a,), a.kind, function)
+
+    def layer_norm(self, name: str, z: Value, weight: Value, bias: Value, eps: float) -> Value:
+        """LN(z) = (z - mean z) / sqrt(var z + eps) * weight + bias over the last axis, from the primitives
+        (its backward then follows from theirs)."""
+        centred = self.sub(f"{name}_centred", z, self.mean(f"{name}_mean", z))
+        variance = self.mean(f"{name}_var", self.mul(f"{name}_square", centred, centred))
+        inv_std = self.apply(f"{name}_inv_std", 1 / sp.sqrt(X + sp.Float(eps)), variance)
+        normed = self.mul(f"{name}_hat", centred, inv_std)
+        return self.add(name, self.mul(f"{name}_scaled", normed, weight), bias)
+
+
+def _broadcast_kind(a: str, b: str) -> str:
+    kinds = {a, b}
+    assert MATRIX not in kinds, "weight matrices enter only through linear"
+    if ROWS in kinds or kinds == {COLUMN, VECTOR}:
+        return ROWS
+    return a
+
+
+def _reduce(expr: str, kind: str, to: str) -> str:
+    """expr (of kind `kind`) summed over the axes along which a value of kind `to` was broadcast."""
+    if kind == to:
+        return expr
+    expr = expr if expr.isidentifier() else f"({expr})"
+    if to == COLUMN:
+        return f"{expr}.sum(-1, keepdim=True)"
+    if to == VECTOR:
+        return f"{expr}.sum(-2, keepdim=True)"
+    raise AssertionError(f"cannot reduce {kind} to {to}")
+
+
+class _ElementwisePrinter(_ScalarPrinter):
+    """An elementwise function of a tensor: torch's functions, numbers as float literals."""
+
+    def _print_tanh(self, expr):
+        return f"torch.tanh({self._print(expr.args[0])})"
+
+    def _print_erf(self, expr):
+        return f"torch.erf({self._print(expr.args[0])})"
+
+    def _print_log(self, expr):
+        return f"torch.log({self._print(expr.args[0])})"
+
+    def _print_Pow(self, expr):
+        base, exponent = expr.args
+        if exponent == sp.Rational(-1, 2):
+            return f"torch.rsqrt({self._print(base)})"
+        if exponent == sp.Rational(1, 2):
+            return f"torch.sqrt({self._print(base)})"
+        return super()._print_Pow(expr)
+
+
+
+def _numbers_evaluated(expr: sp.Expr) -> sp.Expr:
+    """expr with every constant subexpression (sqrt(2 / pi), ...) a float: torch functions take tensors."""
+    if expr.is_number and not expr.is_Integer:
+        return sp.Float(expr.evalf(17))
+    if not expr.args:
+        return expr
+    return expr.func(*(_numbers_evaluated(a) for a in expr.args))
+
+
+def print_elementwise(function: sp.Expr, argument: str) -> str:
+    """torch code of function(X) at the tensor named `argument` (constants such as sqrt(2 / pi) as numbers)."""
+    return _ElementwisePrinter({X.name: argument}).doprint(_numbers_evaluated(function))
+
+
+def forward_lines(program: Program) -> list[str]:
+    """The forward as torch lines, one per operation."""
+    lines = []
+    for op in program.ops:
+        a = [v.name for v in op.args]
+        expression = {
+            "linear": lambda: f"{a[0]} @ {a[1]}",
+            "add": lambda: f"{a[0]} + {a[1]}",
+            "sub": lambda: f"{a[0]} - {a[1]}",
+            "mul": lambda: f"{a[0]} * {a[1]}",
+            "mean": lambda: f"{a[0]}.mean(-1, keepdim=True)",
+            "apply": lambda: print_elementwise(op.function, a[0]),
+        }[op.fn]()
+        lines.append(f"{op.out.name} = {expression}")
+    return lines
+
+
+def gradient_lines(program: Program, output: Value, target: Value, weight: Value,
+                   wrt: list[Value]) -> list[str]:
+    """Torch lines computing d_<w> for every w in `wrt`: the gradient of 1/2 sum_i weight_i ||output_i -
+    target_i||^2 (weight a column: a per-row learning rate) after the forward's lines.
+
+    The adjoint of a value is the sum of its uses' vector-Jacobian products, taken last use first; only
+    values on a path from `wrt` to the output get one."""
+    needed = {v.name for v in wrt}
+    for op in program.ops:  # forward order: a value is needed if it depends on a weight asked for
+        if any(a.name in needed for a in op.args):
+            needed.add(op.out.name)
+    if output.name not in needed:
+        raise ValueError(f"the output {output.name} does not depend on {[v.name for v in wrt]}")
+    lines = [f"d_{output.name} = {weight.name} * ({output.name} - {target.name})"]
+    has_adjoint = {output.name}
+
+    def accumulate(value: Value, contribution: str) -> None:
+        if value.name not in needed:
+            return
+        if value.name in has_adjoint:
+            lines.append(f"d_{value.name} = d_{value.name} + {contribution}")
+        else:
+            lines.append(f"d_{value.name} = {contribution}")
+            has_adjoint.add(value.name)
+
+    for op in reversed(program.ops):
+        if op.out.name not in has_adjoint:
+            continue
+        g, kind = f"d_{op.out.name}", op.out.kind
+        if op.fn == "linear":
+            x, w = op.args
+            accumulate(x, f"{g} @ {w.name}.transpose(-1, -2)")
+            accumulate(w, f"{x.name}.transpose(-1, -2) @ {g}")
+        elif op.fn in ("add", "sub"):
+            a, b = op.args
+            accumulate(a, _reduce(g, kind, a.kind))
+            accumulate(b, f"-{_reduce(g, kind, b.kind)}" if op.fn == "sub" else _reduce(g, kind, b.kind))
+        elif op.fn == "mul" and op.args[0] == op.args[1]:  # a square
+            (a, _) = op.args
+            accumulate(a, f"2 * {g} * {a.name}")
+        elif op.fn == "mul":
+            a, b = op.args
+            accumulate(a, _reduce(f"{g} * {b.name}", kind, a.kind))
+            accumulate(b, _reduce(f"{g} * {a.name}", kind, b.kind))
+        elif op.fn == "mean":
+            (a,) = op.args
+            accumulate(a, f"({g} / {a.name}.shape[-1]).expand_as({a.name})")
+        elif op.fn == "apply":
+            (a,) = op.args
+            derivative = sp.diff(op.function, X)
+            accumulate(a, f"{g} * ({print_elementwise(derivative, a.name)})")
+    missing = [v.name for v in wrt if v.name not in has_adjoint]
+    assert not missing, f"no gradient reached {missing}"
+    return lines
+
+
+# The catalogue's nonlinear regressors, as programs over a mini-batch x [.., n, D] -> [.., n, D].
+
+GELU_TANH = sp.Rational(1, 2) * X * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (X + sp.Float(0.044715) * X ** 3)))
+SILU = X / (1 + sp.exp(-X))
+
+
+def ttt_linear(eps: float = 1e-6) -> tuple[Program, Value, list[Value]]:
+    """TTT-Linear's memory: f(x) = x + LN(x W + b); the loss compares LN(x W + b) with y - x. Returns the
+    program, its output (the residual branch) and the fast weights [W, b]."""
+    p = Program()
+    x = p.input("x", ROWS)
+    W, b = p.input("W", MATRIX), p.input("b", VECTOR)
+    ln_weight, ln_bias = p.input("ln_weight", VECTOR), p.input("ln_bias", VECTOR)
+    z = p.add("z", p.linear("xW", x, W), b)
+    return p, p.layer_norm("ln", z, ln_weight, ln_bias, eps), [W, b]
+
+
+def ttt_mlp(eps: float = 1e-6) -> tuple[Program, Value, list[Value]]:
+    """TTT-MLP's memory: f(x) = x + LN(gelu(x W1 + b1) W2 + b2) (tanh GELU); fast weights W1, b1, W2, b2."""
+    p = Program()
+    x = p.input("x", ROWS)
+    W1, b1, W2, b2 = p.input("W1", MATRIX), p.input("b1", VECTOR), p.input("W2", MATRIX), p.input("b2", VECTOR)
+    ln_weight, ln_bias = p.input("ln_weight", VECTOR), p.input("ln_bias", VECTOR)
+    hidden = p.apply("hidden", GELU_TANH, p.add("z1", p.linear("xW1", x, W1), b1))
+    z2 = p.add("z2", p.linear("hW2", hidden, W2), b2)
+    return p, p.layer_norm("ln", z2, ln_weight, ln_bias, eps), [W1, b1, W2, b2]
+
+
+def titans_mlp() -> tuple[Program, Value, list[Value]]:
+    """Titans' MLP memory: f(x) = silu(x W1) W2; fast weights W1, W2."""
+    p = Program()
+    x = p.input("x", ROWS)
+    W1, W2 = p.input("W1", MATRIX), p.input("W2", MATRIX)
+    hidden = p.apply("hidden", SILU, p.linear("xW1", x, W1))
+    return p, p.linear("out", hidden, W2), [W1, W2]
