@@ -79,3 +79,51 @@ def test_elementwise_functions_print_as_torch_with_numeric_constants():
     assert "pi" not in printed and "torch.sqrt" not in printed and "torch.tanh(" in printed
     z = torch.linspace(-3, 3, 7, dtype=torch.float64)
     torch.testing.assert_close(eval(printed, {"torch": torch, "z": z}), F.gelu(z, approximate="tanh"))
+
+
+def test_derived_lines_run_as_ttt_linear_reproduce_fla_reference():
+    """TTT-Linear, token by token from the derived lines: per mini-batch, the loss's gradient at each key
+    row's pre-activation z (asked for as an intermediate adjoint), row i's weights the start weights minus
+    eta_i times the gradients of rows j <= i, the output z + LN(z) at the query (fla's reading), the state
+    moved by the mini-batch's last eta. Against fla-core's chunk_ttt_linear_ref (float32 inside)."""
+    from fla.ops.ttt.naive import chunk_ttt_linear_ref
+
+    B, T, H, n, eps = 2, 32, 2, 16, 1e-6
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, T, H, D, generator=generator, dtype=torch.float64) for _ in range(3))
+    eta = torch.rand(B, T, H, 1, generator=generator, dtype=torch.float64) * 0.1
+    ln_weight = 1 + 0.1 * torch.randn(H, D, generator=generator, dtype=torch.float64)
+    ln_bias = 0.1 * torch.randn(H, D, generator=generator, dtype=torch.float64)
+    W0 = 0.1 * torch.randn(B, H, D, D, generator=generator, dtype=torch.float64)
+    b0 = 0.1 * torch.randn(B, H, 1, D, generator=generator, dtype=torch.float64)
+
+    program, _, _ = online.ttt_linear(eps)
+    z = next(op.out for op in program.ops if op.out.name == "z")
+    target, rate = program.input("target", online.ROWS), program.input("eta", online.COLUMN)
+    ln = next(op.out for op in program.ops if op.out.name == "ln")
+    code = "\n".join(online.forward_lines(program) + online.gradient_lines(program, ln, target, rate, [z]))
+
+    rows = lambda x: x.transpose(1, 2)  # noqa: E731  [B, T, H, D] -> [B, H, T, D]
+    qs, ks, vs, etas = rows(q) * D ** -0.5, rows(k), rows(v), rows(eta)
+    W, b, outputs = W0.clone(), b0.clone(), []
+    for start in range(0, T, n):
+        batch = slice(start, start + n)
+        x, y = ks[:, :, batch], vs[:, :, batch]
+        namespace = {"torch": torch, "x": x, "W": W, "b": b, "ln_weight": ln_weight[:, None], "ln_bias": ln_bias[:, None],
+                     "target": y - x, "eta": torch.ones_like(x[..., :1])}
+        exec(code, namespace)
+        dz = namespace["d_z"]  # [B, H, n, D]: row j's gradient at its pre-activation
+        step = etas[:, :, batch]  # [B, H, n, 1]
+        W_rows = W[:, :, None] - step[..., None] * torch.cumsum(x[..., :, None] * dz[..., None, :], dim=2)
+        b_rows = b - step * torch.cumsum(dz, dim=2)
+        z_q = (qs[:, :, batch, None, :] @ W_rows).squeeze(-2) + b_rows
+        outputs.append(z_q + F.layer_norm(z_q, (D,), eps=eps) * ln_weight[:, None] + ln_bias[:, None])
+        W, b = W_rows[:, :, -1], b_rows[:, :, -1:]
+    ours = torch.cat(outputs, dim=2).transpose(1, 2)
+
+    theirs, final, final_bias = chunk_ttt_linear_ref(
+        q.float().clone(), k.float(), v.float(), ln_weight.float(), ln_bias.float(), eta.float(), eps=eps,
+        mini_batch_size=n, initial_state=W0.float(), initial_state_bias=b0.float(), output_final_state=True)
+    torch.testing.assert_close(ours.float(), theirs, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(W.float(), final, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(b.float(), final_bias, rtol=2e-4, atol=2e-4)
