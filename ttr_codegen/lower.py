@@ -254,13 +254,10 @@ def lower_adjoint(spec: Spec, rule: UpdateRule, plan: NaivePlan) -> AdjointPlan 
     program = new_program()
     # The read-out's intermediates again (mesa's h_reg, from the states after the token), then their adjoints.
     readout = []
-    for assign in rule.readout[:-1]:
-        expression = program.poly(assign.value)
-        readout += [*program.lines, f"{assign.target} = {expression}"]
-        program.lines = []
-    for name, value in adjoint.readout_intermediates:
+    for target, value in [*((a.target, a.value) for a in rule.readout[:-1]),
+                          *((f"d{name}", value) for name, value in adjoint.readout_intermediates)]:
         expression = program.poly(value)
-        readout += [*program.lines, f"d{name} = {expression}"]
+        readout += [*program.lines, f"{target} = {expression}"]
         program.lines = []
     updates = [_add_to(f"d{state}", _adjoint_code(program, value)) for state, value in adjoint.readout.items()]
     query = program.poly(adjoint.readout_query)

@@ -316,10 +316,7 @@ class LayerChecks:
     def triton_train_packed_gradients(self, train, lengths=(1, 17, 70, 9), K: int = 8, V: int = 6) -> None:
         """The Triton training path with cu_seqlens gives the gradients of naive_<name> run on each sequence
         from its own initial state, for every input and the initial states."""
-        problems = [self.problem(n, K, V, B=1, seed=60 + i) for i, n in enumerate(lengths)]
-        for p in problems[1:]:  # per-head inputs are shared by the packed sequences
-            p.inputs.update({n: x for n, x in problems[0].inputs.items() if not self.spec.input(n).per_token})
-        packed, cu_seqlens = pack(problems, self.spec)
+        _, packed, cu_seqlens = self.packed_problems(lengths, K, V, seed=60)
         generator = torch.Generator().manual_seed(70)
         initial = torch.randn(len(lengths), 2, K, V, dtype=torch.float64, generator=generator) * 0.5
         d_out = torch.randn(1, sum(lengths), 2, V, dtype=torch.float64, generator=generator)
@@ -458,10 +455,7 @@ class LayerChecks:
     def chunk_packed_sequences(self, lengths=(1, 17, 40, 64), chunk_size: int = 16) -> None:
         """cu_seqlens: packed sequences equal running each on its own (against the oracle from zero, and
         against the reference from per-sequence initial states)."""
-        problems = [self.problem(n, 6, 5, B=1, seed=20 + i) for i, n in enumerate(lengths)]
-        for p in problems[1:]:  # per-head inputs are shared by the packed sequences
-            p.inputs.update({n: x for n, x in problems[0].inputs.items() if not self.spec.input(n).per_token})
-        packed, cu_seqlens = pack(problems, self.spec)
+        problems, packed, cu_seqlens = self.packed_problems(lengths, 6, 5, seed=20)
         o, states = self.chunk(*packed.args(), output_final_state=True, cu_seqlens=cu_seqlens,
                                chunk_size=chunk_size)
         assert all(s.shape[0] == len(lengths) for s in _states(states))
@@ -477,6 +471,16 @@ class LayerChecks:
         torch.testing.assert_close(o, torch.cat([r[0] for r in runs], dim=1), **_tolerance(torch.float64))
         torch.testing.assert_close(_states(states), _states(_join([_states(r[1]) for r in runs])),
                                    **_tolerance(torch.float64))
+
+    def packed_problems(self, lengths, K: int, V: int, H: int = 2,
+                        seed: int = 0) -> tuple[list[Problem], Problem, torch.Tensor]:
+        """One problem per sequence length (B = 1, seeds seed, seed + 1, ...), all with the first one's per-head
+        inputs (packed sequences share them), and their packing along T with its cu_seqlens."""
+        problems = [self.problem(n, K, V, B=1, H=H, seed=seed + i) for i, n in enumerate(lengths)]
+        for p in problems[1:]:
+            p.inputs.update({n: x for n, x in problems[0].inputs.items() if not self.spec.input(n).per_token})
+        packed, cu_seqlens = pack(problems, self.spec)
+        return problems, packed, cu_seqlens
 
     def strong_gate_problem(self, T: int, K: int, V: int) -> Problem:
         """A problem whose gates forget almost everything per token (see _STRONG_GATE)."""

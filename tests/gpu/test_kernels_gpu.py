@@ -172,10 +172,7 @@ def test_chunk_triton_backward_packed(name, dtype):
     module = importlib.import_module(f"generated.{name}")
     checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", getattr(module, f"naive_{name}"), None)
     device = torch.device("cuda")
-    problems = [checks.problem(n, 128, 100, B=1, H=3, seed=80 + i) for i, n in enumerate((1, 200, 1000, 77))]
-    for p in problems[1:]:  # per-head inputs are shared by the packed sequences
-        p.inputs.update({n: x for n, x in problems[0].inputs.items() if not checks.spec.input(n).per_token})
-    packed, cu_seqlens = pack(problems, checks.spec)
+    _, packed, cu_seqlens = checks.packed_problems((1, 200, 1000, 77), 128, 100, H=3, seed=80)
     cu_seqlens = cu_seqlens.to(device)
     generator = torch.Generator(device="cuda").manual_seed(5)
     state = torch.randn(4, 3, 128, 100, device=device, dtype=torch.float64, generator=generator) * 0.1
