@@ -60,9 +60,7 @@ def main() -> None:
         print("fla's Triton-version guard is bypassed: its gated backward rows compare time only")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16 forward+backward")
     print(f"{'layer':18s} {'shape':22s} {'ours (ms)':>10s} {'fla (ms)':>10s} {'fla/ours':>9s} {'ours MiB':>9s} {'fla MiB':>8s}")
-    for name in TRAINED:
-        if args.only and name not in args.only:
-            continue
+    for name in [name for name in args.only if name in TRAINED] if args.only else TRAINED:  # --only's order
         module_name, function, kwargs = PEERS[name]
         ours = getattr(importlib.import_module(f"generated.{name}"), f"chunk_{name}")
         peer = getattr(importlib.import_module(module_name), function)
