@@ -2,6 +2,8 @@
 
     python benchmarks/chunk_cpu.py [--B 2 --T 2048 --H 4 --K 64 --V 64 --repeats 7] [--system-malloc]
 
+Nonlinear memories (ttt_linear, ttt_mlp, titans_mlp) run with V = K and random starting weights.
+
 By default the script re-runs itself with glibc's heap kept (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_):
 otherwise glibc hands every freed block above 128 KiB back to the kernel and page-faults it in again on
 the next allocation, and on a virtual machine those faults alone made the same chunked call vary 2-4x
@@ -22,7 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ttr_codegen.testing import LayerChecks  # noqa: E402
+from ttr_codegen.spec import load_spec  # noqa: E402
+from ttr_codegen.testing import LayerChecks, OnlineChecks  # noqa: E402
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -59,14 +62,20 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         module = importlib.import_module(f"generated.{name}")
-        checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", None, None)
-        problem = checks.problem(args.T, args.K, args.V, B=args.B, H=args.H).to(torch.float32)
+        spec_path = ROOT / "specs" / f"{name}.yaml"
+        extra = {}
+        if load_spec(spec_path).regressor.cls == "mlp":  # nonlinear memories: V = K, starting weights given
+            problem, initial = OnlineChecks(spec_path, None, None, None).problem(args.T, args.K, B=args.B, H=args.H)
+            extra = {"initial_state": tuple(x.float() for x in initial)}
+        else:
+            problem = LayerChecks(spec_path, None, None).problem(args.T, args.K, args.V, B=args.B, H=args.H)
+        problem = problem.to(torch.float32)
         naive, chunk = getattr(module, f"naive_{name}"), getattr(module, f"chunk_{name}")
         with torch.no_grad():
-            t_naive = median_seconds(lambda: naive(*problem.args()), args.repeats)
-            t_chunk = median_seconds(lambda: chunk(*problem.args()), args.repeats)
+            t_naive = median_seconds(lambda: naive(*problem.args(), **extra), args.repeats)
+            t_chunk = median_seconds(lambda: chunk(*problem.args(), **extra), args.repeats)
             line = f"{name:22s} {t_naive:10.3f} {t_chunk:10.4f} {t_naive / t_chunk:8.1f}x"
-            if args.compile:
+            if args.compile and not extra:  # (the nonlinear memories' mini-batch loop is not compiled)
                 compiled = torch.compile(chunk, fullgraph=True)
                 t_compiled = median_seconds(lambda: compiled(*problem.args()), args.repeats)
                 line += f" {t_compiled:13.4f} {t_naive / t_compiled:8.1f}x"

@@ -80,7 +80,7 @@ def generate(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     for c in compiled:
-        typer.echo(f"{c.spec.name}: {c.rule.structure} -> {c.package_dir}/")
+        typer.echo(f"{c.spec.name}: {c.structure} -> {c.package_dir}/")
     typer.echo(f"{len(written)} file(s) written, {len(changes) - len(written)} unchanged "
                f"({time.perf_counter() - start:.1f} s)")
 
@@ -97,6 +97,14 @@ def explain(
         typer.echo(str(error), err=True)
         raise typer.Exit(1) from None
     rule, plan = compiled.rule, compiled.plan
+    if rule is None:  # a nonlinear memory: its objective, optimiser and the derived gradient
+        typer.echo(f"{plan.name}: {compiled.spec.description}")
+        for line in plan.description_lines:
+            typer.echo(f"  {line}")
+        typer.echo("  the gradient of one token's loss, derived (x: the key, target: its fitted value):")
+        for line in plan.weight_gradient_lines:
+            typer.echo(f"    {line}")
+        return
     typer.echo(f"{rule.name}: {compiled.spec.description}")
     for line in derivation_doc(rule):
         typer.echo(f"  {line}")
@@ -128,11 +136,11 @@ def list_specs(specs_dir: Path = typer.Option(Path("specs"), "--specs-dir")) -> 
         except SpecError as error:
             rows.append((path.stem, "error", str(error).splitlines()[0], "", ""))
             continue
-        spec, rule = compiled.spec, compiled.rule
+        spec = compiled.spec
         inputs = ", ".join(f"{i.name}[{','.join(i.shape)}]" for i in spec.inputs) or "-"
         files = {f.relative_path for f in compiled.files}
         ops = ["naive"] + [op for op in ("chunk", "flash", "fused_recurrent", "chunk_triton") if f"{op}.py" in files]
-        rows.append((spec.name, rule.structure, spec.optimiser.method, inputs, " ".join(ops)))
+        rows.append((spec.name, compiled.structure, spec.optimiser.method, inputs, " ".join(ops)))
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -333,3 +333,74 @@ def memory_of_state(spec: Spec, state, inputs: dict):
     if isinstance(state, tuple):
         return state[0]
     return state
+
+
+# --- nonlinear memories (regressor class `mlp`) -------------------------------------------------------
+
+
+def mlp_weight_names(spec: Spec) -> list[str]:
+    """The fast weights of an `mlp` regressor, in state order: W (, b) for depth 1, W1 (, b1), W2 (, b2)."""
+    suffixes = [""] if spec.regressor.depth == 1 else ["1", "2"]
+    return [name for s in suffixes for name in ([f"W{s}", f"b{s}"] if spec.regressor.bias else [f"W{s}"])]
+
+
+def mlp_memory(spec: Spec, x: torch.Tensor, weights: dict, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g(x), the last layer's output) of the spec's network, written with torch's own functions; x and the
+    weights carry leading (B, H) axes, the layer norm's weight and bias are [H, D]."""
+    r = spec.regressor
+    activation = {"gelu_tanh": lambda h: torch.nn.functional.gelu(h, approximate="tanh"),
+                  "silu": torch.nn.functional.silu}.get(r.activation)
+    suffixes = [""] if r.depth == 1 else ["1", "2"]
+    h = x
+    for i, s in enumerate(suffixes):
+        h = h @ weights[f"W{s}"] + (weights[f"b{s}"] if r.bias else 0)
+        if i + 1 < len(suffixes):
+            h = activation(h)
+    if r.norm_weight is None:
+        return h, h
+    per_head = lambda name: inputs[name][None, :, None, :]  # noqa: E731  [H, D] -> [1, H, 1, D]
+    normed = torch.nn.functional.layer_norm(h, (h.shape[-1],), eps=1e-6)
+    return normed * per_head(r.norm_weight) + per_head(r.norm_bias), h
+
+
+def solve_online(spec: Spec, q, k, v, inputs: dict, initial_state, scale: float | None = None):
+    """Outputs [B, T, H, V] and the final state (the fast weights, then their momenta) of a nonlinear memory,
+    run as stated: token by token, each token's loss 1/2 ||g(k_t) - target_t||^2 differentiated by autograd
+    at the weights of its mini-batch's start (create_graph, so the result is differentiable), the
+    optimiser's step written out, and the network read at the scaled query with the token's weights."""
+    opt, r = spec.optimiser, spec.regressor
+    B, T, H, K = q.shape
+    scale = default_scale(spec, K) if scale is None else scale
+    names = mlp_weight_names(spec)
+    weights = dict(zip(names, initial_state[:len(names)]))
+    momenta = dict(zip(names, initial_state[len(names):])) if opt.momentum else {}
+    if opt.momentum and not momenta:
+        momenta = {n: torch.zeros_like(w) for n, w in weights.items()}
+    per_token = lambda name, t: inputs[name][:, t, :, None, None]  # noqa: E731  [B, H, 1, 1]
+    outputs = []
+    for t in range(T):
+        if t % opt.batch_size == 0:
+            start = {n: (w if w.requires_grad else w.detach().requires_grad_(True)) for n, w in weights.items()}
+            gradient_sum = {n: torch.zeros_like(w) for n, w in weights.items()}
+        x = k[:, t, :, None, :]  # [B, H, 1, K]
+        target = v[:, t, :, None, :] - (x if r.residual else 0)
+        fitted, _ = mlp_memory(spec, x, start, inputs)
+        loss = 0.5 * ((fitted - target) ** 2).sum()  # a sum over (B, H): each slice's gradient is its own
+        grads = dict(zip(names, torch.autograd.grad(loss, [start[n] for n in names], create_graph=True)))
+        rate = per_token(opt.step_size, t)
+        retain = 1 - per_token(opt.weight_decay, t) if opt.weight_decay else 1
+        for n in names:
+            if opt.step_size_per == "row":
+                gradient_sum[n] = gradient_sum[n] + grads[n]
+                weights[n] = start[n] - rate * gradient_sum[n]
+            elif opt.momentum:
+                momenta[n] = per_token(opt.momentum, t) * momenta[n] - rate * grads[n]
+                weights[n] = retain * weights[n] + momenta[n]
+            else:
+                weights[n] = retain * weights[n] - rate * grads[n]
+        query = scale * q[:, t, :, None, :]
+        g, last = mlp_memory(spec, query, weights, inputs)
+        read = {"pre_norm": last + g, "input": query + g if r.residual else g}[spec.readout.residual]
+        outputs.append(read[:, :, 0])
+    final = tuple(weights[n] for n in names) + tuple(momenta[n] for n in names if opt.momentum)
+    return torch.stack(outputs, dim=1), final

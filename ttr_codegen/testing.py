@@ -24,6 +24,8 @@ _TYPICAL_VALUE = {
     "forget": lambda x, generator: torch.sigmoid(x - 2.0),
     "momentum": lambda x, generator: torch.sigmoid(x),
     "ridge": lambda x, generator: 0.5 + torch.rand(x.shape, generator=generator, dtype=x.dtype),
+    "norm_weight": lambda x, generator: 1 + 0.2 * x,
+    "norm_bias": lambda x, generator: 0.2 * x,
 }
 
 # Gates that forget almost everything: log-decays from about -0.1 down to -100 per token, forgetting
@@ -621,3 +623,138 @@ class LayerChecks:
             y_1, state_1 = layer(x[:, :4], output_final_state=True)
             y_2, _ = layer(x[:, 4:], initial_state=state_1)
             torch.testing.assert_close(torch.cat([y_1, y_2], dim=1), y, **_tolerance(torch.float64))
+
+
+class OnlineChecks:
+    """Checks one generated nonlinear memory (regressor class `mlp`) against `oracle.solve_online`: the spec's
+    mini-batch optimiser run token by token with autograd gradients of each token's loss."""
+
+    def __init__(self, spec_path: Path, naive, chunk, layer_class):
+        self.spec = load_spec(spec_path)
+        self.naive, self.chunk, self.layer_class = naive, chunk, layer_class
+        self.names = oracle.mlp_weight_names(self.spec)
+        self.batch = self.spec.optimiser.batch_size
+
+    def problem(self, T: int, K: int, B: int = 2, H: int = 2, seed: int = 0) -> tuple[Problem, tuple]:
+        """Random inputs (V = K) and a random initial state: weights at the scale of a trained network's, and
+        momenta, all float64."""
+        generator = torch.Generator().manual_seed(seed)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+        q, v = randn(B, T, H, K), randn(B, T, H, K)
+        k = F.normalize(randn(B, T, H, K), dim=-1)
+        inputs = {}
+        for spec_input in self.spec.inputs:
+            shape = {"BTH": (B, T, H), "HK": (H, K)}[_INPUT_SHAPES[spec_input.shape]]
+            inputs[spec_input.name] = _TYPICAL_VALUE[spec_input.role](randn(*shape), generator)
+        hidden = (self.spec.regressor.hidden or 1) * K
+        fan_in = {"W": K, "b": K, "W1": K, "b1": K, "W2": hidden, "b2": hidden}
+        shape = {"W": (K, K), "b": (1, K), "W1": (K, hidden), "b1": (1, hidden), "W2": (hidden, K), "b2": (1, K)}
+        weights = tuple(randn(B, H, *shape[n]) * fan_in[n] ** -0.5 for n in self.names)
+        momenta = tuple(0.1 * randn(*w.shape) for w in weights) if self.spec.optimiser.momentum else ()
+        return Problem(q, k, v, inputs), weights + momenta
+
+    def oracle(self, problem: Problem, initial, scale: float | None = None):
+        return oracle.solve_online(self.spec, problem.q, problem.k, problem.v, problem.inputs, initial, scale)
+
+    def _compare(self, found, expected, tolerance: dict, what: str) -> None:
+        (o, final), (o_ref, final_ref) = found, expected
+        assert o.shape == o_ref.shape and o.dtype == o_ref.dtype, f"{what}: output {o.shape} {o.dtype}"
+        torch.testing.assert_close(o, o_ref, **tolerance, msg=lambda m: f"{what} output: {m}")
+        assert len(final) == len(final_ref)
+        for name, part, part_ref in zip([*self.names, *(f"S_{n}" for n in self.names)], final, final_ref):
+            torch.testing.assert_close(part, part_ref, **tolerance, msg=lambda m, name=name: f"{what} {name}: {m}")
+
+    def matches_oracle(self, op_name: str, T: int, K: int) -> None:
+        """naive_<name> or chunk_<name> equals the oracle in float64: outputs and every part of the final
+        state, with the default and a custom scale."""
+        op = {"naive": self.naive, "chunk": self.chunk}[op_name]
+        problem, initial = self.problem(T, K, seed=T)
+        for scale in (None, 0.37):
+            found = op(*problem.args(), scale=scale, initial_state=initial, output_final_state=True)
+            self._compare(found, self.oracle(problem, initial, scale), _tolerance(torch.float64), op_name)
+
+    def chunk_state_carry(self, K: int = 6) -> None:
+        """Two calls, split at a mini-batch boundary and inside one, from the carried state, equal one call."""
+        T = 2 * self.batch + 5
+        problem, initial = self.problem(T, K, seed=4)
+        o_full, final_full = self.chunk(*problem.args(), initial_state=initial, output_final_state=True)
+        first = Problem(problem.q[:, :self.batch], problem.k[:, :self.batch], problem.v[:, :self.batch],
+                        {n: (x[:, :self.batch] if x.dim() == 3 else x) for n, x in problem.inputs.items()})
+        second = Problem(problem.q[:, self.batch:], problem.k[:, self.batch:], problem.v[:, self.batch:],
+                         {n: (x[:, self.batch:] if x.dim() == 3 else x) for n, x in problem.inputs.items()})
+        o_1, carried = self.chunk(*first.args(), initial_state=initial, output_final_state=True)
+        o_2, final = self.chunk(*second.args(), initial_state=carried, output_final_state=True)
+        self._compare((torch.cat([o_1, o_2], dim=1), final), (o_full, final_full), _tolerance(torch.float64), "carried")
+        _, no_state = self.chunk(*problem.args(), initial_state=initial)
+        assert no_state is None
+
+    def packed_sequences(self, lengths=(1, 20, 37, 16), K: int = 6) -> None:
+        """cu_seqlens: each sequence from its own initial state and with its own mini-batches, against the
+        oracle run on each alone."""
+        parts = [self.problem(n, K, B=1, seed=10 + i) for i, n in enumerate(lengths)]
+        problems = [p for p, _ in parts]
+        shared = problems[0].inputs  # per-head inputs are shared by the packed sequences
+        problems = [Problem(p.q, p.k, p.v, {n: (x if x.dim() == 3 else shared[n]) for n, x in p.inputs.items()})
+                    for p in problems]
+        packed, cu_seqlens = pack(problems, self.spec)
+        initial = tuple(torch.cat(states) for states in zip(*(s for _, s in parts)))
+        o, final = self.chunk(*packed.args(), initial_state=initial, output_final_state=True, cu_seqlens=cu_seqlens)
+        expected = [self.oracle(p, s) for p, (_, s) in zip(problems, parts)]
+        o_ref = torch.cat([e[0] for e in expected], dim=1)
+        final_ref = tuple(torch.cat(states) for states in zip(*(e[1] for e in expected)))
+        self._compare((o, final), (o_ref, final_ref), _tolerance(torch.float64), "packed")
+
+    def gradients_match_oracle(self, T: int = 21, K: int = 4) -> None:
+        """d(loss)/d(every input and every initial-state part) through chunk_<name> equals the gradient
+        through the oracle (autograd through autograd's own inner gradients)."""
+        problem, initial = self.problem(T, K, B=1, seed=5)
+        generator = torch.Generator().manual_seed(6)
+        d_out = torch.randn(1, T, 2, K, dtype=torch.float64, generator=generator)
+        d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator) for x in initial]
+
+        def gradients(run):
+            leaves = [x.clone().requires_grad_(True) for x in (*problem.args(), *initial)]
+            arguments = Problem(*leaves[:3], dict(zip(problem.inputs, leaves[3:3 + len(problem.inputs)])))
+            o, final = run(arguments, tuple(leaves[3 + len(problem.inputs):]))
+            loss = (o * d_out).sum() + sum((f * d).sum() for f, d in zip(final, d_final))
+            return torch.autograd.grad(loss, leaves)
+
+        found = gradients(lambda p, s: self.chunk(*p.args(), initial_state=s, output_final_state=True))
+        expected = gradients(lambda p, s: self.oracle(p, s))
+        names = ["q", "k", "v", *problem.inputs, *(f"initial {n}" for n in self.names),
+                 *(f"initial S_{n}" for n in self.names if self.spec.optimiser.momentum)]
+        for name, g, g_ref in zip(names, found, expected, strict=True):
+            torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-7, msg=lambda m, name=name: f"d/d{name}: {m}")
+
+    def float32_close_to_oracle(self, T: int = 40, K: int = 16) -> None:
+        """chunk_<name> in float32 stays within float32 rounding of the float64 oracle (relative to the largest)."""
+        problem, initial = self.problem(T, K, seed=7)
+        o, final = self.chunk(*problem.to(torch.float32).args(), initial_state=tuple(x.float() for x in initial),
+                              output_final_state=True)
+        o_ref, final_ref = self.oracle(problem, initial)
+        assert o.dtype == torch.float32
+        assert_within(o, o_ref, 1e-4, "float32 output")
+        for part, part_ref in zip(final, final_ref):
+            assert_within(part, part_ref, 1e-4, "float32 final state")
+
+    def layer_trains(self, hidden_size: int = 32, num_heads: int = 2) -> None:
+        """The layer maps [B, T, D] to [B, T, D] through chunk_<name>, and one backward reaches every
+        parameter (the initial fast weights, the layer norm's, the projections) with finite gradients."""
+        torch.manual_seed(0)
+        layer = self.layer_class(hidden_size=hidden_size, num_heads=num_heads).double()
+        x = torch.randn(2, 2 * self.batch + 3, hidden_size, dtype=torch.float64)
+        y, state = layer(x, output_final_state=True)
+        assert y.shape == x.shape and len(state) == len(self.names) * (2 if self.spec.optimiser.momentum else 1)
+        y.square().mean().backward()
+        for name, parameter in layer.named_parameters():
+            assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+            assert parameter.grad.abs().sum() > 0, f"{name} gets no gradient"
+        # Carrying the state: the second half from the first half's state equals the whole.
+        half = self.batch
+        with torch.no_grad():
+            y_1, carried = layer(x[:, :half], output_final_state=True)
+            y_2, _ = layer(x[:, half:], initial_state=carried)
+            torch.testing.assert_close(torch.cat([y_1, y_2], dim=1), y.detach(), **_tolerance(torch.float64))

@@ -164,10 +164,10 @@ def forward_lines(program: Program) -> list[str]:
     return lines
 
 
-def gradient_lines(program: Program, output: Value, target: Value, weight: Value,
+def gradient_lines(program: Program, output: Value, target: Value, weight: Value | None,
                    wrt: list[Value]) -> list[str]:
     """Torch lines computing d_<w> for every w in `wrt`: the gradient of 1/2 sum_i weight_i ||output_i -
-    target_i||^2 (weight a column: a per-row learning rate) after the forward's lines.
+    target_i||^2 (weight a column: a per-row learning rate; None: 1) after the forward's lines.
 
     The adjoint of a value is the sum of its uses' vector-Jacobian products, taken last use first; only
     values on a path from `wrt` to the output get one."""
@@ -177,7 +177,8 @@ def gradient_lines(program: Program, output: Value, target: Value, weight: Value
             needed.add(op.out.name)
     if output.name not in needed:
         raise ValueError(f"the output {output.name} does not depend on {[v.name for v in wrt]}")
-    lines = [f"d_{output.name} = {weight.name} * ({output.name} - {target.name})"]
+    residual = f"{output.name} - {target.name}"
+    lines = [f"d_{output.name} = {weight.name} * ({residual})" if weight is not None else f"d_{output.name} = {residual}"]
     has_adjoint = {output.name}
 
     def accumulate(value: Value, contribution: str) -> None:
@@ -220,38 +221,133 @@ def gradient_lines(program: Program, output: Value, target: Value, weight: Value
     return lines
 
 
-# The catalogue's nonlinear regressors, as programs over a mini-batch x [.., n, D] -> [.., n, D].
+# The memory networks of the `mlp` regressor class, as programs over a mini-batch x [.., n, D] -> [.., n, D].
 
 GELU_TANH = sp.Rational(1, 2) * X * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (X + sp.Float(0.044715) * X ** 3)))
 SILU = X / (1 + sp.exp(-X))
+ACTIVATIONS = {"gelu_tanh": GELU_TANH, "silu": SILU}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One linear layer of a memory network: product = x weight, out = product + bias (or product)."""
+
+    x: Value
+    weight: Value
+    bias: Value | None
+    product: Value
+    out: Value
+
+
+@dataclass(frozen=True)
+class MemoryNetwork:
+    """g(x) of an `mlp` regressor: its program, layers, output (what the loss fits) and parameters."""
+
+    program: Program
+    x: Value
+    layers: list[Layer]
+    output: Value  # g(x)
+    fast_weights: list[Value]  # trained at test time, in state order
+    norm: list[Value]  # the layer norm's weight and bias (fixed per head), or none
+
+
+def memory_network(depth: int, activation: str | None, bias: bool, layer_norm: bool,
+                   eps: float = 1e-6) -> MemoryNetwork:
+    """g(x) = [LN](act(x W1 [+ b1]) W2 [+ b2]) for depth 2, [LN](x W [+ b]) for depth 1."""
+    p = Program()
+    x = p.input("x", ROWS)
+    suffixes = [""] if depth == 1 else ["1", "2"]
+    layers, h = [], x
+    for i, suffix in enumerate(suffixes):
+        W = p.input(f"W{suffix}", MATRIX)
+        b = p.input(f"b{suffix}", VECTOR) if bias else None
+        product = p.linear(f"{h.name}W{suffix}" if h is not x else f"xW{suffix}", h, W)
+        out = p.add(f"z{suffix}", product, b) if b is not None else product
+        layers.append(Layer(h, W, b, product, out))
+        if i + 1 < len(suffixes):
+            h = p.apply("hidden", ACTIVATIONS[activation], out)
+    output, norm = layers[-1].out, []
+    if layer_norm:
+        norm = [p.input("ln_weight", VECTOR), p.input("ln_bias", VECTOR)]
+        output = p.layer_norm("ln", output, *norm, eps)
+    fast = [w for layer in layers for w in (layer.weight, layer.bias) if w is not None]
+    return MemoryNetwork(p, x, layers, output, fast, norm)
 
 
 def ttt_linear(eps: float = 1e-6) -> tuple[Program, Value, list[Value]]:
     """TTT-Linear's memory: f(x) = x + LN(x W + b); the loss compares LN(x W + b) with y - x. Returns the
     program, its output (the residual branch) and the fast weights [W, b]."""
-    p = Program()
-    x = p.input("x", ROWS)
-    W, b = p.input("W", MATRIX), p.input("b", VECTOR)
-    ln_weight, ln_bias = p.input("ln_weight", VECTOR), p.input("ln_bias", VECTOR)
-    z = p.add("z", p.linear("xW", x, W), b)
-    return p, p.layer_norm("ln", z, ln_weight, ln_bias, eps), [W, b]
+    net = memory_network(1, None, True, True, eps)
+    return net.program, net.output, net.fast_weights
 
 
 def ttt_mlp(eps: float = 1e-6) -> tuple[Program, Value, list[Value]]:
     """TTT-MLP's memory: f(x) = x + LN(gelu(x W1 + b1) W2 + b2) (tanh GELU); fast weights W1, b1, W2, b2."""
-    p = Program()
-    x = p.input("x", ROWS)
-    W1, b1, W2, b2 = p.input("W1", MATRIX), p.input("b1", VECTOR), p.input("W2", MATRIX), p.input("b2", VECTOR)
-    ln_weight, ln_bias = p.input("ln_weight", VECTOR), p.input("ln_bias", VECTOR)
-    hidden = p.apply("hidden", GELU_TANH, p.add("z1", p.linear("xW1", x, W1), b1))
-    z2 = p.add("z2", p.linear("hW2", hidden, W2), b2)
-    return p, p.layer_norm("ln", z2, ln_weight, ln_bias, eps), [W1, b1, W2, b2]
+    net = memory_network(2, "gelu_tanh", True, True, eps)
+    return net.program, net.output, net.fast_weights
 
 
 def titans_mlp() -> tuple[Program, Value, list[Value]]:
     """Titans' MLP memory: f(x) = silu(x W1) W2; fast weights W1, W2."""
-    p = Program()
-    x = p.input("x", ROWS)
-    W1, W2 = p.input("W1", MATRIX), p.input("W2", MATRIX)
-    hidden = p.apply("hidden", SILU, p.linear("xW1", x, W1))
-    return p, p.linear("out", hidden, W2), [W1, W2]
+    net = memory_network(2, "silu", False, False)
+    return net.program, net.output, net.fast_weights
+
+
+# The mini-batch dual form: the network read at every row of a mini-batch with that row's weights, which
+# are the start weights moved by the rows' gradients, without forming them. A layer's weights at row i are
+#     W_i = keep_i W + carry_i S_W + sum_j mix_ij x_j^T delta_j,   b_i = keep_i b + carry_i S_b + sum_j mix_ij delta_j
+# (delta_j: the loss gradient at row j's layer output, x_j: its layer input, both at the start weights;
+# S: the momentum at the start; keep, carry, mix: scalars from the optimiser's recurrences). So its output at
+# query row i is keep_i (x_qi W) + carry_i (x_qi S_W) + sum_j mix_ij (x_qi . x_j) delta_j (+ the bias's terms).
+
+def query_lines(net: MemoryNetwork, keep: bool, momentum: bool) -> list[str]:
+    """Torch lines of the network at the query rows `x_q` with per-row weights (names: <value>_q). The key
+    side's values and their adjoints d_<layer product> must be computed; `mix` [.., n, n], and with `keep`
+    a column `keep`, with `momentum` a column `carry` and the momenta S_<weight>."""
+    layer_of = {layer.product.name: layer for layer in net.layers}
+    bias_of = {layer.out.name: layer for layer in net.layers if layer.bias is not None}
+    fixed = {v.name for v in net.program.inputs if v is not net.x}
+    q = lambda v: v.name if v.name in fixed else f"{v.name}_q"  # noqa: E731
+
+    def start_term(weight: str, product: str) -> str:
+        """product (a format string) at the start weights, scaled by keep, plus at the momentum by carry."""
+        scaled = "({})" if "@" in product else "{}"
+        term = f"keep * {scaled.format(product.format(weight))}" if keep else product.format(weight)
+        return term + (f" + carry * {scaled.format(product.format('S_' + weight))}" if momentum else "")
+
+    lines = []
+    for op in net.program.ops:
+        name = op.out.name
+        if name in layer_of:
+            layer = layer_of[name]
+            x_q = q(layer.x)
+            lines.append(f"{name}_q = {start_term(layer.weight.name, x_q + ' @ {}')} + "
+                         f"(mix * ({x_q} @ {layer.x.name}.transpose(-1, -2))) @ d_{name}")
+        elif name in bias_of:
+            layer = bias_of[name]
+            lines.append(f"{name}_q = {layer.product.name}_q + {start_term(layer.bias.name, '{}')} + "
+                         f"mix @ d_{layer.product.name}")
+        else:
+            renamed = Program(ops=[Op(Value(q(op.out), op.out.kind), op.fn, tuple(Value(q(a), a.kind) for a in op.args),
+                                      op.function)])
+            lines += forward_lines(renamed)
+    return lines
+
+
+def state_update_lines(net: MemoryNetwork, keep: bool, momentum: bool) -> list[str]:
+    """Torch lines moving every fast weight (and momentum) to the mini-batch's end: `mix_end` [.., n, 1] is
+    the last row of mix as a column; `keep_end`, `carry_end` [.., 1, 1]; with momentum, the momenta's own
+    coefficients `decay_end` [.., 1, 1] and `push_end` [.., n, 1] (each row's gradient in the end momentum)."""
+    lines = []
+    for layer in net.layers:
+        delta = f"d_{layer.product.name}"
+        for weight, increment in ((layer.weight.name, f"{layer.x.name}.transpose(-1, -2) @ ({{}} * {delta})"),
+                                  (layer.bias.name if layer.bias else None, f"({{}} * {delta}).sum(-2, keepdim=True)")):
+            if weight is None:
+                continue
+            start = f"keep_end * {weight}" if keep else weight
+            start += f" + carry_end * S_{weight}" if momentum else ""
+            lines.append(f"{weight} = {start} + {increment.format('mix_end')}")
+            if momentum:  # after the weight, which reads the momentum of the mini-batch start
+                lines.append(f"S_{weight} = decay_end * S_{weight} + {increment.format('push_end')}")
+    return lines

@@ -11,6 +11,7 @@ import jinja2
 
 from .. import __version__
 from ..lower import AdjointPlan, AttentionPlan, ChunkPlan, FusedRecurrentPlan, NaivePlan
+from ..lower_online import OnlinePlan
 from ..spec.model import GATE_ROLES
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "templates"
@@ -81,12 +82,11 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
                  package_dir: Path, chunk: ChunkPlan | None = None,
                  fused: FusedRecurrentPlan | None = None, adjoint: AdjointPlan | None = None) -> list[RenderedFile]:
     env = environment()
-    spec_from_package = PurePosixPath(os.path.relpath(Path(spec_path).resolve(), package_dir.resolve()).replace(os.sep, "/"))
     triton_template = _triton_chunk_template(chunk)
     context = {
         "plan": plan,
         "spec_path": spec_path,
-        "spec_from_package": str(spec_from_package),
+        "spec_from_package": _spec_from_package(spec_path, package_dir),
         "normalize_qk": plan.structure in _DELTA_LIKE,
         "streaming": isinstance(plan, AttentionPlan) and plan.streaming,
         "form": plan.form if isinstance(plan, AttentionPlan) else "recurrent",
@@ -125,3 +125,18 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
     test_name = f"test_{plan.name}.py"
     files.append(RenderedFile(test_name, stamp(env.get_template("test.py.j2").render(context), spec_path, spec_text)))
     return files
+
+
+def _spec_from_package(spec_path: str, package_dir: Path) -> str:
+    """The spec's path relative to the generated package (what its tests load)."""
+    return str(PurePosixPath(os.path.relpath(Path(spec_path).resolve(), package_dir.resolve()).replace(os.sep, "/")))
+
+
+def render_online_layer(plan: OnlinePlan, spec_path: str, spec_text: str, package_dir: Path) -> list[RenderedFile]:
+    """A nonlinear memory's package: naive and chunked forms, the layer and its tests."""
+    env = environment()
+    context = {"plan": plan, "spec_path": spec_path, "spec_from_package": _spec_from_package(spec_path, package_dir)}
+    templates = {"__init__.py": "init_online.py.j2", "naive.py": "naive_online.py.j2", "chunk.py": "chunk_online.py.j2",
+                 "layer.py": "layer_online.py.j2", f"test_{plan.name}.py": "test_online.py.j2"}
+    return [RenderedFile(name, stamp(env.get_template(template).render(context), spec_path, spec_text))
+            for name, template in templates.items()]

@@ -35,6 +35,8 @@ ROLES = {
     "ridge": "a ridge (L2) coefficient lambda > 0",
     "forget": "a fraction alpha in [0, 1] of the memory forgotten per token",
     "momentum": "a momentum coefficient eta in [0, 1]",
+    "norm_weight": "a layer norm's per-channel scale (fixed per head)",
+    "norm_bias": "a layer norm's per-channel shift (fixed per head)",
 }
 # Roles that make the memory forget (or carry) its past: what strongly decaying gates stress.
 GATE_ROLES = ("log_decay", "forget", "momentum")
@@ -44,15 +46,20 @@ REGRESSORS = {
     "affine": "m(k) = W k + b, solved exactly with global weights",
     "local_polynomial": "a polynomial in (k - q) of degree 0, 1 or 2, fitted per query; outputs its value at q",
     "kernel_ridge": "kernel ridge regression over the prefix (a reproducing-kernel Hilbert space)",
+    "mlp": "a fast-weight network m(k) = [k +] LN(MLP(k)), trained by mini-batch gradient descent",
 }
-PLANNED_REGRESSORS = ("mlp",)
 # class -> {option: description}
 REGRESSOR_OPTIONS = {
     "linear": {},
     "affine": {},
     "local_polynomial": {"degree": "0 (local constant), 1 (local linear) or 2"},
     "kernel_ridge": {"kernel": "gaussian or exp_dot", "bandwidth": "h of the Gaussian kernel"},
+    "mlp": {"depth": "1 or 2 linear layers", "hidden": "the hidden width as a multiple of K (depth 2)",
+            "activation": "between the layers: gelu_tanh or silu", "bias": "true: each layer adds a bias",
+            "residual": "true: m(k) = k + g(k), g fitted to v - k",
+            "layer_norm": "{weight: input, bias: input}: g ends in a layer norm"},
 }
+ACTIVATIONS = {"gelu_tanh": "GELU, tanh approximation", "silu": "x sigmoid(x)"}
 KERNELS = {
     "exp_dot": "s(k, q) = exp(scale * q.k): softmax attention's kernel",
     "gaussian": "s(k, q) = exp(-scale * ||q - k||^2 / 2), scale = 1 / bandwidth by default",
@@ -75,6 +82,13 @@ METHODS: dict[str, dict[str, tuple[str, bool]]] = {
         "momentum": ("input:momentum", True),
         "weight_decay": ("input:log_decay,forget", False),
     },
+    "minibatch_gd": {
+        "batch_size": ("batch", True),
+        "step_size": ("input:step_size", True),
+        "step_size_per": ("choice:sample,row", False),
+        "momentum": ("input:momentum", False),
+        "weight_decay": ("input:forget", False),
+    },
 }
 
 # Methods that accept decay in their regression weights, and which decay shapes each takes.
@@ -85,8 +99,13 @@ DECAY_SHAPES = {
     "exact": {("B", "T", "H"), ("H",)},
     "recursive_least_squares": {("B", "T", "H"), ("H",)},
     "momentum": set(),
+    "minibatch_gd": set(),
 }
 SAMPLE_WEIGHT_METHODS = {"gradient_step_from_zero", "exact"}
+RESIDUAL_READOUTS = {
+    "input": "o = q + g(q), the fitted function itself",
+    "pre_norm": "o = z + LN(z) with z the last layer's output at q (fla-core's TTT-Linear)",
+}
 NORMALISERS = {"none": "o = S^T (scale q)", "sum": "o = S^T (scale q) / (z^T (scale q)), z the weighted key sum"}
 
 TOP_LEVEL = {
@@ -137,6 +156,13 @@ class Regressor:
     degree: int | None = None  # local_polynomial
     kernel: str | None = None  # kernel_ridge
     bandwidth: float | None = None  # kernel_ridge with a Gaussian kernel
+    depth: int = 1  # mlp: linear layers
+    hidden: int | None = None  # mlp of depth 2: hidden width / K
+    activation: str | None = None  # mlp of depth 2: see ACTIVATIONS
+    bias: bool = False  # mlp
+    residual: bool = False  # mlp: m(k) = k + g(k)
+    norm_weight: str | None = None  # mlp ending in a layer norm: its inputs
+    norm_bias: str | None = None
 
     @property
     def nonparametric(self) -> bool:
@@ -151,12 +177,15 @@ class Optimiser:
     momentum: str | None = None
     ridge: float | str | None = None
     steps_per_token: int = 1
+    batch_size: int | None = None  # minibatch_gd: gradients at the weights of the mini-batch start
+    step_size_per: str = "sample"  # minibatch_gd: "row" scales the mini-batch's gradient sum by the reading row's rate
 
 
 @dataclass(frozen=True)
 class Readout:
     scale: float | None = None  # None: K ** -0.5
     normalise: str = "none"
+    residual: str = "input"  # mlp with residual and layer norm: "pre_norm" reads z + LN(z) (fla's TTT-Linear)
 
 
 @dataclass(frozen=True)
@@ -192,10 +221,13 @@ class Spec:
             "inputs": [[i.name, list(i.shape), i.role] for i in self.inputs],
             "weights": [self.weights.decay, self.weights.sample_weight, self.weights.kernel,
                         self.weights.bandwidth, self.weights.window],
-            "regressor": [self.regressor.cls, self.regressor.degree, self.regressor.kernel, self.regressor.bandwidth],
+            "regressor": [self.regressor.cls, self.regressor.degree, self.regressor.kernel, self.regressor.bandwidth,
+                          self.regressor.depth, self.regressor.hidden, self.regressor.activation, self.regressor.bias,
+                          self.regressor.residual, self.regressor.norm_weight, self.regressor.norm_bias],
             "optimiser": [self.optimiser.method, self.optimiser.step_size, self.optimiser.weight_decay,
-                          self.optimiser.momentum, self.optimiser.ridge, self.optimiser.steps_per_token],
-            "readout": [self.readout.scale, self.readout.normalise],
+                          self.optimiser.momentum, self.optimiser.ridge, self.optimiser.steps_per_token,
+                          self.optimiser.batch_size, self.optimiser.step_size_per],
+            "readout": [self.readout.scale, self.readout.normalise, self.readout.residual],
         }
 
     def math_hash(self) -> str:
@@ -250,6 +282,15 @@ class _Checker:
         if isinstance(node.value, str):
             return node.value
         self.error(node, field_path, f"expected a string, got {_describe(node.value)}", "write a plain word")
+        return None
+
+    def integer(self, node: Located, field_path: str, low: int, high: int, example: str) -> int | None:
+        """An integer from low to high, or None with a diagnostic (example: how to write one)."""
+        value = node.value
+        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+            return value
+        self.error(node, field_path, f"expected an integer from {low} to {high}, got {_describe(value)}",
+                   f"write e.g. '{example}'")
         return None
 
     def choice(self, node: Located, field_path: str, choices, what: str) -> str | None:
@@ -322,9 +363,9 @@ def parse_spec(text: str, path: str = "<spec>") -> Spec:
         return ref
 
     weights = _check_weights(check, top.get("weights"), reference)
-    regressor = _check_regressor(check, top.get("regressor"))
+    regressor = _check_regressor(check, top.get("regressor"), reference)
     optimiser = _check_optimiser(check, top.get("optimiser"), reference)
-    readout = _check_readout(check, top.get("readout"))
+    readout = _check_readout(check, top.get("readout"), regressor)
     schedule = _check_schedule(check, top.get("schedule"))
 
     if optimiser is not None:
@@ -435,7 +476,7 @@ def _positive_number(check: _Checker, node: Located | None, field_path: str) -> 
     return None
 
 
-def _check_regressor(check: _Checker, node: Located | None) -> Regressor:
+def _check_regressor(check: _Checker, node: Located | None, reference) -> Regressor:
     if node is None:
         return Regressor()
     value = node.value
@@ -447,10 +488,6 @@ def _check_regressor(check: _Checker, node: Located | None) -> Regressor:
             check.error(node, "regressor.class", "missing required key", f"add 'class:', one of {', '.join(REGRESSORS)}")
             return Regressor()
         node, value = fields["class"], fields["class"].value
-    if value in PLANNED_REGRESSORS:
-        check.error(node, "regressor", f"regressor class '{value}' is not supported by this version of ttr",
-                    f"supported: {', '.join(REGRESSORS)}")
-        return Regressor()
     cls = check.choice(node, "regressor", REGRESSORS, "regressor class")
     if cls is None:
         return Regressor()
@@ -473,6 +510,26 @@ def _check_regressor(check: _Checker, node: Located | None) -> Regressor:
             options["kernel"] = check.choice(child, field_path, KERNELS, "kernel")
         elif option == "bandwidth":
             options["bandwidth"] = _positive_number(check, child, field_path)
+        elif option in ("depth", "hidden"):
+            high, example = (2, "depth: 2") if option == "depth" else (8, "hidden: 4")
+            if (count := check.integer(child, field_path, 1, high, example)) is not None:
+                options[option] = count
+        elif option == "activation":
+            options["activation"] = check.choice(child, field_path, ACTIVATIONS, "activation")
+        elif option in ("bias", "residual"):
+            if isinstance(child.value, bool):
+                options[option] = child.value
+            else:
+                check.error(child, field_path, f"expected true or false, got {_describe(child.value)}",
+                            f"write '{option}: true'")
+        elif option == "layer_norm":
+            norm = check.mapping(child, field_path, {"weight": "a norm_weight input", "bias": "a norm_bias input"})
+            for part, role in (("weight", "norm_weight"), ("bias", "norm_bias")):
+                if part in norm:
+                    options[role] = reference(norm[part], f"{field_path}.{part}", (role,))
+                elif isinstance(child.value, dict):
+                    check.error(child, f"{field_path}.{part}", "missing required key",
+                                f"add '{part}:', an input of shape [H, K] with role {role}")
     if cls == "local_polynomial" and "degree" not in fields:
         check.error(node, "regressor.degree", "class 'local_polynomial' needs 'degree'", "add 'degree: 1'")
     if cls == "kernel_ridge":
@@ -481,7 +538,22 @@ def _check_regressor(check: _Checker, node: Located | None) -> Regressor:
         elif options.get("kernel") == "gaussian" and "bandwidth" not in fields:
             check.error(fields["kernel"], "regressor.bandwidth", "the Gaussian kernel needs a bandwidth",
                         "add 'bandwidth: 4.0' under 'regressor'")
+    if cls == "mlp":
+        _check_mlp(check, node, fields, options)
     return Regressor(cls, **options)
+
+
+def _check_mlp(check: _Checker, node: Located, fields: dict[str, Located], options: dict) -> None:
+    depth = options.get("depth", 1)
+    if depth == 2:
+        for option, example in (("hidden", "hidden: 4"), ("activation", "activation: gelu_tanh")):
+            if option not in fields:
+                check.error(node, f"regressor.{option}", f"an mlp of depth 2 needs '{option}'", f"add '{example}'")
+    else:
+        for option in ("hidden", "activation"):
+            if option in fields:
+                check.error(fields[option], f"regressor.{option}", f"'{option}' applies to an mlp of depth 2",
+                            "remove it, or set 'depth: 2'")
 
 
 def _check_optimiser(check: _Checker, node: Located | None, reference) -> Optimiser | None:
@@ -510,12 +582,12 @@ def _check_optimiser(check: _Checker, node: Located | None, reference) -> Optimi
                         f"'{method}' takes: {takes}")
             continue
         kind, _ = options[option]
-        if kind == "count":
-            if isinstance(child.value, int) and not isinstance(child.value, bool) and 1 <= child.value <= 8:
-                values[option] = child.value
-            else:
-                check.error(child, field_path, f"expected an integer from 1 to 8, got {_describe(child.value)}",
-                            "write e.g. 'steps_per_token: 2'")
+        if kind in ("batch", "count"):
+            high, example = (256, "batch_size: 16") if kind == "batch" else (8, "steps_per_token: 2")
+            if (count := check.integer(child, field_path, 1, high, example)) is not None:
+                values[option] = count
+        elif kind.startswith("choice:"):
+            values[option] = check.choice(child, field_path, kind.split(":")[1].split(","), option) or "sample"
         elif kind == "number" or (kind.startswith("number_or_input") and _is_number(child.value)):
             if _is_number(child.value) and child.value > 0:
                 values[option] = float(child.value)
@@ -532,10 +604,11 @@ def _check_optimiser(check: _Checker, node: Located | None, reference) -> Optimi
     return Optimiser(method, **values)
 
 
-def _check_readout(check: _Checker, node: Located | None) -> Readout:
+def _check_readout(check: _Checker, node: Located | None, regressor: Regressor) -> Readout:
     if node is None:
         return Readout()
-    fields = check.mapping(node, "readout", {"scale": "query scale", "normalise": "output normalisation"})
+    fields = check.mapping(node, "readout", {"scale": "query scale", "normalise": "output normalisation",
+                                             "residual": "what an mlp memory's residual adds at the query"})
     scale = None
     if "scale" in fields:
         value = fields["scale"].value
@@ -547,7 +620,14 @@ def _check_readout(check: _Checker, node: Located | None) -> Readout:
     normalise = "none"
     if "normalise" in fields:
         normalise = check.choice(fields["normalise"], "readout.normalise", NORMALISERS, "normalisation") or "none"
-    return Readout(scale, normalise)
+    residual = "input"
+    if "residual" in fields:
+        residual = check.choice(fields["residual"], "readout.residual", RESIDUAL_READOUTS, "residual read-out") or "input"
+        if not (regressor.cls == "mlp" and regressor.residual and regressor.norm_weight):
+            check.error(fields["residual"], "readout.residual",
+                        "a residual read-out needs an mlp regressor with 'residual: true' and a 'layer_norm'",
+                        "remove 'readout.residual'")
+    return Readout(scale, normalise, residual)
 
 
 def _check_schedule(check: _Checker, node: Located | None) -> Schedule:
@@ -595,6 +675,10 @@ def _check_combination(check: _Checker, by_name: dict[str, InputSpec], weights: 
     if isinstance(ridge, str) and ridge in by_name and by_name[ridge].per_token:
         check.error(check.positions["optimiser.ridge"], "optimiser.ridge",
                     "the ridge must be fixed per head: shape [H] or [H, K]", "declare it with shape [H, K]")
+    for i in by_name.values():
+        if i.role in ("norm_weight", "norm_bias") and i.shape != ("H", "K"):
+            check.error(check.positions.get(f"inputs.{i.name}", Position(1, 1)), f"inputs.{i.name}.shape",
+                        f"input '{i.name}' ({i.role}) is fixed per head and channel", "use shape [H, K]")
     for ref in (optimiser.step_size, optimiser.momentum, optimiser.weight_decay, weights.sample_weight):
         if ref and ref in by_name and by_name[ref].per_key:
             check.error(check.positions.get(f"inputs.{ref}", Position(1, 1)), f"inputs.{ref}.shape",
@@ -605,7 +689,22 @@ def _check_combination(check: _Checker, by_name: dict[str, InputSpec], weights: 
 def _check_regressor_combination(check: _Checker, by_name: dict[str, InputSpec], weights: Weights,
                                  optimiser: Optimiser, regressor: Regressor) -> None:
     where = check.positions.get("regressor.class", check.positions.get("regressor", Position(1, 1)))
-    if regressor.cls != "linear" and optimiser.method != "exact":
+    if (regressor.cls == "mlp") != (optimiser.method == "minibatch_gd"):
+        if regressor.cls == "mlp":
+            check.error(check.positions.get("optimiser.method", where), "optimiser.method",
+                        f"class 'mlp' is trained by 'minibatch_gd', not by '{optimiser.method}'",
+                        "write 'optimiser: {method: minibatch_gd, batch_size: 16, step_size: ...}'")
+        else:
+            check.error(check.positions.get("optimiser.method", where), "optimiser.method",
+                        f"method 'minibatch_gd' trains class 'mlp', not '{regressor.cls}'",
+                        "set 'regressor: {class: mlp, depth: 1}', or use 'online_gradient_step' for a linear memory")
+        return
+    if optimiser.method == "minibatch_gd" and optimiser.step_size_per == "row" and (
+            optimiser.momentum or optimiser.weight_decay):
+        check.error(check.positions["optimiser.step_size_per"], "optimiser.step_size_per",
+                    "a row's rate scales the mini-batch's gradient sum only without momentum and weight decay",
+                    "remove 'momentum' and 'weight_decay', or set 'step_size_per: sample'")
+    if regressor.cls not in ("linear", "mlp") and optimiser.method != "exact":
         check.error(check.positions.get("optimiser.method", check.positions.get("optimiser", where)),
                     "optimiser.method", f"class '{regressor.cls}' is solved exactly, not by '{optimiser.method}'",
                     "write 'optimiser: {method: exact, ridge: ...}'")

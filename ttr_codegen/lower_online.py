@@ -1,0 +1,143 @@
+"""Stage 3 for nonlinear memories (regressor class `mlp`): spec -> the lines the online templates render.
+
+The memory network's forward and the derived gradients come from `derive.online`; this stage picks which
+of them each generated function needs:
+
+- `naive_<name>` runs token by token with explicit weights: each token's gradient of its own loss with
+  respect to every fast weight, taken at the weights of its mini-batch's start, then the optimiser's step.
+- `chunk_<name>` runs one mini-batch at a time in the dual form: the key rows' forward and the loss
+  gradients at each layer's output (one batched pass at the start weights), the query rows' outputs with
+  each row's weights without forming them, and the weights at the mini-batch's end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .derive import online
+from .spec import Spec
+from .spec.model import ROLES
+
+NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class OnlineInput:
+    name: str
+    shape_text: str
+    role: str
+    role_text: str
+    per_token: bool
+
+
+@dataclass(frozen=True)
+class FastWeight:
+    name: str
+    shape_code: str  # one sequence and head's shape, as code over K, V and HIDDEN
+    meaning: str
+
+
+@dataclass(frozen=True)
+class OnlinePlan:
+    name: str
+    camel_name: str
+    description: str
+    inputs: tuple[OnlineInput, ...]
+    rate: str  # the step size input
+    momentum: str | None
+    forget: str | None  # weight decay: the fraction of the weights forgotten per token
+    rate_per_row: bool  # TTT's reading: row i's rate scales the sum of the mini-batch's gradients up to i
+    batch_size: int
+    hidden: int | None  # hidden width / K (depth 2)
+    residual: bool  # m(x) = x + g(x): g is fitted to v - k
+    readout: str  # "input": o = q + g(q) (or g(q)); "pre_norm": o = z + g(q), z the last layer's output
+    norm: tuple[str, str] | None  # the layer norm's weight and bias inputs
+    fast_weights: tuple[FastWeight, ...]
+    states: tuple[str, ...]  # the state tuple: fast weights, then their momenta
+    network: tuple[str, ...]  # the memory network's inputs, in signature order (x first)
+    output: str  # g(x)'s value name
+    last: str  # the last layer's output (before the layer norm)
+    forward_lines: tuple[str, ...]  # g(x) with explicit weights
+    weight_gradient_lines: tuple[str, ...]  # d_<weight> of 1/2 ||g(x) - target||^2, summed over x's rows
+    delta_lines: tuple[str, ...]  # d_<layer product> per row, after forward_lines
+    deltas: tuple[str, ...]
+    query_lines: tuple[str, ...]  # g at the query rows x_q with per-row weights (the dual form)
+    update_lines: tuple[str, ...]  # the weights (and momenta) at the mini-batch's end
+    description_lines: tuple[str, ...]  # the objective and optimiser, for docstrings
+
+
+def lower_online(spec: Spec) -> OnlinePlan:
+    regressor, optimiser = spec.regressor, spec.optimiser
+    net = online.memory_network(regressor.depth, regressor.activation, regressor.bias,
+                                regressor.norm_weight is not None, NORM_EPS)
+    target = net.program.input("target", online.ROWS)
+    momentum = optimiser.momentum is not None
+    keep = optimiser.step_size_per == "sample"  # with per-row rates the start weights are kept whole
+    products = [layer.product for layer in net.layers]
+    fast = tuple(_fast_weight(layer, w, regressor.depth) for layer in net.layers
+                 for w in (layer.weight, layer.bias) if w is not None)
+    states = tuple(w.name for w in fast) + (tuple(f"S_{w.name}" for w in fast) if momentum else ())
+    inputs = tuple(OnlineInput(i.name, f"[{', '.join(i.shape)}]", i.role, ROLES[i.role], i.per_token)
+                   for i in spec.inputs)
+    return OnlinePlan(
+        name=spec.name,
+        camel_name=spec.camel_name,
+        description=spec.description or spec.name,
+        inputs=inputs,
+        rate=optimiser.step_size,
+        momentum=optimiser.momentum,
+        forget=optimiser.weight_decay,
+        rate_per_row=not keep,
+        batch_size=optimiser.batch_size,
+        hidden=regressor.hidden,
+        residual=regressor.residual,
+        readout=spec.readout.residual,
+        norm=(regressor.norm_weight, regressor.norm_bias) if regressor.norm_weight else None,
+        fast_weights=fast,
+        states=states,
+        network=tuple(v.name for v in net.program.inputs if v is not target),
+        output=net.output.name,
+        last=net.layers[-1].out.name,
+        forward_lines=tuple(online.forward_lines(net.program)),
+        weight_gradient_lines=tuple(online.gradient_lines(net.program, net.output, target, None, net.fast_weights)),
+        delta_lines=tuple(online.gradient_lines(net.program, net.output, target, None, products)),
+        deltas=tuple(f"d_{p.name}" for p in products),
+        query_lines=tuple(online.query_lines(net, keep, momentum)),
+        update_lines=tuple(online.state_update_lines(net, keep, momentum)),
+        description_lines=tuple(_describe(spec, net)),
+    )
+
+
+def _fast_weight(layer: online.Layer, weight: online.Value, depth: int) -> FastWeight:
+    first, last = layer.x.name == "x", layer.weight.name in ("W", "W2")
+    rows, columns = ("K" if first else "HIDDEN"), ("V" if last else "HIDDEN")
+    if weight is layer.weight:
+        return FastWeight(weight.name, f"{rows}, {columns}", f"layer {'1' if first else '2'}'s weights (x {weight.name})"
+                          if depth == 2 else "the weights (x W)")
+    return FastWeight(weight.name, f"1, {columns}", f"layer {'1' if first else '2'}'s bias" if depth == 2 else "the bias")
+
+
+def _describe(spec: Spec, net: online.MemoryNetwork) -> list[str]:
+    regressor, optimiser = spec.regressor, spec.optimiser
+    g = {1: "x W" + (" + b" if regressor.bias else ""),
+         2: f"{regressor.activation}(x W1{' + b1' if regressor.bias else ''}) W2{' + b2' if regressor.bias else ''}"}
+    g_text = f"LN({g[regressor.depth]})" if regressor.norm_weight else g[regressor.depth]
+    fit = "v - k" if regressor.residual else "v"
+    rate = optimiser.step_size
+    lines = [f"memory: g(x) = {g_text}" + (", m(x) = x + g(x)" if regressor.residual else ", m(x) = g(x)"),
+             f"loss of token t: l_t = 1/2 ||g(k_t) - ({fit.replace('v', 'v_t').replace('k', 'k_t')})||^2",
+             f"mini-batches of {optimiser.batch_size} tokens: every gradient in a mini-batch is taken at the "
+             "weights of its start"]
+    if optimiser.step_size_per == "row":
+        lines.append(f"weights read at token t: W_t = W_start - {rate}_t sum_(s <= t in the mini-batch) grad l_s(W_start)")
+    elif optimiser.momentum:
+        lines.append(f"per token: S_t = {optimiser.momentum}_t S_(t-1) - {rate}_t grad l_t(W_start); "
+                     f"W_t = {'(1 - ' + optimiser.weight_decay + '_t) ' if optimiser.weight_decay else ''}W_(t-1) + S_t")
+    else:
+        lines.append(f"per token: W_t = {'(1 - ' + optimiser.weight_decay + '_t) ' if optimiser.weight_decay else ''}"
+                     f"W_(t-1) - {rate}_t grad l_t(W_start)")
+    read = {"input": "o_t = q_t + g(q_t)" if regressor.residual else "o_t = g(q_t)",
+            "pre_norm": f"o_t = z(q_t) + g(q_t), z = {g[regressor.depth]} before the layer norm"}[spec.readout.residual]
+    lines.append(f"read-out with W_t: {read} (q scaled)")
+    lines.append("gradients: derived by the chain rule through the network (no autograd)")
+    return lines
