@@ -48,9 +48,9 @@ def main() -> None:
         module = importlib.import_module(f"generated.{name}")
         ours = (getattr(module, f"chunk_{name}") if args.backward else
                 getattr(importlib.import_module(f"generated.{name}.chunk_triton"), f"chunk_{name}_triton"))
-        p = LayerChecks(ROOT / "specs" / f"{name}.yaml", None, None).problem(args.T, 128, 128, B=args.B, H=16)
-        p = p.to(torch.bfloat16, "cuda")
-        leaves = [p.q, p.k, p.v, *(x for x in p.inputs.values() if x.dim() == 3)]  # per-token gates train
+        checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", None, None)
+        p = checks.problem(args.T, 128, 128, B=args.B, H=16).to(torch.bfloat16, "cuda")
+        leaves = [p.q, p.k, p.v, *checks.per_token_inputs(p.inputs)]
         d_out = torch.randn_like(p.v)
 
         def step(run):

@@ -69,7 +69,7 @@ def main() -> None:
             p = checks.problem(T, 128, 128, B=B, H=16).to(torch.bfloat16)
             q, k, v = (x.cuda().requires_grad_(True) for x in p.args()[:3])
             inputs = cuda_inputs(name, p)
-            trainable = [x.requires_grad_(True) for x in inputs.values() if x.dim() == 3]  # per-token gates
+            trainable = [x.requires_grad_(True) for x in checks.per_token_inputs(inputs)]
             d_out = torch.randn(B, T, 16, 128, device="cuda", dtype=torch.bfloat16)
             t_ours, m_ours = step_ms_and_memory(lambda: ours(q, k, v, *inputs.values())[0], [q, k, v, *trainable], d_out)
             try:

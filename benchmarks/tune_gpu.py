@@ -45,8 +45,8 @@ CANDIDATES = {
 
 def timed_step(name: str, B: int, T: int, backward: bool):
     """A function running the layer's Triton forward (or, with backward, a training step) on bf16 inputs."""
-    p = LayerChecks(ROOT / "specs" / f"{name}.yaml", None, None).problem(T, 128, 128, B=B, H=16)
-    p = p.to(torch.bfloat16, "cuda")
+    checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", None, None)
+    p = checks.problem(T, 128, 128, B=B, H=16).to(torch.bfloat16, "cuda")
     if not backward:
         kernel = getattr(importlib.import_module(f"generated.{name}.chunk_triton"), f"chunk_{name}_triton")
 
@@ -56,7 +56,7 @@ def timed_step(name: str, B: int, T: int, backward: bool):
         return forward
     layer = getattr(importlib.import_module(f"generated.{name}"), f"chunk_{name}")
     args = [x.requires_grad_(True) for x in p.args()]
-    trainable = [x for x in args if x.dim() >= 3]  # q, k, v and per-token gates (not per-head constants)
+    trainable = [p.q, p.k, p.v, *checks.per_token_inputs(p.inputs)]
     d_out = torch.randn(B, T, 16, 128, device="cuda", dtype=torch.bfloat16)
 
     def step():

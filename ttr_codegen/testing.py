@@ -192,6 +192,11 @@ class LayerChecks:
     def oracle(self, problem: Problem, scale: float | None = None):
         return oracle.solve(self.spec, problem.q, problem.k, problem.v, problem.inputs, scale)
 
+    def per_token_inputs(self, inputs: dict) -> list[torch.Tensor]:
+        """The inputs that vary per token (gates, step sizes; per key too for GLA): what a training step
+        differentiates besides q, k and v (per-head constants are left out)."""
+        return [x for name, x in inputs.items() if self.spec.input(name).per_token]
+
     def memory(self, state, problem: Problem) -> torch.Tensor:
         return oracle.memory_of_state(self.spec, state, problem.inputs)
 
