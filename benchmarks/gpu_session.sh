@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is asked to check, in one call, each step bounded so that a slow one leaves
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device:
-#     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|diagnose|all]   (carry the git-ignored
+#     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|diagnose|all]   (carry the git-ignored
 #                                         wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet)
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them; "train" runs only the training tests (backward, packed, compile);
 # "train_bench" times forward+backward against fla (its guard bypassed where it refuses: time only) and
-# profiles the delta rule's training step at B=2 T=8192; "diagnose" finds which backward kernel of the delta
-# family drifts from its float32 run in bf16 at K = 256. One device call has 10 minutes: separate calls.
+# profiles the delta rule's training step at B=2 T=8192; "tune_delta" sweeps the delta rule's backward launch
+# settings at that shape; "diagnose" finds which backward kernel of the delta family drifts from its float32
+# run in bf16 at K = 256. One device call has 10 minutes: separate calls.
 set -uo pipefail
 OUT="${OUT:-gpu-logs}"
 mkdir -p "$OUT"
@@ -32,6 +33,12 @@ if [[ $WHAT == train_bench ]]; then  # the issue's four layers, the least measur
     step bench_train 330 python3 benchmarks/train_gpu.py --bypass-fla-guard --only gla delta_rule gated_delta_rule simple_gla
     step profile_train 150 python3 benchmarks/kernel_profile_gpu.py delta_rule --backward --B 2 --T 8192
     cat "$OUT/bench_train.txt" "$OUT/profile_train.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == tune_delta ]]; then  # the delta rule's backward launch settings where it trails fla (few long sequences)
+    step tune 540 python3 benchmarks/tune_gpu.py delta_rule --backward --B 2 --T 8192 \
+        --kernels dstates_long wy_backward dqkw dv_local prepare
+    cat "$OUT/tune.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == diagnose ]]; then  # per-kernel drift at the largest head, where a Hopper miscompile was found

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from ttr_codegen.testing import LayerChecks  # noqa: E402
 
 CANDIDATES = {
-    "prepare": {"num_warps": [2, 4, 8], "num_stages": [1, 2]},
+    "prepare": {"BK": [64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2]},
     "cumsum": {"BK": [32, 64, 128], "num_warps": [2, 4]},
     "scores": {"num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
     "states": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [2, 3]},
@@ -80,9 +80,8 @@ def main() -> None:
         default = {k: dict(v) for k, v in module.LAUNCH.items()}
         base = triton.testing.do_bench(run)
         print(f"{name}: table {default} -> {base:.4f} ms", flush=True)
-        for stage, settings in default.items():
-            if args.kernels and stage not in args.kernels:
-                continue
+        for stage in [k for k in args.kernels if k in default] if args.kernels else default:  # --kernels' order
+            settings = default[stage]
             keys = [k for k in CANDIDATES.get(stage, {}) if k in settings]
             if not keys:
                 print(f"    {stage}: no candidates to sweep")
