@@ -747,7 +747,8 @@ class OnlineChecks:
 
     def layer_trains(self, hidden_size: int = 32, num_heads: int = 2) -> None:
         """The layer maps [B, T, D] to [B, T, D] through chunk_<name>, and one backward reaches every
-        parameter (the initial fast weights, the layer norm's, the projections) with finite gradients."""
+        parameter (the initial fast weights, the layer norm's, the projections) with finite gradients; its
+        state carries across calls, and packed sequences match separate calls."""
         torch.manual_seed(0)
         layer = self.layer_class(hidden_size=hidden_size, num_heads=num_heads).double()
         x = torch.randn(2, 2 * self.batch + 3, hidden_size, dtype=torch.float64)
@@ -757,9 +758,14 @@ class OnlineChecks:
         for name, parameter in layer.named_parameters():
             assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
             assert parameter.grad.abs().sum() > 0, f"{name} gets no gradient"
-        # Carrying the state: the second half from the first half's state equals the whole.
+        # Carrying the state: the second half from the first half's state equals the whole; packed sequences
+        # (cu_seqlens) each start from the learned weights, as separate calls do.
         half = self.batch
         with torch.no_grad():
             y_1, carried = layer(x[:, :half], output_final_state=True)
             y_2, _ = layer(x[:, half:], initial_state=carried)
             torch.testing.assert_close(torch.cat([y_1, y_2], dim=1), y.detach(), **_tolerance(torch.float64))
+            packed = torch.cat([x[:1, :half], x[1:, :half + 3]], dim=1)
+            y_packed, _ = layer(packed, cu_seqlens=torch.tensor([0, half, 2 * half + 3]))
+            y_alone = torch.cat([layer(x[:1, :half])[0], layer(x[1:, :half + 3])[0]], dim=1)
+            torch.testing.assert_close(y_packed, y_alone, **_tolerance(torch.float64))
