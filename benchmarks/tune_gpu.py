@@ -27,7 +27,7 @@ from ttr_codegen.testing import LayerChecks  # noqa: E402
 CANDIDATES = {
     "prepare": {"BK": [64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2]},
     "cumsum": {"BK": [32, 64, 128], "num_warps": [2, 4]},
-    "scores": {"num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
+    "scores": {"BK": [64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
     "states": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [2, 3]},
     "states_long": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [2, 3]},
     "output": {"BK": [64, 128], "BV": [64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
