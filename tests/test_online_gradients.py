@@ -79,3 +79,24 @@ def test_elementwise_functions_print_as_torch_with_numeric_constants():
     assert "pi" not in printed and "torch.sqrt" not in printed and "torch.tanh(" in printed
     z = torch.linspace(-3, 3, 7, dtype=torch.float64)
     torch.testing.assert_close(eval(printed, {"torch": torch, "z": z}), F.gelu(z, approximate="tanh"))
+
+
+def test_silu_gradient_stays_finite_where_exp_overflows():
+    """Pre-activations of -100 overflow exp(-x) in float32: the derived SiLU derivative (through sigmoid)
+    stays finite and equal to autograd's."""
+    program, output, fast_weights = online.titans_mlp()
+    target, eta = program.input("target", online.ROWS), program.input("eta", online.COLUMN)
+    code = "\n".join(online.forward_lines(program) + online.gradient_lines(program, output, target, eta, fast_weights))
+    x = torch.zeros(1, 2, D)
+    x[..., 0] = 1.0
+    W1 = torch.zeros(1, D, HIDDEN)
+    W1[0, 0] = torch.linspace(-100.0, 100.0, HIDDEN)  # the pre-activations, -100 .. 100
+    W2 = torch.randn(1, HIDDEN, D, generator=torch.Generator().manual_seed(0))
+    values = {"x": x, "W1": W1, "W2": W2, "target": torch.zeros(1, 2, D), "eta": torch.ones(1, 2, 1)}
+    namespace = {"torch": torch, **values}
+    exec(code, namespace)
+    leaves = [W1.clone().requires_grad_(True), W2.clone().requires_grad_(True)]
+    loss = 0.5 * (_titans_mlp_forward(x, *leaves) ** 2).sum()
+    for name, g in zip(["W1", "W2"], torch.autograd.grad(loss, leaves)):
+        assert torch.isfinite(namespace[f"d_{name}"]).all(), name
+        torch.testing.assert_close(namespace[f"d_{name}"], g, rtol=1e-5, atol=1e-5)

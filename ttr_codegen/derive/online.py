@@ -123,6 +123,9 @@ class _ElementwisePrinter(_ScalarPrinter):
     def _print_log(self, expr):
         return f"torch.log({self._print(expr.args[0])})"
 
+    def _print_sigmoid(self, expr):
+        return f"torch.sigmoid({self._print(expr.args[0])})"
+
     def _print_Pow(self, expr):
         base, exponent = expr.args
         if exponent == sp.Rational(-1, 2):
@@ -223,8 +226,16 @@ def gradient_lines(program: Program, output: Value, target: Value, weight: Value
 
 # The memory networks of the `mlp` regressor class, as programs over a mini-batch x [.., n, D] -> [.., n, D].
 
+class sigmoid(sp.Function):  # noqa: N801  (printed as torch.sigmoid)
+    """1 / (1 + exp(-x)) as one function: its derivative sigmoid (1 - sigmoid) stays finite where exp(-x)
+    overflows (x below about -88 in float32), which the quotient rule's form of the expanded one does not."""
+
+    def fdiff(self, argindex=1):
+        return sigmoid(self.args[0]) * (1 - sigmoid(self.args[0]))
+
+
 GELU_TANH = sp.Rational(1, 2) * X * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (X + sp.Float(0.044715) * X ** 3)))
-SILU = X / (1 + sp.exp(-X))
+SILU = X * sigmoid(X)
 ACTIVATIONS = {"gelu_tanh": GELU_TANH, "silu": SILU}
 
 
