@@ -48,7 +48,7 @@ class OnlinePlan:
     forget: str | None  # weight decay: the fraction of the weights forgotten per token
     rate_per_row: bool  # TTT's reading: row i's rate scales the sum of the mini-batch's gradients up to i
     batch_size: int
-    hidden: int | None  # hidden width / K (depth 2)
+    hidden: int | None  # the hidden layers' width / K (depth >= 2)
     residual: bool  # m(x) = x + g(x): g is fitted to v - k
     readout: str  # "input": o = q + g(q) (or g(q)); "pre_norm": o = z + g(q), z the last layer's output
     norm: tuple[str, str] | None  # the layer norm's weight and bias inputs
@@ -64,6 +64,8 @@ class OnlinePlan:
     query_lines: tuple[str, ...]  # g at the query rows x_q with per-row weights (the dual form)
     update_lines: tuple[str, ...]  # the weights (and momenta) at the mini-batch's end
     description_lines: tuple[str, ...]  # the objective and optimiser, for docstrings
+    input_binding: tuple[str, ...]  # the spec's inputs under the names the lines above use
+    input_lines: tuple[str, ...]  # their conversion to the compute dtype and layout
 
 
 def lower_online(spec: Spec) -> OnlinePlan:
@@ -74,7 +76,7 @@ def lower_online(spec: Spec) -> OnlinePlan:
     momentum = optimiser.momentum is not None
     keep = optimiser.step_size_per == "sample"  # with per-row rates the start weights are kept whole
     products = [layer.product for layer in net.layers]
-    fast = tuple(_fast_weight(layer, w, regressor.depth) for layer in net.layers
+    fast = tuple(_fast_weight(i, layer, w, regressor.depth) for i, layer in enumerate(net.layers)
                  for w in (layer.weight, layer.bias) if w is not None)
     states = tuple(w.name for w in fast) + (tuple(f"S_{w.name}" for w in fast) if momentum else ())
     inputs = tuple(OnlineInput(i.name, f"[{', '.join(i.shape)}]", i.role, ROLES[i.role], i.per_token)
@@ -105,23 +107,53 @@ def lower_online(spec: Spec) -> OnlinePlan:
         query_lines=tuple(online.query_lines(net, keep, momentum)),
         update_lines=tuple(online.state_update_lines(net, keep, momentum)),
         description_lines=tuple(_describe(spec, net)),
+        input_binding=tuple(_input_lines(spec)[0]),
+        input_lines=tuple(_input_lines(spec)[1]),
     )
 
 
-def _fast_weight(layer: online.Layer, weight: online.Value, depth: int) -> FastWeight:
-    first, last = layer.x.name == "x", layer.weight.name in ("W", "W2")
-    rows, columns = ("K" if first else "HIDDEN"), ("V" if last else "HIDDEN")
+def _input_lines(spec: Spec) -> tuple[list[str], list[str]]:
+    """(the spec's inputs bound to the generated code's own names in one assignment, the first statement, so
+    that no input is read after a name it shares has been rebound; their conversion to the compute dtype)."""
+    opt, r = spec.optimiser, spec.regressor
+    rates = [(own, name) for own, name in (("rate", opt.step_size), ("momentum", opt.momentum),
+                                           ("forget", opt.weight_decay)) if name]
+    norm = [("ln_weight", r.norm_weight), ("ln_bias", r.norm_bias)] if r.norm_weight else []
+    renamed = [(own, name) for own, name in rates + norm if own != name]
+    binding = [f"{', '.join(o for o, _ in renamed)} = {', '.join(n for _, n in renamed)}  # the spec's inputs"] if renamed else []
+    own = ", ".join(o for o, _ in rates)
+    conversion = [f"{own} = rate.transpose(1, 2).to(dtype)  # [B, H, T]" if len(rates) == 1 else
+                  f"{own} = (x.transpose(1, 2).to(dtype) for x in ({own}))  # [B, H, T] each"]
+    if norm:
+        conversion.append("ln_weight, ln_bias = (x.to(dtype)[None, :, None, :] for x in (ln_weight, ln_bias))"
+                          "  # [1, H, 1, K]: a row per head")
+    return binding, conversion
+
+
+def _fast_weight(index: int, layer: online.Layer, weight: online.Value, depth: int) -> FastWeight:
+    """Layer `index` (from 0)'s weight or bias: its shape over K, V and HIDDEN, and what it is."""
+    rows, columns = ("K" if index == 0 else "HIDDEN"), ("V" if index == depth - 1 else "HIDDEN")
+    which = f"layer {index + 1}'s" if depth > 1 else "the"
     if weight is layer.weight:
-        return FastWeight(weight.name, f"{rows}, {columns}", f"layer {'1' if first else '2'}'s weights (x {weight.name})"
-                          if depth == 2 else "the weights (x W)")
-    return FastWeight(weight.name, f"1, {columns}", f"layer {'1' if first else '2'}'s bias" if depth == 2 else "the bias")
+        return FastWeight(weight.name, f"{rows}, {columns}", f"{which} weights (x {weight.name})")
+    return FastWeight(weight.name, f"1, {columns}", f"{which} bias")
+
+
+def _network_text(spec: Spec) -> str:
+    """The network before any layer norm, as a formula: x W1 + b1, then act(...) W2 + b2, ..."""
+    r = spec.regressor
+    text = "x"
+    for i, suffix in enumerate(online.layer_suffixes(r.depth)):
+        if i > 0:
+            text = f"{r.activation}({text})"
+        text = f"{text} W{suffix}" + (f" + b{suffix}" if r.bias else "")
+    return text
 
 
 def _describe(spec: Spec, net: online.MemoryNetwork) -> list[str]:
     regressor, optimiser = spec.regressor, spec.optimiser
-    g = {1: "x W" + (" + b" if regressor.bias else ""),
-         2: f"{regressor.activation}(x W1{' + b1' if regressor.bias else ''}) W2{' + b2' if regressor.bias else ''}"}
-    g_text = f"LN({g[regressor.depth]})" if regressor.norm_weight else g[regressor.depth]
+    z = _network_text(spec)
+    g_text = f"LN({z})" if regressor.norm_weight else z
     fit = "v - k" if regressor.residual else "v"
     rate = optimiser.step_size
     lines = [f"memory: g(x) = {g_text}" + (", m(x) = x + g(x)" if regressor.residual else ", m(x) = g(x)"),
@@ -137,7 +169,7 @@ def _describe(spec: Spec, net: online.MemoryNetwork) -> list[str]:
         lines.append(f"per token: W_t = {'(1 - ' + optimiser.weight_decay + '_t) ' if optimiser.weight_decay else ''}"
                      f"W_(t-1) - {rate}_t grad l_t(W_start)")
     read = {"input": "o_t = q_t + g(q_t)" if regressor.residual else "o_t = g(q_t)",
-            "pre_norm": f"o_t = z(q_t) + g(q_t), z = {g[regressor.depth]} before the layer norm"}[spec.readout.residual]
+            "pre_norm": f"o_t = z(q_t) + g(q_t), z = {z} before the layer norm"}[spec.readout.residual]
     lines.append(f"read-out with W_t: {read} (q scaled)")
     lines.append("gradients: derived by the chain rule through the network (no autograd)")
     return lines

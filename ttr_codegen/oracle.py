@@ -339,8 +339,8 @@ def memory_of_state(spec: Spec, state, inputs: dict):
 
 
 def mlp_weight_names(spec: Spec) -> list[str]:
-    """The fast weights of an `mlp` regressor, in state order: W (, b) for depth 1, W1 (, b1), W2 (, b2)."""
-    suffixes = [""] if spec.regressor.depth == 1 else ["1", "2"]
+    """The fast weights of an `mlp` regressor, in state order: W (, b) for depth 1, W1 (, b1), W2 (, b2), ..."""
+    suffixes = [""] if spec.regressor.depth == 1 else [str(i + 1) for i in range(spec.regressor.depth)]
     return [name for s in suffixes for name in ([f"W{s}", f"b{s}"] if spec.regressor.bias else [f"W{s}"])]
 
 
@@ -350,7 +350,7 @@ def mlp_memory(spec: Spec, x: torch.Tensor, weights: dict, inputs: dict) -> tupl
     r = spec.regressor
     activation = {"gelu_tanh": lambda h: torch.nn.functional.gelu(h, approximate="tanh"),
                   "silu": torch.nn.functional.silu}.get(r.activation)
-    suffixes = [""] if r.depth == 1 else ["1", "2"]
+    suffixes = [""] if r.depth == 1 else [str(i + 1) for i in range(r.depth)]
     h = x
     for i, s in enumerate(suffixes):
         h = h @ weights[f"W{s}"] + (weights[f"b{s}"] if r.bias else 0)

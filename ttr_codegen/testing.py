@@ -654,10 +654,13 @@ class OnlineChecks:
         for spec_input in self.spec.inputs:
             shape = {"BTH": (B, T, H), "HK": (H, K)}[_INPUT_SHAPES[spec_input.shape]]
             inputs[spec_input.name] = _TYPICAL_VALUE[spec_input.role](randn(*shape), generator)
-        hidden = (self.spec.regressor.hidden or 1) * K
-        fan_in = {"W": K, "b": K, "W1": K, "b1": K, "W2": hidden, "b2": hidden}
-        shape = {"W": (K, K), "b": (1, K), "W1": (K, hidden), "b1": (1, hidden), "W2": (hidden, K), "b2": (1, K)}
-        weights = tuple(randn(B, H, *shape[n]) * fan_in[n] ** -0.5 for n in self.names)
+        depth, hidden = self.spec.regressor.depth, (self.spec.regressor.hidden or 1) * K
+        weights = []
+        for name in self.names:  # W, b or W1, b1, ..., Wn, bn
+            layer = int(name[1:] or 1)
+            rows, columns = (K if layer == 1 else hidden), (K if layer == depth else hidden)
+            weights.append(randn(B, H, rows if name[0] == "W" else 1, columns) * rows ** -0.5)
+        weights = tuple(weights)
         momenta = tuple(0.1 * randn(*w.shape) for w in weights) if self.spec.optimiser.momentum else ()
         return Problem(q, k, v, inputs), weights + momenta
 

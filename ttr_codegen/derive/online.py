@@ -262,21 +262,25 @@ class MemoryNetwork:
     norm: list[Value]  # the layer norm's weight and bias (fixed per head), or none
 
 
+def layer_suffixes(depth: int) -> list[str]:
+    """The layers' names: W (and b) for one layer, W1, W2, ... for several."""
+    return [""] if depth == 1 else [str(i + 1) for i in range(depth)]
+
+
 def memory_network(depth: int, activation: str | None, bias: bool, layer_norm: bool,
                    eps: float = 1e-6) -> MemoryNetwork:
-    """g(x) = [LN](act(x W1 [+ b1]) W2 [+ b2]) for depth 2, [LN](x W [+ b]) for depth 1."""
+    """g(x) = [LN](x W [+ b]) for depth 1; for depth n, [LN](act(... act(x W1 [+ b1]) ...) Wn [+ bn])."""
     p = Program()
     x = p.input("x", ROWS)
-    suffixes = [""] if depth == 1 else ["1", "2"]
     layers, h = [], x
-    for i, suffix in enumerate(suffixes):
+    for i, suffix in enumerate(layer_suffixes(depth)):
         W = p.input(f"W{suffix}", MATRIX)
         b = p.input(f"b{suffix}", VECTOR) if bias else None
-        product = p.linear(f"{h.name}W{suffix}" if h is not x else f"xW{suffix}", h, W)
+        product = p.linear(f"{h.name}W{suffix}", h, W)
         out = p.add(f"z{suffix}", product, b) if b is not None else product
         layers.append(Layer(h, W, b, product, out))
-        if i + 1 < len(suffixes):
-            h = p.apply("hidden", ACTIVATIONS[activation], out)
+        if i + 1 < depth:
+            h = p.apply(f"hidden{suffix}", ACTIVATIONS[activation], out)
     output, norm = layers[-1].out, []
     if layer_norm:
         norm = [p.input("ln_weight", VECTOR), p.input("ln_bias", VECTOR)]

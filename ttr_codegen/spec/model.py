@@ -38,6 +38,9 @@ ROLES = {
     "norm_weight": "a layer norm's per-channel scale (fixed per head)",
     "norm_bias": "a layer norm's per-channel shift (fixed per head)",
 }
+# Names a generated op's signature or body already uses.
+RESERVED_INPUT_NAMES = ("q", "k", "v", "scale", "initial_state", "output_final_state", "cu_seqlens", "chunk_size",
+                        "torch", "triton", "tl", "dtype")
 # Roles that make the memory forget (or carry) its past: what strongly decaying gates stress.
 GATE_ROLES = ("log_decay", "forget", "momentum")
 
@@ -54,7 +57,7 @@ REGRESSOR_OPTIONS = {
     "affine": {},
     "local_polynomial": {"degree": "0 (local constant), 1 (local linear) or 2"},
     "kernel_ridge": {"kernel": "gaussian or exp_dot", "bandwidth": "h of the Gaussian kernel"},
-    "mlp": {"depth": "1 or 2 linear layers", "hidden": "the hidden width as a multiple of K (depth 2)",
+    "mlp": {"depth": "1 to 4 linear layers", "hidden": "the hidden layers' width as a multiple of K (depth >= 2)",
             "activation": "between the layers: gelu_tanh or silu", "bias": "true: each layer adds a bias",
             "residual": "true: m(k) = k + g(k), g fitted to v - k",
             "layer_norm": "{weight: input, bias: input}: g ends in a layer norm"},
@@ -157,8 +160,8 @@ class Regressor:
     kernel: str | None = None  # kernel_ridge
     bandwidth: float | None = None  # kernel_ridge with a Gaussian kernel
     depth: int = 1  # mlp: linear layers
-    hidden: int | None = None  # mlp of depth 2: hidden width / K
-    activation: str | None = None  # mlp of depth 2: see ACTIVATIONS
+    hidden: int | None = None  # mlp of depth >= 2: hidden width / K
+    activation: str | None = None  # mlp of depth >= 2: see ACTIVATIONS
     bias: bool = False  # mlp
     residual: bool = False  # mlp: m(k) = k + g(k)
     norm_weight: str | None = None  # mlp ending in a layer norm: its inputs
@@ -405,9 +408,9 @@ def _check_inputs(check: _Checker, node: Located | None) -> list[InputSpec]:
     for input_name, child in node.value.items():
         field_path = f"inputs.{input_name}"
         check.positions[field_path] = node.key_positions[input_name]
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", input_name) or input_name in ("q", "k", "v", "scale"):
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", input_name) or input_name in RESERVED_INPUT_NAMES:
             check.error(node.key_positions[input_name], field_path, f"'{input_name}' cannot name an input",
-                        "use a lower_snake_case name other than q, k, v and scale")
+                        f"use a lower_snake_case name other than {', '.join(RESERVED_INPUT_NAMES)}")
             continue
         fields = check.mapping(child, field_path, {"shape": "the tensor shape", "role": "what the input means"})
         shape, role = None, None
@@ -511,7 +514,7 @@ def _check_regressor(check: _Checker, node: Located | None, reference) -> Regres
         elif option == "bandwidth":
             options["bandwidth"] = _positive_number(check, child, field_path)
         elif option in ("depth", "hidden"):
-            high, example = (2, "depth: 2") if option == "depth" else (8, "hidden: 4")
+            high, example = (4, "depth: 2") if option == "depth" else (8, "hidden: 4")
             if (count := check.integer(child, field_path, 1, high, example)) is not None:
                 options[option] = count
         elif option == "activation":
@@ -545,14 +548,14 @@ def _check_regressor(check: _Checker, node: Located | None, reference) -> Regres
 
 def _check_mlp(check: _Checker, node: Located, fields: dict[str, Located], options: dict) -> None:
     depth = options.get("depth", 1)
-    if depth == 2:
+    if depth >= 2:
         for option, example in (("hidden", "hidden: 4"), ("activation", "activation: gelu_tanh")):
             if option not in fields:
-                check.error(node, f"regressor.{option}", f"an mlp of depth 2 needs '{option}'", f"add '{example}'")
+                check.error(node, f"regressor.{option}", f"an mlp of depth {depth} needs '{option}'", f"add '{example}'")
     else:
         for option in ("hidden", "activation"):
             if option in fields:
-                check.error(fields[option], f"regressor.{option}", f"'{option}' applies to an mlp of depth 2",
+                check.error(fields[option], f"regressor.{option}", f"'{option}' applies to an mlp of depth 2 or more",
                             "remove it, or set 'depth: 2'")
 
 
