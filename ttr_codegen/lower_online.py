@@ -43,15 +43,13 @@ class OnlinePlan:
     camel_name: str
     description: str
     inputs: tuple[OnlineInput, ...]
-    rate: str  # the step size input
-    momentum: str | None
-    forget: str | None  # weight decay: the fraction of the weights forgotten per token
+    momentum: str | None  # the momentum input
+    forget: str | None  # the weight decay input: the fraction of the weights forgotten per token
     rate_per_row: bool  # TTT's reading: row i's rate scales the sum of the mini-batch's gradients up to i
     batch_size: int
     hidden: int | None  # the hidden layers' width / K (depth >= 2)
     residual: bool  # m(x) = x + g(x): g is fitted to v - k
     readout: str  # "input": o = q + g(q) (or g(q)); "pre_norm": o = z + g(q), z the last layer's output
-    norm: tuple[str, str] | None  # the layer norm's weight and bias inputs
     fast_weights: tuple[FastWeight, ...]
     states: tuple[str, ...]  # the state tuple: fast weights, then their momenta
     network: tuple[str, ...]  # the memory network's inputs, in signature order (x first)
@@ -60,7 +58,6 @@ class OnlinePlan:
     forward_lines: tuple[str, ...]  # g(x) with explicit weights
     weight_gradient_lines: tuple[str, ...]  # d_<weight> of 1/2 ||g(x) - target||^2, summed over x's rows
     delta_lines: tuple[str, ...]  # d_<layer product> per row, after forward_lines
-    deltas: tuple[str, ...]
     query_lines: tuple[str, ...]  # g at the query rows x_q with per-row weights (the dual form)
     update_lines: tuple[str, ...]  # the weights (and momenta) at the mini-batch's end
     description_lines: tuple[str, ...]  # the objective and optimiser, for docstrings
@@ -81,12 +78,12 @@ def lower_online(spec: Spec) -> OnlinePlan:
     states = tuple(w.name for w in fast) + (tuple(f"S_{w.name}" for w in fast) if momentum else ())
     inputs = tuple(OnlineInput(i.name, f"[{', '.join(i.shape)}]", i.role, ROLES[i.role], i.per_token)
                    for i in spec.inputs)
+    binding, conversion = _input_lines(spec)
     return OnlinePlan(
         name=spec.name,
         camel_name=spec.camel_name,
         description=spec.description or spec.name,
         inputs=inputs,
-        rate=optimiser.step_size,
         momentum=optimiser.momentum,
         forget=optimiser.weight_decay,
         rate_per_row=not keep,
@@ -94,7 +91,6 @@ def lower_online(spec: Spec) -> OnlinePlan:
         hidden=regressor.hidden,
         residual=regressor.residual,
         readout=spec.readout.residual,
-        norm=(regressor.norm_weight, regressor.norm_bias) if regressor.norm_weight else None,
         fast_weights=fast,
         states=states,
         network=tuple(v.name for v in net.program.inputs if v is not target),
@@ -103,12 +99,11 @@ def lower_online(spec: Spec) -> OnlinePlan:
         forward_lines=tuple(online.forward_lines(net.program)),
         weight_gradient_lines=tuple(online.gradient_lines(net.program, net.output, target, None, net.fast_weights)),
         delta_lines=tuple(online.gradient_lines(net.program, net.output, target, None, products)),
-        deltas=tuple(f"d_{p.name}" for p in products),
         query_lines=tuple(online.query_lines(net, keep, momentum)),
         update_lines=tuple(online.state_update_lines(net, keep, momentum)),
         description_lines=tuple(_describe(spec, net)),
-        input_binding=tuple(_input_lines(spec)[0]),
-        input_lines=tuple(_input_lines(spec)[1]),
+        input_binding=tuple(binding),
+        input_lines=tuple(conversion),
     )
 
 
