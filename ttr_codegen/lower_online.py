@@ -45,6 +45,7 @@ class OnlinePlan:
     inputs: tuple[OnlineInput, ...]
     momentum: str | None  # the momentum input
     forget: str | None  # the weight decay input: the fraction of the weights forgotten per token
+    rates: tuple[str, ...]  # the code's own names of the per-token inputs: rate[, momentum][, forget]
     rate_per_row: bool  # TTT's reading: row i's rate scales the sum of the mini-batch's gradients up to i
     batch_size: int
     hidden: int | None  # the hidden layers' width / K (depth >= 2)
@@ -78,7 +79,9 @@ def lower_online(spec: Spec) -> OnlinePlan:
     states = tuple(w.name for w in fast) + (tuple(f"S_{w.name}" for w in fast) if momentum else ())
     inputs = tuple(OnlineInput(i.name, f"[{', '.join(i.shape)}]", i.role, ROLES[i.role], i.per_token)
                    for i in spec.inputs)
-    binding, conversion = _input_lines(spec)
+    rates = [(own, name) for own, name in (("rate", optimiser.step_size), ("momentum", optimiser.momentum),
+                                           ("forget", optimiser.weight_decay)) if name]
+    binding, conversion = _input_lines(spec, rates)
     return OnlinePlan(
         name=spec.name,
         camel_name=spec.camel_name,
@@ -86,6 +89,7 @@ def lower_online(spec: Spec) -> OnlinePlan:
         inputs=inputs,
         momentum=optimiser.momentum,
         forget=optimiser.weight_decay,
+        rates=tuple(own for own, _ in rates),
         rate_per_row=not keep,
         batch_size=optimiser.batch_size,
         hidden=regressor.hidden,
@@ -107,15 +111,15 @@ def lower_online(spec: Spec) -> OnlinePlan:
     )
 
 
-def _input_lines(spec: Spec) -> tuple[list[str], list[str]]:
+def _input_lines(spec: Spec, rates: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
     """(the spec's inputs bound to the generated code's own names in one assignment, the first statement, so
-    that no input is read after a name it shares has been rebound; their conversion to the compute dtype)."""
-    opt, r = spec.optimiser, spec.regressor
-    rates = [(own, name) for own, name in (("rate", opt.step_size), ("momentum", opt.momentum),
-                                           ("forget", opt.weight_decay)) if name]
+    that no input is read after a name it shares has been rebound; their conversion to the compute dtype).
+    rates: (own name, spec input) of the per-token inputs."""
+    r = spec.regressor
     norm = [("ln_weight", r.norm_weight), ("ln_bias", r.norm_bias)] if r.norm_weight else []
     renamed = [(own, name) for own, name in rates + norm if own != name]
-    binding = [f"{', '.join(o for o, _ in renamed)} = {', '.join(n for _, n in renamed)}  # the spec's inputs"] if renamed else []
+    binding = ([f"{', '.join(o for o, _ in renamed)} = {', '.join(n for _, n in renamed)}  # the spec's inputs"]
+               if renamed else [])
     own = ", ".join(o for o, _ in rates)
     conversion = [f"{own} = rate.transpose(1, 2).to(dtype)  # [B, H, T]" if len(rates) == 1 else
                   f"{own} = (x.transpose(1, 2).to(dtype) for x in ({own}))  # [B, H, T] each"]

@@ -338,10 +338,14 @@ def memory_of_state(spec: Spec, state, inputs: dict):
 # --- nonlinear memories (regressor class `mlp`) -------------------------------------------------------
 
 
+def _mlp_layers(spec: Spec) -> list[str]:
+    """The layers' suffixes: W (and b) for one layer, W1, W2, ... for several."""
+    return [""] if spec.regressor.depth == 1 else [str(i + 1) for i in range(spec.regressor.depth)]
+
+
 def mlp_weight_names(spec: Spec) -> list[str]:
     """The fast weights of an `mlp` regressor, in state order: W (, b) for depth 1, W1 (, b1), W2 (, b2), ..."""
-    suffixes = [""] if spec.regressor.depth == 1 else [str(i + 1) for i in range(spec.regressor.depth)]
-    return [name for s in suffixes for name in ([f"W{s}", f"b{s}"] if spec.regressor.bias else [f"W{s}"])]
+    return [name for s in _mlp_layers(spec) for name in ([f"W{s}", f"b{s}"] if spec.regressor.bias else [f"W{s}"])]
 
 
 def mlp_memory(spec: Spec, x: torch.Tensor, weights: dict, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,7 +354,7 @@ def mlp_memory(spec: Spec, x: torch.Tensor, weights: dict, inputs: dict) -> tupl
     r = spec.regressor
     activation = {"gelu_tanh": lambda h: torch.nn.functional.gelu(h, approximate="tanh"),
                   "silu": torch.nn.functional.silu}.get(r.activation)
-    suffixes = [""] if r.depth == 1 else [str(i + 1) for i in range(r.depth)]
+    suffixes = _mlp_layers(spec)
     h = x
     for i, s in enumerate(suffixes):
         h = h @ weights[f"W{s}"] + (weights[f"b{s}"] if r.bias else 0)

@@ -82,6 +82,13 @@ class Problem:
         return Problem(self.q[:, start:stop], cut(self.k, True), cut(self.v, True), inputs)
 
 
+def share_per_head_inputs(problems: list[Problem], spec: Spec) -> list[Problem]:
+    """The problems with the first one's per-head inputs (packed sequences share them), changed in place."""
+    for p in problems[1:]:
+        p.inputs.update({n: x for n, x in problems[0].inputs.items() if not spec.input(n).per_token})
+    return problems
+
+
 def pack(problems: list[Problem], spec: Spec) -> tuple[Problem, torch.Tensor]:
     """Concatenate B = 1 problems along T (per-head inputs are taken from the first) and their cu_seqlens."""
     q, k, v = (torch.cat(parts, dim=1) for parts in zip(*(p.args()[:3] for p in problems)))
@@ -109,6 +116,19 @@ def naive_per_sequence(naive, args, initial: torch.Tensor, cu_seqlens: torch.Ten
         outputs.append(o)
         finals.append(final)
     return torch.cat(outputs, dim=1), torch.cat(finals)
+
+
+class TwoLayers(torch.nn.Module):
+    """A residual stack of two generated layers (their classes), for checks of a whole model."""
+
+    def __init__(self, first: type[torch.nn.Module], second: type[torch.nn.Module], width: int = 32, heads: int = 2):
+        super().__init__()
+        self.first = first(width, heads)
+        self.second = second(width, heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.first(x)[0]
+        return x + self.second(x)[0]
 
 
 def compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, relative: float, **compile_options) -> None:
@@ -483,9 +503,8 @@ class LayerChecks:
                         seed: int = 0) -> tuple[list[Problem], Problem, torch.Tensor]:
         """One problem per sequence length (B = 1, seeds seed, seed + 1, ...), all with the first one's per-head
         inputs (packed sequences share them), and their packing along T with its cu_seqlens."""
-        problems = [self.problem(n, K, V, B=1, H=H, seed=seed + i) for i, n in enumerate(lengths)]
-        for p in problems[1:]:
-            p.inputs.update({n: x for n, x in problems[0].inputs.items() if not self.spec.input(n).per_token})
+        problems = share_per_head_inputs([self.problem(n, K, V, B=1, H=H, seed=seed + i)
+                                          for i, n in enumerate(lengths)], self.spec)
         packed, cu_seqlens = pack(problems, self.spec)
         return problems, packed, cu_seqlens
 
@@ -689,10 +708,8 @@ class OnlineChecks:
         T = 2 * self.batch + 5
         problem, initial = self.problem(T, K, seed=4)
         o_full, final_full = self.chunk(*problem.args(), initial_state=initial, output_final_state=True)
-        first = Problem(problem.q[:, :self.batch], problem.k[:, :self.batch], problem.v[:, :self.batch],
-                        {n: (x[:, :self.batch] if x.dim() == 3 else x) for n, x in problem.inputs.items()})
-        second = Problem(problem.q[:, self.batch:], problem.k[:, self.batch:], problem.v[:, self.batch:],
-                         {n: (x[:, self.batch:] if x.dim() == 3 else x) for n, x in problem.inputs.items()})
+        first = problem.tokens(0, self.batch, 1, set(), self.spec)
+        second = problem.tokens(self.batch, T, 1, set(), self.spec)
         o_1, carried = self.chunk(*first.args(), initial_state=initial, output_final_state=True)
         o_2, final = self.chunk(*second.args(), initial_state=carried, output_final_state=True)
         self._compare((torch.cat([o_1, o_2], dim=1), final), (o_full, final_full), _tolerance(torch.float64), "carried")
@@ -703,10 +720,7 @@ class OnlineChecks:
         """cu_seqlens: each sequence from its own initial state and with its own mini-batches, against the
         oracle run on each alone."""
         parts = [self.problem(n, K, B=1, seed=10 + i) for i, n in enumerate(lengths)]
-        problems = [p for p, _ in parts]
-        shared = problems[0].inputs  # per-head inputs are shared by the packed sequences
-        problems = [Problem(p.q, p.k, p.v, {n: (x if x.dim() == 3 else shared[n]) for n, x in p.inputs.items()})
-                    for p in problems]
+        problems = share_per_head_inputs([p for p, _ in parts], self.spec)
         packed, cu_seqlens = pack(problems, self.spec)
         initial = tuple(torch.cat(states) for states in zip(*(s for _, s in parts)))
         o, final = self.chunk(*packed.args(), initial_state=initial, output_final_state=True, cu_seqlens=cu_seqlens)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ttr_codegen.testing import LayerChecks, assert_within, compiled_matches_eager, naive_per_sequence, pack
+from ttr_codegen.testing import LayerChecks, TwoLayers, assert_within, compiled_matches_eager, naive_per_sequence, pack
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
@@ -199,19 +199,8 @@ def test_chunk_triton_backward_packed(name, dtype):
 def test_model_of_generated_layers_compiles_fullgraph_on_cuda():
     """A two-layer model (GLA, then simple GLA) on CUDA in bf16 under torch.compile(fullgraph=True) with
     inductor: forward and backward run the Triton custom ops and match eager."""
-    from torch import nn
-
     from generated.gla import Gla
     from generated.simple_gla import SimpleGla
 
-    class TwoLayers(nn.Module):
-        def __init__(self, width: int = 256, heads: int = 2):
-            super().__init__()
-            self.first, self.second = Gla(width, heads), SimpleGla(width, heads)
-
-        def forward(self, x):
-            x = x + self.first(x)[0]
-            return x + self.second(x)[0]
-
     torch.manual_seed(0)
-    compiled_matches_eager(TwoLayers().cuda(), torch.randn(2, 300, 256, device="cuda"), 1e-3)
+    compiled_matches_eager(TwoLayers(Gla, SimpleGla, width=256).cuda(), torch.randn(2, 300, 256, device="cuda"), 1e-3)

@@ -135,7 +135,6 @@ class _ElementwisePrinter(_ScalarPrinter):
         return super()._print_Pow(expr)
 
 
-
 def _numbers_evaluated(expr: sp.Expr) -> sp.Expr:
     """expr with every constant subexpression (sqrt(2 / pi), ...) a float: torch functions take tensors."""
     if expr.is_number and not expr.is_Integer:
