@@ -35,7 +35,7 @@ if [[ $WHAT == train_bench ]]; then  # the issue's four layers, the least measur
     cat "$OUT/bench_train.txt" "$OUT/profile_train.txt" "$OUT/steps.txt"
     exit 0
 fi
-if [[ $WHAT == tune_delta ]]; then  # the delta rule's backward launch settings where it trails fla (few long sequences)
+if [[ $WHAT == tune_delta ]]; then  # the delta rule's backward launch settings with few long sequences
     step tune 540 python3 benchmarks/tune_gpu.py delta_rule --backward --B 2 --T 8192 \
         --kernels dstates_long wy_backward dqkw dv_local prepare
     cat "$OUT/tune.txt" "$OUT/steps.txt"

@@ -91,6 +91,9 @@ def main() -> None:
                 module.LAUNCH = {**default, stage: {**settings, **dict(zip(keys, values))}}
                 try:
                     ms = triton.testing.do_bench(run)
+                except torch.AcceleratorError as error:  # e.g. an illegal address: every later launch would fail too
+                    print(f"    {stage} {dict(zip(keys, values))}: {error}".splitlines()[0])
+                    sys.exit("the CUDA context is lost: sweep the kernels left in a new process (--kernels)")
                 except Exception as error:  # e.g. out of shared memory for this tile
                     print(f"    {stage} {dict(zip(keys, values))}: failed ({type(error).__name__})")
                     continue
