@@ -32,10 +32,6 @@ THREADS_PER_GPU = 2048 * 132  # resident threads of an H100 SXM: what the local 
 TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int32": "i32", "int64": "i64"}
 
 
-def trained_layers() -> list[str]:
-    return sorted(p.parent.name for p in (ROOT / "generated").glob("*/chunk.py") if "_triton_train" in p.read_text())
-
-
 def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list:
     """(module, kernel, {argument: ["tensor", dtype] or ["value", v]}) of every launch of a forward and
     backward of chunk_<name> on the Triton path. Runs under TRITON_INTERPRET=1 with the launches stubbed."""
@@ -111,10 +107,12 @@ def main() -> None:
         return
     import triton
 
+    from ttr_codegen.testing import triton_trained_layers
+
     print(f"sm_90a, Triton {triton.__version__}, K={args.K} V={args.V}, a training step (forward and backward)")
     print(f"{'layer':20s} {'dtype':9s} {'kernel':22s} {'regs':>5s} {'stack B':>8s} {'shared B':>9s} "
           f"{'warps':>5s} {'stages':>6s} {'local MiB':>9s}")
-    for name in args.layers or trained_layers():
+    for name in args.layers or triton_trained_layers(ROOT / "generated"):
         for dtype in args.dtype:
             child = subprocess.run([sys.executable, __file__, name, "--record", "--K", str(args.K), "--V", str(args.V),
                                     "--dtype", dtype], capture_output=True, text=True,

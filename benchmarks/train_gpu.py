@@ -25,11 +25,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from chunk_gpu import PEERS, cuda_inputs  # noqa: E402
-from ttr_codegen.testing import LayerChecks  # noqa: E402
+from ttr_codegen.testing import LayerChecks, triton_trained_layers  # noqa: E402
 
-# The layers whose chunked form trains on the Triton kernels.
-TRAINED = [name for name, peer in PEERS.items()
-           if peer and "_triton_train" in (ROOT / "generated" / name / "chunk.py").read_text()]
+# The layers with an fla peer whose chunked form trains on the Triton kernels (in PEERS' order).
+_ON_TRITON = set(triton_trained_layers(ROOT / "generated"))
+TRAINED = [name for name, peer in PEERS.items() if peer and name in _ON_TRITON]
 
 
 def step_ms_and_memory(run, leaves, d_out) -> tuple[float, float]:

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from generated.titans_linear import naive_titans_linear
 from ttr_codegen.cli import app
+from ttr_codegen.spec import load_spec
 from ttr_codegen.testing import LayerChecks, OnlineChecks
 
 NEW_SPECS = {
@@ -90,7 +91,7 @@ def generated_root(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(NEW_SPECS))
 def test_new_layer_matches_its_oracle(generated_root, name):
     module = importlib.import_module(f"newlayers.{name}")
-    camel = "".join(part.capitalize() for part in name.split("_"))
+    camel = load_spec(generated_root / f"{name}.yaml").camel_name
     checks = LayerChecks(generated_root / f"{name}.yaml", getattr(module, f"naive_{name}"), getattr(module, camel))
     checks.matches_oracle(63, 16, 12)
     checks.state_carry()
@@ -112,7 +113,7 @@ def test_normalised_linear_attention_equals_the_field(generated_root):
 @pytest.mark.parametrize("name", sorted(NEW_ONLINE_SPECS))
 def test_new_nonlinear_memory_matches_its_oracle(generated_root, name):
     module = importlib.import_module(f"newlayers.{name}")
-    camel = "".join(part.capitalize() for part in name.split("_"))
+    camel = load_spec(generated_root / f"{name}.yaml").camel_name
     checks = OnlineChecks(generated_root / f"{name}.yaml", getattr(module, f"naive_{name}"),
                           getattr(module, f"chunk_{name}"), getattr(module, camel))
     for op in ("naive", "chunk"):

@@ -82,6 +82,11 @@ class Problem:
         return Problem(self.q[:, start:stop], cut(self.k, True), cut(self.v, True), inputs)
 
 
+def triton_trained_layers(generated: Path) -> list[str]:
+    """The layers under `generated` whose chunked form trains on the Triton backward kernels (on CUDA)."""
+    return sorted(p.parent.name for p in generated.glob("*/chunk.py") if "_triton_train" in p.read_text())
+
+
 def share_per_head_inputs(problems: list[Problem], spec: Spec) -> list[Problem]:
     """The problems with the first one's per-head inputs (packed sequences share them), changed in place."""
     for p in problems[1:]:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ttr_codegen.testing import LayerChecks, TwoLayers, assert_within, compiled_matches_eager, naive_per_sequence, pack
+from ttr_codegen.testing import (LayerChecks, TwoLayers, assert_within, compiled_matches_eager, naive_per_sequence, pack,
+                                 triton_trained_layers)
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,7 +120,7 @@ def test_chunk_triton_largest_head(name, dtype):
     assert_within(o, reference, TOLERANCE[dtype], "output")
 
 
-TRAINED = sorted(p.parent.name for p in (ROOT / "generated").glob("*/chunk.py") if "_triton_train" in p.read_text())
+TRAINED = triton_trained_layers(ROOT / "generated")
 BACKWARD_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}  # gate gradients sum over T
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ttr_codegen.spec import load_spec
 from ttr_codegen.testing import OnlineChecks, Problem, assert_within
 
 pytestmark = pytest.mark.gpu
@@ -21,8 +22,9 @@ TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 2e-2}  # relative to 1 + max |
 
 def _checks(name: str) -> OnlineChecks:
     module = importlib.import_module(f"generated.{name}")
-    return OnlineChecks(ROOT / "specs" / f"{name}.yaml", getattr(module, f"naive_{name}"),
-                        getattr(module, f"chunk_{name}"), getattr(module, "".join(p.capitalize() for p in name.split("_"))))
+    spec_path = ROOT / "specs" / f"{name}.yaml"
+    return OnlineChecks(spec_path, getattr(module, f"naive_{name}"), getattr(module, f"chunk_{name}"),
+                        getattr(module, load_spec(spec_path).camel_name))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
