@@ -11,7 +11,7 @@ import typer
 from .lower import derivation_doc
 from .pipeline import compile_spec
 from .render.files import RenderedFile
-from .render.writer import HandEditedError, plan_changes, write_atomically
+from .render.writer import HandEditedError, PackageOwnedError, plan_changes, plan_package, write_atomically
 from .spec import SpecError
 
 app = typer.Typer(help="ttr: compile test-time regression specs into sequence-model layers.",
@@ -62,9 +62,22 @@ def generate(
         typer.echo("nothing written", err=True)
         raise typer.Exit(1)
 
-    changes = plan_changes(out, [PACKAGE_INIT, PACKAGE_CONFTEST])
-    for c in compiled:
-        changes += plan_changes(c.package_dir, c.files)
+    if out.exists() and not out.is_dir():
+        typer.echo(f"error: --out {out} is a file, not a folder", err=True)
+        raise typer.Exit(1)
+    names = [c.spec.name for c in compiled]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        typer.echo(f"error: several specs are named {', '.join(twice)}: each needs its own package; nothing written",
+                   err=True)
+        raise typer.Exit(1)
+    try:
+        changes = plan_changes(out, [PACKAGE_INIT, PACKAGE_CONFTEST])
+        for c in compiled:
+            changes += plan_package(c.package_dir, c.files, c.spec_path, force=force)
+    except PackageOwnedError as error:
+        typer.echo(f"error: {error}; nothing written", err=True)
+        raise typer.Exit(1) from None
     stale = [c for c in changes if c.changed]
     if check:
         for change in stale:
@@ -78,6 +91,9 @@ def generate(
         written = write_atomically(changes, force=force)
     except HandEditedError as error:
         typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as error:
+        typer.echo(f"error: cannot write {error.filename or out}: {error.strerror}; nothing written", err=True)
         raise typer.Exit(1) from None
     for c in compiled:
         typer.echo(f"{c.spec.name}: {c.structure} -> {c.package_dir}/")

@@ -156,7 +156,7 @@ def _lower_attention(spec: Spec, rule: UpdateRule) -> AttentionPlan:
     moment_cost = {"m_k": K, "h_kk": K * K, "m_v": V, "h_kv": K * V}
     cost = sum((moment_cost[m] for m in moments), 0) * N + program.cost + (K * N if rule.form == "attention" else 0)
     return AttentionPlan(
-        spec.name, spec.camel_name, spec.description, rule.form, tuple(_input_plans(spec, set())),
+        spec.name, spec.camel_name, spec.docstring_description, rule.form, tuple(_input_plans(spec, set())),
         "K ** -0.5" if rule.scale is None else repr(rule.scale), kernel, spec.weights.window, decay,
         spec.regressor.degree, spec.optimiser.ridge, moments, tuple(lines), rule.structure,
         tuple(derivation_doc(rule)), str(sp.expand(cost)), ("k", "v") + ((decay,) if decay else ()),
@@ -205,7 +205,7 @@ def _lower_recurrent(spec: Spec, rule: UpdateRule) -> NaivePlan:
     states = tuple(StatePlan(s.name, "(" + ", ".join(["B", "H"] + [d for d in (s.rows, s.cols) if d != "1"]) + ")", s.shape_text,
                              s.meaning, _init_code(s, spec)) for s in rule.states)
     return NaivePlan(
-        spec.name, spec.camel_name, spec.description, tuple(inputs), states, n,
+        spec.name, spec.camel_name, spec.docstring_description, tuple(inputs), states, n,
         "K ** -0.5" if rule.scale is None else repr(rule.scale),
         tuple(token_lines), tuple(step_lines), tuple(readout_lines), rule.structure,
         rule.structure in ("delta", "delta-product", "diagonal-plus-rank-one"),
@@ -398,7 +398,10 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
         log_decay = sp.expand_log(sp.log(decay), force=True)
         gate = "none" if log_decay == 0 else "scalar"
         if gate == "scalar":
-            lines.append(f"log_decay = torch.broadcast_to({program.scalar(log_decay)}, (B, T * n_steps, H))")
+            log_code = program.scalar(log_decay)
+            if "log" in log_code:  # a retention such as 1 - alpha may be 0: log 0 = -inf; exp(-1e4) is 0 alike
+                log_code = f"{log_code}.clamp_min(-1e4)"
+            lines.append(f"log_decay = torch.broadcast_to({log_code}, (B, T * n_steps, H))")
         if rule.structure == "additive":
             family, beta, value_scale = "gated", None, write
         else:

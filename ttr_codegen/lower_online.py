@@ -85,7 +85,7 @@ def lower_online(spec: Spec) -> OnlinePlan:
     return OnlinePlan(
         name=spec.name,
         camel_name=spec.camel_name,
-        description=spec.description or spec.name,
+        description=spec.docstring_description or spec.name,
         inputs=inputs,
         momentum=optimiser.momentum,
         forget=optimiser.weight_decay,

@@ -14,17 +14,28 @@ import torch
 from .spec import Spec
 
 
-def _gate_log(spec: Spec, name: str, inputs: dict, B: int, T: int) -> torch.Tensor:
-    """A per-token log tensor [B, T, H] or [B, T, H, K] for an input of any declared shape."""
-    x = inputs[name]
-    if not spec.input(name).per_token:
-        x = x.expand(B, T, *x.shape)
-    return x
+# Roles fixed per head by nature; every other role may be declared [H] (one value for every token) or per token.
+_FIXED_ROLES = ("ridge", "norm_weight", "norm_bias")
+
+
+def per_token_inputs(spec: Spec, inputs: dict, B: int, T: int) -> dict:
+    """The inputs with every per-head value of a per-token role repeated over (B, T), or over the T * n
+    sub-step rows for a step size with n steps per token: the oracle then indexes each token alike."""
+    n = spec.optimiser.steps_per_token
+    expanded = {}
+    for name, x in inputs.items():
+        declared = spec.input(name)
+        if declared.per_token or declared.role in _FIXED_ROLES:
+            expanded[name] = x
+            continue
+        rows = T * n if name == spec.optimiser.step_size and n > 1 else T
+        expanded[name] = x.expand(B, rows, *x.shape)
+    return expanded
 
 
 def _retention(spec: Spec, name: str, inputs: dict, B: int, T: int) -> torch.Tensor:
     """The factor of the memory kept per token: exp(g) for a log-decay, 1 - alpha for a forget input."""
-    x = _gate_log(spec, name, inputs, B, T)
+    x = inputs[name]  # per token (see per_token_inputs)
     return x.exp() if spec.input(name).role == "log_decay" else 1 - x
 
 
@@ -188,7 +199,8 @@ def solve(spec: Spec, q, k, v, inputs: dict, scale: float | None = None):
     The memory is S [B, H, K, V] for linear regressors, the fitted (b; W) [B, H, 1 + K, V] for the affine
     one, and the data (k, v[, decay]) itself for nonparametric regressors, which keep every pair.
     """
-    K = q.shape[-1]
+    B, T, _, K = q.shape
+    inputs = per_token_inputs(spec, inputs, B, T)
     if scale is None:
         scale = default_scale(spec, K)
     if spec.regressor.cls == "local_polynomial":
@@ -374,6 +386,7 @@ def solve_online(spec: Spec, q, k, v, inputs: dict, initial_state, scale: float 
     optimiser's step written out, and the network read at the scaled query with the token's weights."""
     opt, r = spec.optimiser, spec.regressor
     B, T, H, K = q.shape
+    inputs = per_token_inputs(spec, inputs, B, T)
     scale = default_scale(spec, K) if scale is None else scale
     names = mlp_weight_names(spec)
     weights = dict(zip(names, initial_state[:len(names)]))

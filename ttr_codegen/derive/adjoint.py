@@ -275,6 +275,11 @@ def _readout_adjoint(rule: UpdateRule, leaves_of: dict, scalars_of: dict, steps:
         for name, symbol in scalars_of.items():  # a scalar state read by a coefficient
             if any(symbol in coeff.free_symbols for _, coeff in assign.value.terms):
                 add(name, vjp_scalar(assign.value, adjoint, symbol))
+        # A scalar input read by a coefficient (a ridge fixed per head: h_reg = lambda I + H); not the query scale.
+        for symbol in sorted({x for _, c in assign.value.terms for x in c.free_symbols if isinstance(x, sp.Symbol)
+                              and not isinstance(x, MatrixSymbol) and x not in (K, V) and x.name != "scale"}
+                             - set(scalars_of.values()), key=lambda x: x.name):
+            add(symbol.name, vjp_scalar(assign.value, adjoint, symbol))
         for leaf in sorted(_leaves(assign.value), key=lambda x: x.name):
             add(leaf.name, vjp(assign.value, adjoint, leaf))
     states = [*leaves_of, *scalars_of]

@@ -71,6 +71,14 @@ class _ScalarPrinter(PythonCodePrinter):
     def _print_exp(self, expr):
         return f"{self.math_module}.exp({self._print(expr.args[0])})"
 
+    def _print_log(self, expr):
+        # log(1 - x), a forget fraction's log-retention, is log1p(-x): exact for small x.
+        argument = expr.args[0]
+        rest = argument - 1
+        if rest.could_extract_minus_sign():
+            return f"{self.math_module}.log1p({self._print(rest)})"
+        return f"{self.math_module}.log({self._print(argument)})"
+
     def _print_Float(self, expr):
         return repr(float(expr))
 

@@ -11,11 +11,11 @@ import hashlib
 import json
 import keyword
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .diagnostics import Diagnostic, Position, SpecError
-from .yaml_source import Located, load_located
+from .yaml_source import MAX_SPEC_BYTES, Located, load_located
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary
@@ -214,6 +214,28 @@ class Spec:
     def input(self, name: str) -> InputSpec:
         return next(i for i in self.inputs if i.name == name)
 
+    def with_input_names(self, names: dict[str, str]) -> Spec:
+        """The same spec with inputs renamed (names: old -> new), declarations and references alike."""
+        def new(name):
+            return names.get(name, name) if isinstance(name, str) else name
+
+        return replace(
+            self, inputs=tuple(replace(i, name=new(i.name)) for i in self.inputs),
+            weights=replace(self.weights, decay=new(self.weights.decay), sample_weight=new(self.weights.sample_weight)),
+            regressor=replace(self.regressor, norm_weight=new(self.regressor.norm_weight),
+                              norm_bias=new(self.regressor.norm_bias)),
+            optimiser=replace(self.optimiser, step_size=new(self.optimiser.step_size),
+                              weight_decay=new(self.optimiser.weight_decay), momentum=new(self.optimiser.momentum),
+                              ridge=new(self.optimiser.ridge)),
+            positions={(f"inputs.{new(k.split('.')[1])}" + k[len("inputs.") + len(k.split('.')[1]):]
+                        if k.startswith("inputs.") else k): p for k, p in self.positions.items()})
+
+    @property
+    def docstring_description(self) -> str:
+        """The description as it may stand inside a generated docstring: quotes and backslashes escaped, so no
+        text of the spec can end the docstring and become code."""
+        return self.description.replace("\\", "\\\\").replace('"', '\\"')
+
     @property
     def camel_name(self) -> str:
         return "".join(part.capitalize() for part in self.name.split("_"))
@@ -325,10 +347,16 @@ def _is_number(value: object) -> bool:
 def load_spec(path: str | Path) -> Spec:
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.stat().st_size > MAX_SPEC_BYTES:  # before reading a huge file whole
+            raise SpecError([Diagnostic(str(path), Position(1, 1), "", f"the spec is larger than {MAX_SPEC_BYTES // 1024} KiB",
+                                        "a spec is a few dozen lines; check that this is the right file")])
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise SpecError([Diagnostic(str(path), Position(1, 1), "", f"cannot read the spec: {error.strerror}",
                                     "check the path")]) from None
+    except UnicodeDecodeError as error:
+        raise SpecError([Diagnostic(str(path), Position(1, 1), "", f"the spec is not UTF-8 text (byte {error.start})",
+                                    "a spec is a YAML text file; check that this is the right file")]) from None
     return parse_spec(text, str(path))
 
 
@@ -344,6 +372,10 @@ def parse_spec(text: str, path: str = "<spec>") -> Spec:
     description = ""
     if "description" in top:
         description = check.string(top["description"], "description") or ""
+        if not (len(description) <= 300 and description.isprintable()):
+            check.error(top["description"], "description", "expected one line of at most 300 printable characters",
+                        "write a one-line description")
+            description = ""
     inputs = _check_inputs(check, top.get("inputs"))
     by_name = {i.name: i for i in inputs}
     used: set[str] = set()
@@ -389,9 +421,10 @@ def _check_name(check: _Checker, node: Located | None) -> str:
     if node is None:
         return ""
     name = check.string(node, "name")
-    if name is not None and (not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name)):
-        check.error(node, "name", f"'{name}' is not a valid layer name",
-                    "use lower_snake_case letters, digits and underscores, starting with a letter")
+    if name is not None and (not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", name) or keyword.iskeyword(name)):
+        shown = name if len(name) <= 40 else name[:40] + "..."
+        check.error(node, "name", f"{shown!r} is not a valid layer name",
+                    "use 1 to 64 lower_snake_case letters, digits and underscores, starting with a letter")
     return name or ""
 
 
@@ -408,7 +441,7 @@ def _check_inputs(check: _Checker, node: Located | None) -> list[InputSpec]:
     for input_name, child in node.value.items():
         field_path = f"inputs.{input_name}"
         check.positions[field_path] = node.key_positions[input_name]
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", input_name) or input_name in RESERVED_INPUT_NAMES:
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", input_name) or input_name in RESERVED_INPUT_NAMES:
             check.error(node.key_positions[input_name], field_path, f"'{input_name}' cannot name an input",
                         f"use a lower_snake_case name other than {', '.join(RESERVED_INPUT_NAMES)}")
             continue
@@ -640,8 +673,9 @@ def _check_schedule(check: _Checker, node: Located | None) -> Schedule:
     values = {}
     for key, child in fields.items():
         value = child.value
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 16 and value & (value - 1) == 0):
-            check.error(child, f"schedule.{key}", f"expected a power of two >= 16, got {_describe(value)}",
+        if not (isinstance(value, int) and not isinstance(value, bool) and 16 <= value <= 256
+                and value & (value - 1) == 0):
+            check.error(child, f"schedule.{key}", f"expected a power of two from 16 to 256, got {_describe(value)}",
                         f"write e.g. '{key}: 64'")
             continue
         values[key] = value
@@ -670,6 +704,12 @@ def _check_combination(check: _Checker, by_name: dict[str, InputSpec], weights: 
         check.error(check.positions["readout.normalise"], "readout.normalise",
                     f"normalise: sum needs method 'gradient_step_from_zero', not '{method}'",
                     "remove 'normalise' or change the method")
+    if weights.decay and optimiser.steps_per_token > 1:
+        # One decay per token over n sub-steps (gated DeltaProduct) is not derived yet: the sub-step rule would
+        # decay the memory n times per token.
+        check.error(check.positions["optimiser.steps_per_token"], "optimiser.steps_per_token",
+                    "a decay ('weights.decay') with several steps per token is not supported yet",
+                    "remove 'weights.decay', or set 'steps_per_token: 1'")
     if weights.decay and optimiser.weight_decay:
         check.error(check.positions["optimiser.weight_decay"], "optimiser.weight_decay",
                     "both 'weights.decay' and 'optimiser.weight_decay' forget the memory",
@@ -683,10 +723,10 @@ def _check_combination(check: _Checker, by_name: dict[str, InputSpec], weights: 
             check.error(check.positions.get(f"inputs.{i.name}", Position(1, 1)), f"inputs.{i.name}.shape",
                         f"input '{i.name}' ({i.role}) is fixed per head and channel", "use shape [H, K]")
     for ref in (optimiser.step_size, optimiser.momentum, optimiser.weight_decay, weights.sample_weight):
-        if ref and ref in by_name and by_name[ref].per_key:
+        if ref and ref in by_name and by_name[ref].shape != ("B", "T", "H"):
             check.error(check.positions.get(f"inputs.{ref}", Position(1, 1)), f"inputs.{ref}.shape",
-                        f"input '{ref}' must be one number per head, not per key channel",
-                        "use shape [B, T, H] or [H]")
+                        f"input '{ref}' ({by_name[ref].role}) must be one number per token and head",
+                        "use shape [B, T, H]; for a value fixed per head, pass it repeated over B and T")
 
 
 def _check_regressor_combination(check: _Checker, by_name: dict[str, InputSpec], weights: Weights,
@@ -733,7 +773,7 @@ def _check_regressor_combination(check: _Checker, by_name: dict[str, InputSpec],
         check.error(check.positions["weights.decay"], "weights.decay",
                     "kernel ridge regression here weights the prefix uniformly", "remove 'decay'")
     if regressor.cls in ("local_polynomial", "affine") and weights.decay and weights.decay in by_name:
-        if by_name[weights.decay].per_key:
+        if by_name[weights.decay].shape != ("B", "T", "H"):
             check.error(check.positions["weights.decay"], "weights.decay",
-                        f"class '{regressor.cls}' takes a decay per token or per head, not per key",
+                        f"class '{regressor.cls}' takes a decay per token and head",
                         "use a decay of shape [B, T, H]")

@@ -30,29 +30,48 @@ def _position(node: yaml.Node) -> Position:
     return Position(node.start_mark.line + 1, node.start_mark.column + 1)
 
 
-def _convert(node: yaml.Node, path: str) -> Located:
+# A spec is a few dozen lines: these bounds stop alias bombs ("billion laughs") and huge files early.
+MAX_SPEC_BYTES = 64 * 1024
+MAX_NODES = 5000
+
+
+def _convert(node: yaml.Node, path: str, budget: list[int]) -> Located:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise SpecError([Diagnostic(path, _position(node), "", f"the spec expands to more than {MAX_NODES} YAML nodes",
+                                    "a spec is a few dozen lines; remove repeated aliases (*name)")])
     if isinstance(node, yaml.MappingNode):
         items: dict[str, Located] = {}
         key_positions: dict[str, Position] = {}
         for key_node, value_node in node.value:
-            key = str(_scalar(key_node))
+            key = str(_scalar(key_node, path))
             if key in items:
                 raise SpecError([Diagnostic(path, _position(key_node), key, "duplicate key",
                                             f"remove one of the two '{key}' entries")])
-            items[key] = _convert(value_node, path)
+            items[key] = _convert(value_node, path, budget)
             key_positions[key] = _position(key_node)
         return Located(items, _position(node), key_positions)
     if isinstance(node, yaml.SequenceNode):
-        return Located([_convert(child, path) for child in node.value], _position(node))
-    return Located(_scalar(node), _position(node))
+        return Located([_convert(child, path, budget) for child in node.value], _position(node))
+    return Located(_scalar(node, path), _position(node))
 
 
-def _scalar(node: yaml.Node) -> object:
-    # Resolve plain scalars with the safe loader's rules (ints, floats, bools, null).
-    return yaml.SafeLoader(" ").construct_object(node, deep=True) if isinstance(node, yaml.ScalarNode) else node
+def _scalar(node: yaml.Node, path: str) -> object:
+    # Resolve plain scalars with the safe loader's rules (ints, floats, bools, null); it refuses other tags.
+    if not isinstance(node, yaml.ScalarNode):
+        raise SpecError([Diagnostic(path, _position(node), "", "a key must be a plain word",
+                                    "write keys as 'name: value'")])
+    try:
+        return yaml.SafeLoader(" ").construct_object(node, deep=True)
+    except yaml.constructor.ConstructorError:
+        raise SpecError([Diagnostic(path, _position(node), "", f"unsupported YAML tag '{node.tag}'",
+                                    "remove the tag: a spec holds plain words, numbers, lists and mappings")]) from None
 
 
 def load_located(text: str, path: str) -> Located:
+    if len(text.encode()) > MAX_SPEC_BYTES:
+        raise SpecError([Diagnostic(path, Position(1, 1), "", f"the spec is larger than {MAX_SPEC_BYTES // 1024} KiB",
+                                    "a spec is a few dozen lines; check that this is the right file")])
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as error:
@@ -67,4 +86,4 @@ def load_located(text: str, path: str) -> Located:
     if node is None:
         raise SpecError([Diagnostic(path, Position(1, 1), "", "the spec is empty",
                                     "start from a file in specs/, e.g. specs/delta_rule.yaml")])
-    return _convert(node, path)
+    return _convert(node, path, [MAX_NODES])

@@ -1,0 +1,76 @@
+"""Spec-space fuzzing (a fixed-seed slice; `python -m ttr_codegen.fuzz` runs long campaigns): every drawn spec
+is refused with a diagnostic, or every generated op matches the oracle. Failures a campaign found stay here
+as fixtures (tests/fuzz_regressions)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ttr_codegen.fuzz import _renamed, _simpler, check_document, draw_documents
+
+SLICE = draw_documents(25, seed=2026)
+REGRESSIONS = sorted((Path(__file__).parent / "fuzz_regressions").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("index", range(len(SLICE)))
+def test_a_drawn_spec_is_refused_or_right(index, tmp_path):
+    outcome = check_document(SLICE[index], tmp_path)
+    assert outcome.status != "failed", f"{outcome.check}: {outcome.error}\n{yaml.safe_dump(SLICE[index])}"
+    if outcome.status == "refused":
+        assert ": error: " in outcome.error  # a compiler diagnostic: file:line:col: error: field: message
+
+
+def test_the_slice_covers_the_schema():
+    """The slice is no toy: it spans the regressor classes and the optimisers, and most of it compiles."""
+    classes = {d["regressor"] if isinstance(d["regressor"], str) else d["regressor"]["class"] for d in SLICE}
+    methods = {d["optimiser"]["method"] for d in SLICE}
+    assert len(SLICE) == 25 and len(classes) >= 4 and len(methods) >= 5, (classes, methods)
+
+
+@pytest.mark.parametrize("path", REGRESSIONS, ids=[p.stem for p in REGRESSIONS])
+def test_regression_fixture(path, tmp_path):
+    """A spec a campaign once broke: now refused with a diagnostic (the file's comment says which) or right."""
+    outcome = check_document(yaml.safe_load(path.read_text()), tmp_path)
+    assert outcome.status != "failed", f"{outcome.check}: {outcome.error}"
+    expected = "refused" if "Expected: refused" in path.read_text() else "passed"
+    assert outcome.status == expected, outcome.error
+
+
+def test_a_forget_fraction_of_one_keeps_nothing(tmp_path):
+    """weight_decay with a forget input at alpha = 1 (its documented range's end): the chunked form stays finite
+    and equals the token loop, which forgets the whole memory before the step."""
+    document = yaml.safe_load((Path(__file__).parent / "fuzz_regressions" / "weight_decay_forget.yaml").read_text())
+    outcome = check_document(document, tmp_path)  # generates and imports the package
+    assert outcome.status == "passed", outcome.error
+    import importlib.util
+    import sys
+
+    package = tmp_path / "out" / document["name"]
+    spec = importlib.util.spec_from_file_location("forget_one", package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["forget_one"] = module
+    spec.loader.exec_module(module)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 20, 2, 4, generator=generator, dtype=torch.float64) for _ in range(3))
+    k = torch.nn.functional.normalize(k, dim=-1)
+    a = torch.ones(1, 20, 2, dtype=torch.float64)
+    a[:, ::3] = 0.3
+    beta = torch.rand(1, 20, 2, generator=generator, dtype=torch.float64)
+    o_chunk, _ = module.chunk_forgetful_delta(q, k, v, a, beta, chunk_size=16)
+    o_naive, _ = module.naive_forgetful_delta(q, k, v, a, beta)
+    assert torch.isfinite(o_chunk).all()
+    torch.testing.assert_close(o_chunk, o_naive)
+
+
+def test_shrinking_moves_toward_simpler_specs():
+    document = {"name": "x", "description": "d", "inputs": {"gate": {"shape": ["H"], "role": "log_decay"}},
+                "regressor": "linear", "weights": {"decay": "gate"}, "optimiser": {"method": "exact", "ridge": 1.0}}
+    candidates = list(_simpler(document))
+    assert {"name": "x", "inputs": document["inputs"], "regressor": "linear", "weights": {"decay": "gate"},
+            "optimiser": {"method": "exact", "ridge": 1.0}} in candidates  # the description dropped
+    assert any(c.get("weights") == "uniform" and "inputs" not in c for c in candidates)  # the decay and its input
+    renamed = _renamed(document, "gate", "x0")
+    assert renamed["weights"] == {"decay": "x0"} and list(renamed["inputs"]) == ["x0"] and renamed["name"] == "x"
