@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from ttr_codegen.fuzz import _renamed, _simpler, check_document
+from ttr_codegen.fuzz import _import_package, _renamed, _simpler, check_document
 
 def _fixed_slice() -> list[dict]:
     # Drawn in a fresh interpreter: hypothesis's draws can depend on what the process imported before.
@@ -53,15 +53,7 @@ def test_a_forget_fraction_of_one_keeps_nothing(tmp_path):
     document = yaml.safe_load((Path(__file__).parent / "fuzz_regressions" / "weight_decay_forget.yaml").read_text())
     outcome = check_document(document, tmp_path)  # generates and imports the package
     assert outcome.status == "passed", outcome.error
-    import importlib.util
-    import sys
-
-    package = tmp_path / "out" / document["name"]
-    spec = importlib.util.spec_from_file_location("forget_one", package / "__init__.py",
-                                                  submodule_search_locations=[str(package)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["forget_one"] = module
-    spec.loader.exec_module(module)
+    module = _import_package(tmp_path / "out" / document["name"])
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 20, 2, 4, generator=generator, dtype=torch.float64) for _ in range(3))
     k = torch.nn.functional.normalize(k, dim=-1)

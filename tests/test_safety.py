@@ -1,14 +1,13 @@
 """Generation is safe against hostile or mistaken input: spec text never becomes code, oversized or odd files
 get one-line diagnostics, and the generator owns its package folders (stale files go, --check reports them)."""
 
-import importlib.util
 import os
-import sys
 import time
 
 from typer.testing import CliRunner
 
 from ttr_codegen.cli import app
+from ttr_codegen.fuzz import _import_package
 
 runner = CliRunner()
 
@@ -38,12 +37,7 @@ def test_hostile_description_stays_text(tmp_path, monkeypatch):
     spec = write_spec(tmp_path, description=hostile)
     result = generate(spec, "--out", "layers")
     assert result.exit_code == 0, result.output
-    package = tmp_path / "layers" / "safe_delta"
-    module_spec = importlib.util.spec_from_file_location("hostile_layer", package / "__init__.py",
-                                                         submodule_search_locations=[str(package)])
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules["hostile_layer"] = module
-    module_spec.loader.exec_module(module)
+    module = _import_package(tmp_path / "layers" / "safe_delta")
     assert not (tmp_path / "PWNED").exists()
     assert '__import__("pathlib")' in module.__doc__  # the text, kept as text
 

@@ -401,7 +401,7 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
         gate = "none" if log_decay == 0 else "scalar"
         if gate == "scalar":
             log_code = program.scalar(log_decay)
-            if "log" in log_code:  # a retention such as 1 - alpha may be 0: log 0 = -inf; exp(-1e4) is 0 alike
+            if log_decay.has(sp.log):  # a retention such as 1 - alpha may be 0: log 0 = -inf; exp(-1e4) is 0 alike
                 log_code = f"{log_code}.clamp_min(-1e4)"
             lines.append(f"log_decay = torch.broadcast_to({log_code}, (B, T * n_steps, H))")
         if rule.structure == "additive":

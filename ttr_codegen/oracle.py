@@ -14,26 +14,18 @@ import torch
 from .spec import Spec
 
 
-# Roles fixed per head by nature; every other role may be declared [H] (one value for every token) or per token.
+# Roles fixed per head by nature; a per-head value of any other role (a decay [H]) acts on every token.
 _FIXED_ROLES = ("ridge", "norm_weight", "norm_bias")
 
 
 def per_token_inputs(spec: Spec, inputs: dict, B: int, T: int) -> dict:
-    """The inputs with every per-head value of a per-token role repeated over (B, T), or over the T * n
-    sub-step rows for a step size with n steps per token: the oracle then indexes each token alike."""
-    n = spec.optimiser.steps_per_token
-    expanded = {}
-    for name, x in inputs.items():
-        declared = spec.input(name)
-        if declared.per_token or declared.role in _FIXED_ROLES:
-            expanded[name] = x
-            continue
-        rows = T * n if name == spec.optimiser.step_size and n > 1 else T
-        expanded[name] = x.expand(B, rows, *x.shape)
-    return expanded
+    """The inputs with every per-head value of a per-token role repeated over (B, T): the oracle then indexes
+    each token alike."""
+    return {name: x if spec.input(name).per_token or spec.input(name).role in _FIXED_ROLES else x.expand(B, T, *x.shape)
+            for name, x in inputs.items()}
 
 
-def _retention(spec: Spec, name: str, inputs: dict, B: int, T: int) -> torch.Tensor:
+def _retention(spec: Spec, name: str, inputs: dict) -> torch.Tensor:
     """The factor of the memory kept per token: exp(g) for a log-decay, 1 - alpha for a forget input."""
     x = inputs[name]  # per token (see per_token_inputs)
     return x.exp() if spec.input(name).role == "log_decay" else 1 - x
@@ -64,7 +56,7 @@ def memories(spec: Spec, q, k, v, inputs: dict) -> list[torch.Tensor]:
     B, T, H, K = q.shape
     Vd = v.shape[-1]
     n = spec.optimiser.steps_per_token
-    decay = _retention(spec, spec.weights.decay, inputs, B, T) if spec.weights.decay else None
+    decay = _retention(spec, spec.weights.decay, inputs) if spec.weights.decay else None
     weight = inputs[spec.weights.sample_weight] if spec.weights.sample_weight else None
     out = []
 
@@ -95,7 +87,7 @@ def memories(spec: Spec, q, k, v, inputs: dict) -> list[torch.Tensor]:
                 if method == "online_gradient_step":
                     beta = inputs[spec.optimiser.step_size][:, row][..., None, None]
                     wd = spec.optimiser.weight_decay
-                    lam = (1 - _retention(spec, wd, inputs, B, T)[:, t][..., None, None]) / beta if wd else 0.0
+                    lam = (1 - _retention(spec, wd, inputs)[:, t][..., None, None]) / beta if wd else 0.0
 
                     def objective(M, key=key, value=value, lam=lam):
                         return _loss(M, key, value) + (0.5 * lam * M * M).sum()
@@ -106,7 +98,7 @@ def memories(spec: Spec, q, k, v, inputs: dict) -> list[torch.Tensor]:
                 else:
                     theta = inputs[spec.optimiser.step_size][:, t][..., None, None]
                     eta = inputs[spec.optimiser.momentum][:, t][..., None, None]
-                    rho = (_retention(spec, spec.optimiser.weight_decay, inputs, B, T)[:, t][..., None, None]
+                    rho = (_retention(spec, spec.optimiser.weight_decay, inputs)[:, t][..., None, None]
                            if spec.optimiser.weight_decay else 1.0)
                     Z = eta * Z - theta * _grad(lambda M, key=key, value=value: _loss(M, key, value), S)
                     X = rho * S + Z
@@ -300,7 +292,7 @@ def _kernel_ridge(spec: Spec, q, k, v, scale):
 def _affine(spec: Spec, q, k, v, inputs, scale):
     """m_t = argmin_(b, W) sum_i gamma_i w_i ||v_i - W^T k_i - b||^2 + ||Lambda^(1/2) W||^2; o_t = m_t(scale q_t)."""
     B, T, H, K = q.shape
-    decay = _retention(spec, spec.weights.decay, inputs, B, T) if spec.weights.decay else None
+    decay = _retention(spec, spec.weights.decay, inputs) if spec.weights.decay else None
     weight = inputs[spec.weights.sample_weight] if spec.weights.sample_weight else None
     lam = _ridge_vector(spec, inputs, H, K, q)  # [H, K]
     ridge_rows = torch.cat([q.new_zeros(H, K, 1), torch.diag_embed(lam.sqrt())], dim=-1)  # [H, K, 1 + K]

@@ -56,11 +56,11 @@ def derive_spec(spec_path: Path) -> tuple[Spec, UpdateRule]:
 
 def compile_spec(spec_path: Path, out_root: Path) -> Compiled:
     spec = load_spec(spec_path)
-    spec_text = spec_path.read_text()
-    compiled = _compile(spec, display_path(spec_path), spec_text, out_root)
+    spec_text, shown = spec_path.read_text(), display_path(spec_path)
+    compiled = _compile(spec, shown, spec_text, out_root)
     clashes = _layer_name_clashes(spec, compiled.files)
     if spec.inputs:
-        probe = _compile(spec.with_input_names(_probe_names(spec)), display_path(spec_path), spec_text, out_root)
+        probe = _compile(spec.with_input_names(_probe_names(spec)), shown, spec_text, out_root)
         clashes += name_clashes(spec, probe.files)
     if clashes:
         raise SpecError(clashes)

@@ -60,6 +60,14 @@ def stamp(body: str, spec_path: str, spec_text: str) -> str:
     return header + body
 
 
+def recorded_spec_path(text: str) -> str | None:
+    """The spec path a generated file's header names (see `stamp`), or None without a header."""
+    first = text.split("\n", 1)[0]
+    if not first.startswith(HEADER_MARK) or " from " not in first:
+        return None
+    return first.split(" from ", 1)[1].rsplit(". Do not edit", 1)[0]
+
+
 def split_header(text: str) -> tuple[str | None, str]:
     """(recorded body hash, body) of a generated file; (None, text) if it has no header."""
     lines = text.split("\n", 3)

@@ -8,7 +8,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import HEADER_MARK, RenderedFile, body_hash, split_header
+from .files import RenderedFile, body_hash, recorded_spec_path, split_header
 
 
 class HandEditedError(Exception):
@@ -75,10 +75,7 @@ def plan_package(directory: Path, files: list[RenderedFile], spec_path: str, for
 def generated_from(directory: Path) -> str | None:
     """The spec path recorded in a generated package's __init__.py header, if any."""
     init = directory / "__init__.py"
-    first = _read(init).split("\n", 1)[0] if init.is_file() else ""
-    if first.startswith(HEADER_MARK) and " from " in first:
-        return first.split(" from ", 1)[1].rsplit(". Do not edit", 1)[0]
-    return None
+    return recorded_spec_path(_read(init)) if init.is_file() else None
 
 
 def hand_edited(changes: list[Change]) -> list[Path]:

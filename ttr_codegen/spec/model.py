@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .diagnostics import Diagnostic, Position, SpecError
-from .yaml_source import MAX_SPEC_BYTES, Located, load_located
+from .yaml_source import MAX_SPEC_BYTES, Located, load_located, too_large
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary
@@ -348,8 +348,7 @@ def load_spec(path: str | Path) -> Spec:
     path = Path(path)
     try:
         if path.stat().st_size > MAX_SPEC_BYTES:  # before reading a huge file whole
-            raise SpecError([Diagnostic(str(path), Position(1, 1), "", f"the spec is larger than {MAX_SPEC_BYTES // 1024} KiB",
-                                        "a spec is a few dozen lines; check that this is the right file")])
+            raise too_large(str(path))
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise SpecError([Diagnostic(str(path), Position(1, 1), "", f"cannot read the spec: {error.strerror}",

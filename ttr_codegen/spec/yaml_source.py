@@ -35,6 +35,11 @@ MAX_SPEC_BYTES = 64 * 1024
 MAX_NODES = 5000
 
 
+def too_large(path: str) -> SpecError:
+    return SpecError([Diagnostic(path, Position(1, 1), "", f"the spec is larger than {MAX_SPEC_BYTES // 1024} KiB",
+                                 "a spec is a few dozen lines; check that this is the right file")])
+
+
 def _convert(node: yaml.Node, path: str, budget: list[int]) -> Located:
     budget[0] -= 1
     if budget[0] < 0:
@@ -70,8 +75,7 @@ def _scalar(node: yaml.Node, path: str) -> object:
 
 def load_located(text: str, path: str) -> Located:
     if len(text.encode()) > MAX_SPEC_BYTES:
-        raise SpecError([Diagnostic(path, Position(1, 1), "", f"the spec is larger than {MAX_SPEC_BYTES // 1024} KiB",
-                                    "a spec is a few dozen lines; check that this is the right file")])
+        raise too_large(path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as error:
