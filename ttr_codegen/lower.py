@@ -384,7 +384,10 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
     if set(b.chains()) != {kv}:
         return None
     write = b.coefficient(kv)
-    names = {i.name: i.name for i in spec.inputs} | {"k": "k", "v": "v"}
+    # The chunked form runs over sub-step rows (T * n_steps): a per-token input other than the per-step step size
+    # (a weight decay's forget fraction) holds for each of its token's sub-steps.
+    names = {i.name: (f"{i.name}.repeat_interleave(n_steps, dim=1)" if rule.substeps > 1 and i.per_token
+                      and i.name != spec.optimiser.step_size else i.name) for i in spec.inputs} | {"k": "k", "v": "v"}
     program = TokenProgram(names=names, dims={K: "K", V: "V"})
     lines: list[str] = []
     error_read = "decayed"

@@ -83,7 +83,9 @@ def _triton_chunk_template(chunk: ChunkPlan | None) -> str | None:
         return None
     if chunk.family == "gated" and not any(line.startswith("v =") for line in chunk.prep_lines):
         return "chunk_gated_triton.py.j2"
-    if chunk.family == "delta":
+    if chunk.family == "delta" and not (chunk.gate != "none" and chunk.substeps > 1):
+        # A gate with several sub-steps per token: the backward kernels write past their buffers (found by the
+        # fuzzer); the chunked PyTorch form serves it until they are mended.
         return "chunk_delta_triton.py.j2"
     return None
 

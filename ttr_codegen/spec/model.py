@@ -404,6 +404,10 @@ def parse_spec(text: str, path: str = "<spec>") -> Spec:
 
     if optimiser is not None:
         _check_combination(check, by_name, weights, optimiser, readout, regressor)
+        if schedule.chunk_size % optimiser.steps_per_token:  # a chunk holds whole tokens' sub-steps
+            check.error(check.positions["optimiser.steps_per_token"], "optimiser.steps_per_token",
+                        f"{optimiser.steps_per_token} steps per token do not divide the chunk size {schedule.chunk_size}",
+                        "use 1, 2, 4 or 8 steps per token (chunk sizes are powers of two)")
     for i in inputs:
         if i.name not in used:
             check.error(check.positions.get(f"inputs.{i.name}", root.position), f"inputs.{i.name}",
