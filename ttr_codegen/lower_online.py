@@ -51,6 +51,7 @@ class OnlinePlan:
     hidden: int | None  # the hidden layers' width / K (depth >= 2)
     residual: bool  # m(x) = x + g(x): g is fitted to v - k
     readout: str  # "input": o = q + g(q) (or g(q)); "pre_norm": o = z + g(q), z the last layer's output
+    default_scale: str  # the query scale when the caller gives none: the spec's readout.scale, or K ** -0.5
     fast_weights: tuple[FastWeight, ...]
     states: tuple[str, ...]  # the state tuple: fast weights, then their momenta
     network: tuple[str, ...]  # the memory network's inputs, in signature order (x first)
@@ -86,6 +87,7 @@ def lower_online(spec: Spec) -> OnlinePlan:
         name=spec.name,
         camel_name=spec.camel_name,
         description=spec.docstring_description or spec.name,
+        default_scale="K ** -0.5" if spec.readout.scale is None else repr(spec.readout.scale),
         inputs=inputs,
         momentum=optimiser.momentum,
         forget=optimiser.weight_decay,
