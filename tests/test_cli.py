@@ -41,7 +41,7 @@ def test_generate_writes_the_package(workspace):
     result = run("generate", "specs/gated_delta_rule.yaml")
     assert result.exit_code == 0, result.output
     package = workspace / "generated" / "gated_delta_rule"
-    assert sorted(p.name for p in package.iterdir()) == ["__init__.py", "chunk.py", "chunk_triton.py",
+    assert sorted(p.name for p in package.iterdir()) == ["__init__.py", "checks.py", "chunk.py", "chunk_triton.py",
                                                          "fused_recurrent.py", "layer.py", "naive.py",
                                                          "naive_backward.py", "test_gated_delta_rule.py"]
     naive = (package / "naive.py").read_text()
@@ -50,7 +50,7 @@ def test_generate_writes_the_package(workspace):
     assert "def naive_gated_delta_rule(" in naive
     assert str(workspace) not in naive  # no absolute paths
     again = run("generate", "specs/gated_delta_rule.yaml")
-    assert "0 file(s) written, 10 unchanged" in again.output
+    assert "0 file(s) written, 11 unchanged" in again.output
 
 
 def test_check_reports_stale_files_with_a_diff(workspace):
@@ -111,11 +111,30 @@ def test_explain_shows_the_derivation(monkeypatch):
     result = run("explain", "specs/longhorn.yaml", "--latex")
     assert result.exit_code == 0, result.output
     for expected in ["objective: S_t = argmin_Y", "structure: delta",
-                     "equivalent: the delta rule (DeltaNet) with step beta -> beta/(beta*(k.T*k) + 1)",
+                     "equivalent: the delta rule (DeltaNet) with step beta -> beta/(beta*(k^T k) + 1)",
                      "states: S [B, H, K, V]", "cost per token", r"\arg\min_Y", r"\beta"]:
         assert expected in result.output
     rls = run("explain", "specs/rls.yaml").output
     assert "per token: P <- " in rls and "equals the exact ridge solution" in rls
+
+
+def test_explain_writes_math_as_a_reader_does(tmp_path, monkeypatch):
+    """No SymPy internals (DiagMatrix, k.T*k, products with *) and parentheses where the reading needs them."""
+    monkeypatch.chdir(ROOT)
+    gla = run("explain", "specs/gla.yaml").output
+    assert "structure: diagonal -- S_t = Diag(exp(g)) S_(t-1) + k v^T" in gla
+    titans = run("explain", "specs/titans_linear.yaml").output
+    assert "S_t = (1 - alpha) S_(t-1) + Z_t" in titans and "per token: S <- (1 - alpha) S + Z" in titans
+    spec = tmp_path / "forgetful.yaml"
+    spec.write_text("name: forgetful\ninputs:\n  a: {shape: [B, T, H], role: forget}\n"
+                    "  beta: {shape: [B, T, H], role: step_size}\nregressor: linear\n"
+                    "optimiser: {method: online_gradient_step, step_size: beta, weight_decay: a}\n")
+    text = run("explain", str(spec)).output
+    assert "beta*lambda = a" in text and "S_t = ((1 - a) I - beta k k^T) S_(t-1) + beta k v^T" in text
+    for catalogue_spec in CATALOGUE:
+        out = run("explain", f"specs/{catalogue_spec}.yaml").output
+        for internal in ("DiagMatrix", ".T*", "*k.T", "Transpose(", "Inverse("):
+            assert internal not in out, (catalogue_spec, internal)
 
 
 def test_list_shows_the_catalogue(monkeypatch):

@@ -24,6 +24,7 @@ NORM_EPS = 1e-6
 @dataclass(frozen=True)
 class OnlineInput:
     name: str
+    shape_code: str  # expected shape, as code over B, T, H, K
     shape_text: str
     role: str
     role_text: str
@@ -78,7 +79,8 @@ def lower_online(spec: Spec) -> OnlinePlan:
     fast = tuple(_fast_weight(i, layer, w, regressor.depth) for i, layer in enumerate(net.layers)
                  for w in (layer.weight, layer.bias) if w is not None)
     states = tuple(w.name for w in fast) + (tuple(f"S_{w.name}" for w in fast) if momentum else ())
-    inputs = tuple(OnlineInput(i.name, f"[{', '.join(i.shape)}]", i.role, ROLES[i.role], i.per_token)
+    inputs = tuple(OnlineInput(i.name, f"({', '.join(i.shape)}{',' if len(i.shape) == 1 else ''})", f"[{', '.join(i.shape)}]",
+                               i.role, ROLES[i.role], i.per_token)
                    for i in spec.inputs)
     rates = [(own, name) for own, name in (("rate", optimiser.step_size), ("momentum", optimiser.momentum),
                                            ("forget", optimiser.weight_decay)) if name]

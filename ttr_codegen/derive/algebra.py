@@ -28,10 +28,44 @@ class Inner(sp.Function):
         return " ".join(printer._print(a) for a in self.args)
 
     def _sympystr(self, printer):
-        return "(" + "*".join(printer._print(a) for a in self.args) + ")"
+        return "(" + " ".join(leaf_text(a) for a in self.args) + ")"
 
 
 Chain = tuple  # a tuple of leaves; () is the identity
+
+
+# --- math as a reader writes it (ttr explain, docstrings): k k^T S, Diag(exp(g)), (k^T k) -------------------
+
+
+def leaf_text(leaf) -> str:
+    """A chain's leaf: k, k^T, Diag(exp(g)), (I + beta k k^T)^-1."""
+    if isinstance(leaf, Transpose):
+        inner = leaf_text(leaf.arg)
+        return f"{inner}^T" if isinstance(leaf.arg, MatrixSymbol) else f"({inner})^T"
+    if isinstance(leaf, DiagMatrix):
+        return f"Diag({leaf_text(leaf.args[0])})"
+    if isinstance(leaf, Inverse):
+        inner = leaf_text(leaf.arg)
+        return f"{inner}^-1" if isinstance(leaf.arg, MatrixSymbol) else f"({inner})^-1"
+    if isinstance(leaf, Identity):
+        return "I"
+    if isinstance(leaf, MatrixSymbol):
+        # A per-key gate's leaf exp_<g> holds exp(g) entry by entry (see the derivation's vectors).
+        return f"exp({leaf.name[4:]})" if leaf.name.startswith("exp_") else leaf.name
+    if isinstance(leaf, sp.MatrixExpr):
+        return str(MatPoly.from_expr(leaf))
+    return sp.sstr(leaf)
+
+
+def scaled_text(coefficient: sp.Expr, factors: str) -> str:
+    """`coefficient factors` as written: `S`, `-beta k k^T S`, `(1 - alpha) S`."""
+    if coefficient == 1:
+        return factors
+    leading = coefficient.args[0] if coefficient.is_Mul else coefficient
+    if leading.is_Number and leading < 0:  # -beta, -2 (but 1 - alpha stays as written)
+        return "-" + scaled_text(-coefficient, factors)
+    text = sp.sstr(coefficient)
+    return f"({text}) {factors}" if isinstance(coefficient, sp.Add) else f"{text} {factors}"
 
 
 def shape(leaf) -> tuple:
@@ -258,7 +292,13 @@ class MatPoly:
     def __str__(self) -> str:
         if self.rows == 1 and self.cols == 1 and all(chain == () for chain, _ in self.terms):
             return sp.sstr(self.scalar())
-        return sp.sstr(self.to_expr())
+        if not self.terms:
+            return "0"
+        text = ""
+        for chain, coefficient in self.terms:
+            term = scaled_text(coefficient, " ".join(leaf_text(x) for x in chain) or "I")
+            text += (" - " + term[1:] if term.startswith("-") else " + " + term) if text else term
+        return text
 
     def latex(self) -> str:
         return sp.latex(self.to_expr())

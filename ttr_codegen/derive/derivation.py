@@ -11,7 +11,7 @@ import sympy as sp
 from sympy import DiagMatrix, Inverse, MatrixSymbol, Trace, Transpose
 
 from ..spec import Spec
-from .algebra import K, V, MatPoly, sherman_morrison, trace_gradient
+from .algebra import K, V, MatPoly, scaled_text, sherman_morrison, trace_gradient
 from .rule import Assign, StateVar, UpdateRule
 
 
@@ -146,7 +146,7 @@ def _online_gradient_step(spec: Spec, weights: _Weights) -> UpdateRule:
     if wd:
         lam = sp.Symbol("lambda_wd", positive=True)
         objective = objective + [(lam / 2, Trace(X.T * X))]
-        text += f" + lambda/2 ||X||^2 with beta*lambda = 1 - {_retention_of(spec, wd)}"
+        text += f" + lambda/2 ||X||^2 with beta*lambda = {sp.simplify(1 - _retention_of(spec, wd))}"
         latex += r" + \tfrac{\lambda_t}{2}\lVert X\rVert_F^2"
     step = MatPoly.leaf(X) - trace_gradient(objective, X).scaled(beta)
     if wd:
@@ -199,7 +199,8 @@ def _momentum(spec: Spec, weights: _Weights) -> UpdateRule:
         spec.name,
         (StateVar("S", "K", "V", "the memory: o = S^T (scale q)"), StateVar("Z", "K", "V", "the momentum")),
         (Assign("Z", new_z), Assign("S", new_s)), 1, (Assign("o", _readout(spec)),), "stacked-affine", detail,
-        objective_text=f"Z_t = {eta} Z_(t-1) - {theta} grad l_t(S_(t-1)); S_t = {rho} S_(t-1) + Z_t, "
+        objective_text=f"Z_t = {scaled_text(eta, 'Z_(t-1)')} - {scaled_text(theta, 'grad l_t(S_(t-1))')}; "
+                       f"S_t = {scaled_text(rho, 'S_(t-1)')} + Z_t, "
                        "l_t(S) = 1/2 ||S^T k_t - v_t||^2",
         objective_latex=r"Z_t = \eta_t Z_{t-1} - \theta_t \nabla \ell_t(S_{t-1}),\quad S_t = \rho_t S_{t-1} + Z_t",
         equivalences=tuple(f"with momentum {eta} = 0: {e}" for e in equivalences),
@@ -289,9 +290,9 @@ def _classify(update: MatPoly) -> tuple[str, str, list[str]]:
     kk = (k, Transpose(k))
     equivalences: list[str] = []
     if chains == {()}:
-        return "additive", f"S_t = ({a.coefficient(())}) S_(t-1) + ({b})", equivalences
+        return "additive", f"S_t = {scaled_text(a.coefficient(()), 'S_(t-1)')} + {b}", equivalences
     if len(chains) == 1 and isinstance(next(iter(chains))[0], DiagMatrix) and len(next(iter(chains))) == 1:
-        return "diagonal", f"S_t = ({a}) S_(t-1) + ({b})", equivalences
+        return "diagonal", f"S_t = {a} S_(t-1) + {b}", equivalences
     if chains == {(), kk}:
         decay, rank_one = a.coefficient(()), -a.coefficient(kk)
         write = b.coefficient((k, Transpose(v)))
@@ -306,8 +307,8 @@ def _classify(update: MatPoly) -> tuple[str, str, list[str]]:
             else:
                 equivalences.append(f"decay-then-step (Gated DeltaNet form) with decay {decay}, step beta' = {step} "
                                     f"and values v' = ({values}) v")
-        return "delta", f"S_t = (({decay}) I - ({rank_one}) k k^T) S_(t-1) + ({b})", equivalences
+        return "delta", f"S_t = ({a}) S_(t-1) + {b}", equivalences
     diag = [c for c in chains if len(c) == 1 and isinstance(c[0], DiagMatrix)]
     if diag and len(chains) == 2:
-        return "diagonal-plus-rank-one", f"S_t = ({a}) S_(t-1) + ({b})", equivalences
-    return "affine", f"S_t = ({a}) S_(t-1) + ({b})", equivalences
+        return "diagonal-plus-rank-one", f"S_t = ({a}) S_(t-1) + {b}", equivalences
+    return "affine", f"S_t = ({a}) S_(t-1) + {b}", equivalences
