@@ -41,6 +41,17 @@ class InputPlan:
     token_code: str  # how one token's (or sub-step's) slice is read
     layer_kind: str  # "projection", "per_head_decay", "ridge_parameter"
     activation: str
+    # Passed once per token but read per sub-step: a decay with several sub-steps acts at its token's first
+    # sub-step only (log-decay 0 at the others); the ops spread it over the sub-step rows after their checks.
+    spread: bool = False
+
+
+def step_inputs(spec: Spec) -> tuple[set[str], set[str]]:
+    """(the inputs read per sub-step, those of them passed per token and spread) for a rule with sub-steps."""
+    if spec.optimiser.steps_per_token == 1:
+        return set(), set()
+    spread = {spec.weights.decay} if spec.weights.decay and spec.input(spec.weights.decay).per_token else set()
+    return {spec.optimiser.step_size} | spread, spread
 
 
 @dataclass(frozen=True)
@@ -117,16 +128,17 @@ def lower(spec: Spec, rule: UpdateRule) -> NaivePlan | AttentionPlan:
     return _lower_recurrent(spec, rule)
 
 
-def _input_plans(spec: Spec, step_inputs: set[str]) -> list[InputPlan]:
+def _input_plans(spec: Spec, per_step_inputs: set[str], spread: set[str] = frozenset()) -> list[InputPlan]:
     inputs = []
     for i in spec.inputs:
-        per_step = i.name in step_inputs
+        per_step = i.name in per_step_inputs
+        passed_per_step = per_step and i.name not in spread  # how the caller passes it
         index = "t * n_steps + j" if per_step else "t"
         inputs.append(InputPlan(
-            i.name, _SHAPE_CODE[i.shape].replace("T", "T * n_steps") if per_step else _SHAPE_CODE[i.shape],
-            "[" + ", ".join(i.shape).replace("T", "T*n" if per_step else "T") + "]", i.role, ROLES[i.role],
+            i.name, _SHAPE_CODE[i.shape].replace("T", "T * n_steps") if passed_per_step else _SHAPE_CODE[i.shape],
+            "[" + ", ".join(i.shape).replace("T", "T*n" if passed_per_step else "T") + "]", i.role, ROLES[i.role],
             i.per_token, per_step, i.per_key, f"{i.name}[:, {index}]" if i.per_token else i.name,
-            _layer_kind(i), _PARAMETERISATION.get((i.role, i.per_token), "")))
+            _layer_kind(i), _PARAMETERISATION.get((i.role, i.per_token), ""), i.name in spread))
     return inputs
 
 
@@ -165,8 +177,7 @@ def _lower_attention(spec: Spec, rule: UpdateRule) -> AttentionPlan:
 
 def _lower_recurrent(spec: Spec, rule: UpdateRule) -> NaivePlan:
     n = rule.substeps
-    step_inputs = {spec.optimiser.step_size} if n > 1 else set()
-    inputs = _input_plans(spec, step_inputs)
+    inputs = _input_plans(spec, *step_inputs(spec))
 
     names = {"q": "q_t", "k": "k_t", "v": "v_t", "scale": "scale"}
     for i in inputs:
@@ -180,10 +191,11 @@ def _lower_recurrent(spec: Spec, rule: UpdateRule) -> NaivePlan:
 
     token_lines = ["q_t = q[:, t]"]
     token_lines += [f"{i.name}_t = {i.token_code}" for i in inputs if i.per_token and not i.per_step]
-    step_reads = _step_reads(inputs, "t * n_steps + j" if n > 1 else "t")
+    step_reads = _step_reads(inputs, "t * n_steps + j" if n > 1 else "t", rule.vectors)
     for leaf, gate in rule.vectors:
         names[leaf] = leaf
-        token_lines.append(f"{leaf} = torch.exp({names[gate]})")
+        if not any(i.name == gate and i.per_step for i in inputs):
+            token_lines.append(f"{leaf} = torch.exp({names[gate]})")
 
     assign_lines = []
     for assign in rule.update:
@@ -278,7 +290,7 @@ def lower_adjoint(spec: Spec, rule: UpdateRule, plan: NaivePlan) -> AdjointPlan 
         target = _adjoint_code(program, step.target)
         # Temporaries first (they read d<target> and the states before the assignment), d<target> replaced last.
         steps.append((index, (*program.lines, *lines, f"d{step.name} = {target}")))
-    return AdjointPlan(tuple(readout), tuple(_step_reads(plan.inputs, "t * n_steps + j")), tuple(steps),
+    return AdjointPlan(tuple(readout), tuple(_step_reads(plan.inputs, "t * n_steps + j", rule.vectors)), tuple(steps),
                        tuple(gradients.items()), tuple(adjoint.lines()),
                        tuple((name, where[name]) for name in adjoint.readout_inputs))
 
@@ -300,9 +312,12 @@ def _adjoint_code(program: TokenProgram, value) -> str:
     return program.scalar(value)
 
 
-def _step_reads(inputs, row: str) -> list[str]:
-    """A sub-step's reads of k, v and the per-step inputs, at the row given as code."""
-    return [f"{x}_t = {x}[:, {row}]" for x in ("k", "v", *(i.name for i in inputs if i.per_step))]
+def _step_reads(inputs, row: str, vectors=()) -> list[str]:
+    """A sub-step's reads of k, v and the per-step inputs, at the row given as code (and the exponentials of
+    per-key gates read per sub-step)."""
+    per_step = [i.name for i in inputs if i.per_step]
+    return ([f"{x}_t = {x}[:, {row}]" for x in ("k", "v", *per_step)]
+            + [f"{leaf} = torch.exp({gate}_t)" for leaf, gate in vectors if gate in per_step])
 
 
 def _layer_kind(i: InputSpec) -> str:
@@ -386,8 +401,9 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
     write = b.coefficient(kv)
     # The chunked form runs over sub-step rows (T * n_steps): a per-token input other than the per-step step size
     # (a weight decay's forget fraction) holds for each of its token's sub-steps.
+    read_per_step, _ = step_inputs(spec)
     names = {i.name: (f"{i.name}.repeat_interleave(n_steps, dim=1)" if rule.substeps > 1 and i.per_token
-                      and i.name != spec.optimiser.step_size else i.name) for i in spec.inputs} | {"k": "k", "v": "v"}
+                      and i.name not in read_per_step else i.name) for i in spec.inputs} | {"k": "k", "v": "v"}
     program = TokenProgram(names=names, dims={K: "K", V: "V"})
     lines: list[str] = []
     error_read = "decayed"
@@ -530,7 +546,7 @@ def lower_fused_recurrent(spec: Spec, rule: UpdateRule) -> FusedRecurrentPlan | 
     if rule.form != "recurrent" or any((s.rows, s.cols) != ("K", "V") for s in rule.states):
         return None
     n = rule.substeps
-    per_step = {spec.optimiser.step_size} if n > 1 else set()
+    per_step, _ = step_inputs(spec)
     names = {"q": "q_t", "k": "k_t", "v": "v_t", "scale": "scale"} | {s.name: s.name for s in rule.states}
     head, token, step = [], [], ["k_t = tl.load(k + (step * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)",
                                  "v_t = tl.load(v + (step * H + i_h) * V + o_v, mask=m_v, other=0.0).to(tl.float32)"]
@@ -546,7 +562,7 @@ def lower_fused_recurrent(spec: Spec, rule: UpdateRule) -> FusedRecurrentPlan | 
         (step if i.name in per_step else token).append(load)
     for leaf, gate in rule.vectors:
         names[leaf] = leaf
-        token.append(f"{leaf} = tl.exp({names[gate]})")
+        (step if gate in per_step else token).append(f"{leaf} = tl.exp({names[gate]})")
     program = TritonTokenProgram(names=names, dims={K: "K", V: "V"}, python_scalars=frozenset({"scale"}))
     try:
         for assign in rule.update:

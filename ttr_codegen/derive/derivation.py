@@ -155,7 +155,10 @@ def _online_gradient_step(spec: Spec, weights: _Weights) -> UpdateRule:
     structure, detail, equivalences = _classify(new_s)
     n = spec.optimiser.steps_per_token
     if n > 1:
-        structure, detail = "delta-product", f"a product of {n} {structure} steps per token ({detail})"
+        # Only products of delta steps have a structure class of their own (and a chunked form); a product of
+        # other steps keeps its step's class.
+        detail = f"a product of {n} {structure} steps per token ({detail})"
+        structure = "delta-product" if structure == "delta" else structure
     return UpdateRule(
         spec.name, (StateVar("S", "K", "V", "the memory: o = S^T (scale q)"),), (Assign("S", new_s),), n,
         (Assign("o", _readout(spec)),), structure, detail,

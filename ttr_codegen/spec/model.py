@@ -707,12 +707,12 @@ def _check_combination(check: _Checker, by_name: dict[str, InputSpec], weights: 
         check.error(check.positions["readout.normalise"], "readout.normalise",
                     f"normalise: sum needs method 'gradient_step_from_zero', not '{method}'",
                     "remove 'normalise' or change the method")
-    if weights.decay and optimiser.steps_per_token > 1:
-        # One decay per token over n sub-steps (gated DeltaProduct) is not derived yet: the sub-step rule would
-        # decay the memory n times per token.
+    if weights.decay and optimiser.steps_per_token > 1 and weights.decay in by_name \
+            and not by_name[weights.decay].per_token:
+        # A decay acts once per token, at its first sub-step: a fixed per-head one is not spread over them yet.
         check.error(check.positions["optimiser.steps_per_token"], "optimiser.steps_per_token",
-                    "a decay ('weights.decay') with several steps per token is not supported yet",
-                    "remove 'weights.decay', or set 'steps_per_token: 1'")
+                    "a fixed per-head decay ([H]) with several steps per token is not supported yet",
+                    "use a decay of shape [B, T, H], or set 'steps_per_token: 1'")
     if weights.decay and optimiser.weight_decay:
         check.error(check.positions["optimiser.weight_decay"], "optimiser.weight_decay",
                     "both 'weights.decay' and 'optimiser.weight_decay' forget the memory",
