@@ -177,7 +177,8 @@ def _lower_attention(spec: Spec, rule: UpdateRule) -> AttentionPlan:
 
 def _lower_recurrent(spec: Spec, rule: UpdateRule) -> NaivePlan:
     n = rule.substeps
-    inputs = _input_plans(spec, *step_inputs(spec))
+    per_step, spread = step_inputs(spec)
+    inputs = _input_plans(spec, per_step, spread)
 
     names = {"q": "q_t", "k": "k_t", "v": "v_t", "scale": "scale"}
     for i in inputs:
@@ -194,7 +195,7 @@ def _lower_recurrent(spec: Spec, rule: UpdateRule) -> NaivePlan:
     step_reads = _step_reads(inputs, "t * n_steps + j" if n > 1 else "t", rule.vectors)
     for leaf, gate in rule.vectors:
         names[leaf] = leaf
-        if not any(i.name == gate and i.per_step for i in inputs):
+        if gate not in per_step:  # a gate read per sub-step has its exponential in the step reads
             token_lines.append(f"{leaf} = torch.exp({names[gate]})")
 
     assign_lines = []
