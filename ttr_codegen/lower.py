@@ -414,7 +414,7 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
         lines.append(f"log_decay = {gate_input}")
         gate = "per_key"
         family = "gated"
-        beta = value_scale = None
+        beta, value_scale = None, write  # a per-sample weight scales the write
     else:
         decay = a.coefficient(())
         log_decay = sp.expand_log(sp.log(decay), force=True)
