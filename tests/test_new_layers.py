@@ -118,7 +118,8 @@ def test_new_nonlinear_memory_matches_its_oracle(generated_root, name):
                           getattr(module, f"chunk_{name}"), getattr(module, camel))
     for op in ("naive", "chunk"):
         checks.matches_oracle(op, 21, 8)
-    checks.chunk_state_carry()
+    for op in ("naive", "chunk"):
+        checks.split_matches_oracle(op)
     checks.packed_sequences()
     checks.gradients_match_oracle()
     checks.layer_trains()

@@ -24,7 +24,7 @@ def test_ttt_linear_matches_fla_reference(op, T):
     h0 = 0.1 * torch.randn(B, H, D, D, generator=generator, dtype=torch.float64)
     b0 = 0.1 * torch.randn(B, H, 1, D, generator=generator, dtype=torch.float64)
 
-    o, (h, b) = op(q, k, v, ln_weight, ln_bias, eta, initial_state=(h0, b0), output_final_state=True)
+    o, (h, b, h_start, b_start, *_) = op(q, k, v, ln_weight, ln_bias, eta, initial_state=(h0, b0), output_final_state=True)
     o_ref, h_ref, b_ref = chunk_ttt_linear_ref(
         q.float().clone(), k.float(), v.float(), ln_weight.float(), ln_bias.float(), eta[..., None].float(), eps=eps,
         mini_batch_size=16, initial_state=h0.float(), initial_state_bias=b0.float(), output_final_state=True)
@@ -34,10 +34,7 @@ def test_ttt_linear_matches_fla_reference(op, T):
     if padding:
         # fla pads a part mini-batch with zero keys and values, whose rows move the bias too (their key
         # rows are zero, so the state stays as ours): its final bias is ours plus those rows' step, taken
-        # at the last mini-batch's start weights with the last token's eta.
-        start = T - T % 16
-        _, (h_start, b_start) = op(q[:, :start], k[:, :start], v[:, :start], ln_weight, ln_bias, eta[:, :start],
-                                   initial_state=(h0, b0), output_final_state=True)
+        # at the last mini-batch's start weights (our final state carries them) with the last token's eta.
         zeros = q.new_zeros(B, H, padding, D)
         _, d_b = loss_gradients(zeros, zeros, h_start, b_start, ln_weight[None, :, None], ln_bias[None, :, None])
         b = b - eta[:, -1, :, None, None] * d_b

@@ -54,7 +54,9 @@ class OnlinePlan:
     readout: str  # "input": o = q + g(q) (or g(q)); "pre_norm": o = z + g(q), z the last layer's output
     default_scale: str  # the query scale when the caller gives none: the spec's readout.scale, or K ** -0.5
     fast_weights: tuple[FastWeight, ...]
-    states: tuple[str, ...]  # the state tuple: fast weights, then their momenta
+    live: tuple[str, ...]  # the state a mini-batch starts from: the fast weights, then their momenta
+    states: tuple[str, ...]  # the whole state tuple: live, then what a call ending inside a mini-batch carries
+    gradient_sums: bool  # the carried state holds each weight's gradient sum so far (rates per row)
     network: tuple[str, ...]  # the memory network's inputs, in signature order (x first)
     output: str  # g(x)'s value name
     last: str  # the last layer's output (before the layer norm)
@@ -78,7 +80,11 @@ def lower_online(spec: Spec) -> OnlinePlan:
     products = [layer.product for layer in net.layers]
     fast = tuple(_fast_weight(i, layer, w, regressor.depth) for i, layer in enumerate(net.layers)
                  for w in (layer.weight, layer.bias) if w is not None)
-    states = tuple(w.name for w in fast) + (tuple(f"S_{w.name}" for w in fast) if momentum else ())
+    live = tuple(w.name for w in fast) + (tuple(f"S_{w.name}" for w in fast) if momentum else ())
+    # A mini-batch cut by a call's end: the next call needs the weights its gradients are taken at, with rates
+    # per row the gradients so far, and how many of its tokens are done.
+    carried = ((tuple(f"{w.name}_start" for w in fast) + (tuple(f"G_{w.name}" for w in fast) if not keep else ())
+                + ("position",)) if optimiser.batch_size > 1 else ())
     inputs = tuple(OnlineInput(i.name, f"({', '.join(i.shape)}{',' if len(i.shape) == 1 else ''})", f"[{', '.join(i.shape)}]",
                                i.role, ROLES[i.role], i.per_token)
                    for i in spec.inputs)
@@ -100,7 +106,9 @@ def lower_online(spec: Spec) -> OnlinePlan:
         residual=regressor.residual,
         readout=spec.readout.residual,
         fast_weights=fast,
-        states=states,
+        live=live,
+        states=live + carried,
+        gradient_sums=not keep and optimiser.batch_size > 1,
         network=tuple(v.name for v in net.program.inputs if v is not target),
         output=net.output.name,
         last=net.layers[-1].out.name,

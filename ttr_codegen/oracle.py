@@ -371,26 +371,55 @@ def mlp_memory(spec: Spec, x: torch.Tensor, weights: dict, inputs: dict) -> tupl
     return normed * per_head(r.norm_weight) + per_head(r.norm_bias), h
 
 
+def online_state_names(spec: Spec) -> list[str]:
+    """The parts of a nonlinear memory's state, in order: the fast weights, their momenta (with momentum), and,
+    when a mini-batch holds several tokens, what a call that ends inside one must carry to the next: the
+    weights its gradients are taken at (<weight>_start), the sum of its gradients so far (G_<weight>, when each
+    row's rate scales that sum), and `position`, the tokens of it already seen (0 at a mini-batch's start,
+    where the carried parts are the weights and zeros)."""
+    opt = spec.optimiser
+    names = mlp_weight_names(spec)
+    parts = names + [f"S_{n}" for n in names if opt.momentum]
+    if opt.batch_size > 1:
+        parts += [f"{n}_start" for n in names] + [f"G_{n}" for n in names if opt.step_size_per == "row"]
+        parts.append("position")
+    return parts
+
+
 def solve_online(spec: Spec, q, k, v, inputs: dict, initial_state, scale: float | None = None):
-    """Outputs [B, T, H, V] and the final state (the fast weights, then their momenta) of a nonlinear memory,
-    run as stated: token by token, each token's loss 1/2 ||g(k_t) - target_t||^2 differentiated by autograd
-    at the weights of its mini-batch's start (create_graph, so the result is differentiable), the
-    optimiser's step written out, and the network read at the scaled query with the token's weights."""
+    """Outputs [B, T, H, V] and the final state (see `online_state_names`) of a nonlinear memory, run as
+    stated: token by token, each token's loss 1/2 ||g(k_t) - target_t||^2 differentiated by autograd at the
+    weights of its mini-batch's start (create_graph, so the result is differentiable), the optimiser's step
+    written out, and the network read at the scaled query with the token's weights. initial_state is the
+    whole state, or only the weights (and momenta): then every sequence is at a mini-batch's start."""
     opt, r = spec.optimiser, spec.regressor
     B, T, H, K = q.shape
     inputs = per_token_inputs(spec, inputs, B, T)
     scale = default_scale(spec, K) if scale is None else scale
     names = mlp_weight_names(spec)
-    weights = dict(zip(names, initial_state[:len(names)]))
-    momenta = dict(zip(names, initial_state[len(names):])) if opt.momentum else {}
-    if opt.momentum and not momenta:
-        momenta = {n: torch.zeros_like(w) for n, w in weights.items()}
+    row_rates = opt.step_size_per == "row"
+    parts = list(initial_state)
+    weights = {n: parts.pop(0) for n in names}
+    momenta = {n: (parts.pop(0) if parts else torch.zeros_like(weights[n])) for n in names} if opt.momentum else {}
+    if parts:  # a state carried from a call that may have ended inside a mini-batch
+        start = {n: parts.pop(0) for n in names}
+        gradient_sum = {n: parts.pop(0) for n in names} if row_rates else {}
+        position = parts.pop(0)
+    else:
+        start = dict(weights)
+        gradient_sum = {n: torch.zeros_like(w) for n, w in weights.items()}
+        position = torch.zeros(B, dtype=torch.int64, device=q.device)
     per_token = lambda name, t: inputs[name][:, t, :, None, None]  # noqa: E731  [B, H, 1, 1]
     outputs = []
     for t in range(T):
-        if t % opt.batch_size == 0:
-            start = {n: (w if w.requires_grad else w.detach().requires_grad_(True)) for n, w in weights.items()}
-            gradient_sum = {n: torch.zeros_like(w) for n, w in weights.items()}
+        # Sequences whose mini-batch starts at this token take its gradients at their weights now.
+        begins = ((position + t) % opt.batch_size == 0)[:, None, None, None]
+        for n in names:
+            start[n] = torch.where(begins, weights[n], start[n])
+            if not start[n].requires_grad:
+                start[n] = start[n].detach().requires_grad_(True)
+            if row_rates:
+                gradient_sum[n] = torch.where(begins, 0, gradient_sum[n])
         x = k[:, t, :, None, :]  # [B, H, 1, K]
         target = v[:, t, :, None, :] - (x if r.residual else 0)
         fitted, _ = mlp_memory(spec, x, start, inputs)
@@ -399,7 +428,7 @@ def solve_online(spec: Spec, q, k, v, inputs: dict, initial_state, scale: float 
         rate = per_token(opt.step_size, t)
         retain = 1 - per_token(opt.weight_decay, t) if opt.weight_decay else 1
         for n in names:
-            if opt.step_size_per == "row":
+            if row_rates:
                 gradient_sum[n] = gradient_sum[n] + grads[n]
                 weights[n] = start[n] - rate * gradient_sum[n]
             elif opt.momentum:
@@ -411,5 +440,13 @@ def solve_online(spec: Spec, q, k, v, inputs: dict, initial_state, scale: float 
         g, last = mlp_memory(spec, query, weights, inputs)
         read = {"pre_norm": last + g, "input": query + g if r.residual else g}[spec.readout.residual]
         outputs.append(read[:, :, 0])
-    final = tuple(weights[n] for n in names) + tuple(momenta[n] for n in names if opt.momentum)
-    return torch.stack(outputs, dim=1), final
+    final = [weights[n] for n in names] + [momenta[n] for n in names if opt.momentum]
+    if opt.batch_size > 1:
+        # At a mini-batch's end the state is as at the next one's start: its weights, and no gradients yet.
+        position = (position + T) % opt.batch_size
+        done = (position == 0)[:, None, None, None]
+        final += [torch.where(done, weights[n], start[n]) for n in names]
+        final += [torch.where(done, 0, gradient_sum[n]) for n in names if row_rates]
+        final.append(position)
+    o = torch.stack(outputs, dim=1) if T else v.new_zeros(B, 0, H, v.shape[-1])
+    return o, tuple(final)

@@ -662,11 +662,14 @@ class OnlineChecks:
         self.spec = load_spec(spec_path)
         self.naive, self.chunk, self.layer_class = naive, chunk, layer_class
         self.names = oracle.mlp_weight_names(self.spec)
+        self.state_names = oracle.online_state_names(self.spec)
         self.batch = self.spec.optimiser.batch_size
 
-    def problem(self, T: int, K: int, B: int = 2, H: int = 2, seed: int = 0) -> tuple[Problem, tuple]:
+    def problem(self, T: int, K: int, B: int = 2, H: int = 2, seed: int = 0,
+                positions: list[int] | None = None) -> tuple[Problem, tuple]:
         """Random inputs (V = K) and a random initial state: weights at the scale of a trained network's, and
-        momenta, all float64."""
+        momenta, all float64. With `positions` (one per sequence), the whole state of sequences that far into
+        a mini-batch: random start weights and gradient sums too."""
         generator = torch.Generator().manual_seed(seed)
 
         def randn(*shape):
@@ -686,7 +689,12 @@ class OnlineChecks:
             weights.append(randn(B, H, rows if name[0] == "W" else 1, columns) * rows ** -0.5)
         weights = tuple(weights)
         momenta = tuple(0.1 * randn(*w.shape) for w in weights) if self.spec.optimiser.momentum else ()
-        return Problem(q, k, v, inputs), weights + momenta
+        state = weights + momenta
+        if positions is not None and self.batch > 1:
+            starts = tuple(w + 0.1 * randn(*w.shape) for w in weights)
+            sums = tuple(randn(*w.shape) for w in weights) if self.spec.optimiser.step_size_per == "row" else ()
+            state += starts + sums + (torch.tensor(positions, dtype=torch.int64) % self.batch,)
+        return Problem(q, k, v, inputs), state
 
     def oracle(self, problem: Problem, initial, scale: float | None = None):
         return oracle.solve_online(self.spec, problem.q, problem.k, problem.v, problem.inputs, initial, scale)
@@ -695,30 +703,39 @@ class OnlineChecks:
         (o, final), (o_ref, final_ref) = found, expected
         assert o.shape == o_ref.shape and o.dtype == o_ref.dtype, f"{what}: output {o.shape} {o.dtype}"
         torch.testing.assert_close(o, o_ref, **tolerance, msg=lambda m: f"{what} output: {m}")
-        assert len(final) == len(final_ref)
-        for name, part, part_ref in zip([*self.names, *(f"S_{n}" for n in self.names)], final, final_ref):
+        assert len(final) == len(final_ref) == len(self.state_names), f"{what}: {len(final)} state parts"
+        for name, part, part_ref in zip(self.state_names, final, final_ref, strict=True):
             torch.testing.assert_close(part, part_ref, **tolerance, msg=lambda m, name=name: f"{what} {name}: {m}")
 
     def matches_oracle(self, op_name: str, T: int, K: int) -> None:
         """naive_<name> or chunk_<name> equals the oracle in float64: outputs and every part of the final
-        state, with the default and a custom scale."""
+        state, with the default and a custom scale, from the weights alone (a mini-batch's start) and from a
+        whole state whose sequences are at different points of their mini-batches."""
         op = {"naive": self.naive, "chunk": self.chunk}[op_name]
-        problem, initial = self.problem(T, K, seed=T)
-        for scale in (None, 0.37):
-            found = op(*problem.args(), scale=scale, initial_state=initial, output_final_state=True)
-            self._compare(found, self.oracle(problem, initial, scale), _tolerance(torch.float64), op_name)
+        for positions in (None, [1, self.batch - 1]):
+            problem, initial = self.problem(T, K, seed=T, positions=positions)
+            for scale in (None, 0.37):
+                found = op(*problem.args(), scale=scale, initial_state=initial, output_final_state=True)
+                self._compare(found, self.oracle(problem, initial, scale), _tolerance(torch.float64),
+                              f"{op_name} from positions {positions}")
 
-    def chunk_state_carry(self, K: int = 6) -> None:
-        """Two calls, split at a mini-batch boundary and inside one, from the carried state, equal one call."""
+    def split_matches_oracle(self, op_name: str, K: int = 6) -> None:
+        """Any split of the sequences into calls, each from the state the one before returns, equals the oracle
+        over the whole: cuts inside and at the ends of mini-batches, and a stretch of one token per call (decoding)."""
+        op = {"naive": self.naive, "chunk": self.chunk}[op_name]
         T = 2 * self.batch + 5
         problem, initial = self.problem(T, K, seed=4)
-        o_full, final_full = self.chunk(*problem.args(), initial_state=initial, output_final_state=True)
-        first = problem.tokens(0, self.batch, 1, set(), self.spec)
-        second = problem.tokens(self.batch, T, 1, set(), self.spec)
-        o_1, carried = self.chunk(*first.args(), initial_state=initial, output_final_state=True)
-        o_2, final = self.chunk(*second.args(), initial_state=carried, output_final_state=True)
-        self._compare((torch.cat([o_1, o_2], dim=1), final), (o_full, final_full), _tolerance(torch.float64), "carried")
-        _, no_state = self.chunk(*problem.args(), initial_state=initial)
+        expected = self.oracle(problem, initial)
+        for cuts in ([self.batch], [1, 2, 3, self.batch + 1, T - 2], [self.batch // 2 + 1, self.batch + 3]):
+            cuts = sorted(set(cuts))
+            state, outputs = initial, []
+            for start, stop in zip([0, *cuts], [*cuts, T]):
+                o, state = op(*problem.tokens(start, stop, 1, set(), self.spec).args(), initial_state=state,
+                              output_final_state=True)
+                outputs.append(o)
+            self._compare((torch.cat(outputs, dim=1), state), expected, _tolerance(torch.float64),
+                          f"{op_name} in calls cut at {cuts}")
+        _, no_state = op(*problem.args(), initial_state=initial)
         assert no_state is None
 
     def packed_sequences(self, lengths=(1, 20, 37, 16), K: int = 6) -> None:
@@ -736,25 +753,32 @@ class OnlineChecks:
 
     def gradients_match_oracle(self, T: int = 21, K: int = 4) -> None:
         """d(loss)/d(every input and every initial-state part) through chunk_<name> equals the gradient
-        through the oracle (autograd through autograd's own inner gradients)."""
-        problem, initial = self.problem(T, K, B=1, seed=5)
+        through the oracle (autograd through autograd's own inner gradients), from a mini-batch's start and
+        from a state carried into the middle of one."""
+        for positions in (None, [max(1, self.batch // 2)]):
+            self._gradients_match_oracle(T, K, positions)
+
+    def _gradients_match_oracle(self, T: int, K: int, positions: list[int] | None) -> None:
+        problem, initial = self.problem(T, K, B=1, seed=5, positions=positions)
         generator = torch.Generator().manual_seed(6)
         d_out = torch.randn(1, T, 2, K, dtype=torch.float64, generator=generator)
         d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator) for x in initial]
+        names = ["q", "k", "v", *problem.inputs, *(f"initial {n}" for n in self.state_names[:len(initial)])]
+        differentiable = [x.is_floating_point() for x in (*problem.args(), *initial)]
 
         def gradients(run):
-            leaves = [x.clone().requires_grad_(True) for x in (*problem.args(), *initial)]
+            leaves = [x.clone().requires_grad_(grad) for x, grad in zip((*problem.args(), *initial), differentiable)]
             arguments = Problem(*leaves[:3], dict(zip(problem.inputs, leaves[3:3 + len(problem.inputs)])))
             o, final = run(arguments, tuple(leaves[3 + len(problem.inputs):]))
-            loss = (o * d_out).sum() + sum((f * d).sum() for f, d in zip(final, d_final))
-            return torch.autograd.grad(loss, leaves)
+            loss = (o * d_out).sum() + sum((f * d).sum() for f, d in zip(final, d_final) if f.is_floating_point())
+            return torch.autograd.grad(loss, [x for x in leaves if x.requires_grad])
 
         found = gradients(lambda p, s: self.chunk(*p.args(), initial_state=s, output_final_state=True))
         expected = gradients(lambda p, s: self.oracle(p, s))
-        names = ["q", "k", "v", *problem.inputs, *(f"initial {n}" for n in self.names),
-                 *(f"initial S_{n}" for n in self.names if self.spec.optimiser.momentum)]
+        names = [n for n, grad in zip(names, differentiable, strict=True) if grad]
         for name, g, g_ref in zip(names, found, expected, strict=True):
-            torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-7, msg=lambda m, name=name: f"d/d{name}: {m}")
+            torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-7,
+                                       msg=lambda m, name=name: f"from positions {positions}: d/d{name}: {m}")
 
     def float32_close_to_oracle(self, T: int = 40, K: int = 16) -> None:
         """chunk_<name> in float32 stays within float32 rounding of the float64 oracle (relative to the largest)."""
@@ -764,8 +788,11 @@ class OnlineChecks:
         o_ref, final_ref = self.oracle(problem, initial)
         assert o.dtype == torch.float32
         assert_within(o, o_ref, 1e-4, "float32 output")
-        for part, part_ref in zip(final, final_ref):
-            assert_within(part, part_ref, 1e-4, "float32 final state")
+        for name, part, part_ref in zip(self.state_names, final, final_ref, strict=True):
+            if part.is_floating_point():
+                assert_within(part, part_ref, 1e-4, f"float32 final state {name}")
+            else:
+                assert torch.equal(part, part_ref), f"float32 final state {name}: {part} != {part_ref}"
 
     def layer_trains(self, hidden_size: int = 32, num_heads: int = 2) -> None:
         """The layer maps [B, T, D] to [B, T, D] through chunk_<name>, and one backward reaches every
@@ -775,18 +802,23 @@ class OnlineChecks:
         layer = self.layer_class(hidden_size=hidden_size, num_heads=num_heads).double()
         x = torch.randn(2, 2 * self.batch + 3, hidden_size, dtype=torch.float64)
         y, state = layer(x, output_final_state=True)
-        assert y.shape == x.shape and len(state) == len(self.names) * (2 if self.spec.optimiser.momentum else 1)
+        assert y.shape == x.shape and len(state) == len(self.state_names)
         y.square().mean().backward()
         for name, parameter in layer.named_parameters():
             assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
             assert parameter.grad.abs().sum() > 0, f"{name} gets no gradient"
-        # Carrying the state: the second half from the first half's state equals the whole; packed sequences
-        # (cu_seqlens) each start from the learned weights, as separate calls do.
+        # Carrying the state: calls cut inside a mini-batch, then one token per call, equal the whole; packed
+        # sequences (cu_seqlens) each start from the learned weights, as separate calls do.
         half = self.batch
         with torch.no_grad():
-            y_1, carried = layer(x[:, :half], output_final_state=True)
-            y_2, _ = layer(x[:, half:], initial_state=carried)
-            torch.testing.assert_close(torch.cat([y_1, y_2], dim=1), y.detach(), **_tolerance(torch.float64))
+            cut = self.batch // 2 + 1
+            y_1, carried = layer(x[:, :cut], output_final_state=True)
+            pieces = [y_1]
+            for t in range(cut, cut + 3):
+                y_t, carried = layer(x[:, t:t + 1], initial_state=carried, output_final_state=True)
+                pieces.append(y_t)
+            pieces.append(layer(x[:, cut + 3:], initial_state=carried)[0])
+            torch.testing.assert_close(torch.cat(pieces, dim=1), y.detach(), **_tolerance(torch.float64))
             packed = torch.cat([x[:1, :half], x[1:, :half + 3]], dim=1)
             y_packed, _ = layer(packed, cu_seqlens=torch.tensor([0, half, 2 * half + 3]))
             y_alone = torch.cat([layer(x[:1, :half])[0], layer(x[1:, :half + 3])[0]], dim=1)
