@@ -120,6 +120,22 @@ def test_chunk_triton_largest_head(name, dtype):
     assert_within(o, reference, TOLERANCE[dtype], "output")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("K", "V"), [(4, 4), (8, 12)])
+@pytest.mark.parametrize("name", CHUNKED)
+def test_chunk_triton_small_heads(name, K, V):
+    """Heads narrower than a tensor-core tile (16): the kernels pad their blocks to 16, masked."""
+    module = importlib.import_module(f"generated.{name}")
+    kernel = getattr(importlib.import_module(f"generated.{name}.chunk_triton"), f"chunk_{name}_triton")
+    checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", getattr(module, f"naive_{name}"), None)
+    run = checks.problem(70, K, V, B=2, H=2, seed=K).to(torch.float32, torch.device("cuda"))
+    reference, reference_state = checks.naive(*run.to(torch.float64).args(), output_final_state=True)
+    with torch.no_grad():
+        o, final = kernel(*run.args(), output_final_state=True)
+    assert_within(o, reference, TOLERANCE[torch.float32], "output")
+    assert_within(final, reference_state, TOLERANCE[torch.float32] * (1 + reference.abs().max().item()), "final state")
+
+
 TRAINED = triton_trained_layers(ROOT / "generated")
 BACKWARD_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}  # gate gradients sum over T
 
@@ -140,6 +156,13 @@ def test_chunk_triton_backward(name, T, dtype):
 def test_chunk_triton_backward_largest_head(name, dtype):
     """The backward at K = 256 (the kernels' limit) and V = 200 (no power of two)."""
     _check_backward(name, 300, dtype, K=256, V=200)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", TRAINED)
+def test_chunk_triton_backward_small_heads(name):
+    """The backward with heads narrower than a tensor-core tile (K = 8, V = 12)."""
+    _check_backward(name, 70, torch.float32, K=8, V=12)
 
 
 def _check_backward(name: str, T: int, dtype: torch.dtype, K: int, V: int) -> None:
