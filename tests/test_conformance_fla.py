@@ -11,14 +11,17 @@ from fla.ops.delta_rule.naive import delta_rule_recurrence
 from fla.ops.gated_delta_product.naive import naive_recurrent_gated_delta_product
 from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 from fla.ops.gla.naive import naive_recurrent_gla
+from fla.ops.kda.naive import naive_chunk_kda, naive_recurrent_kda
 from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
 from fla.ops.mesa_net.naive import naive_mesa_net_exact
 from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
 
 from generated.delta_product import naive_delta_product
 from generated.delta_rule import naive_delta_rule
+from generated.gated_delta_product import chunk_gated_delta_product, naive_gated_delta_product
 from generated.gated_delta_rule import naive_gated_delta_rule
 from generated.gla import naive_gla
+from generated.kda import chunk_kda, naive_kda
 from generated.linear_attention import naive_linear_attention
 from generated.mesa import naive_mesa
 from generated.simple_gla import naive_simple_gla
@@ -98,3 +101,31 @@ def test_mesa_exact(data):
     o, (h_kk, h_kv) = naive_mesa(q, k, v, gate, beta, lamb, output_final_state=True)
     o_ref, h_kk_ref, h_kv_ref = naive_mesa_net_exact(q, k, v, gate, lamb, beta)
     torch.testing.assert_close((o, h_kk, h_kv), (o_ref, h_kk_ref, h_kv_ref), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("op", [naive_gated_delta_product, chunk_gated_delta_product], ids=["naive", "chunk"])
+def test_gated_delta_product(data, op):
+    """One decay per token (before its first step), two steps per token, against fla's reference."""
+    q, _, _, gate, _, _, state = data
+    g = torch.Generator().manual_seed(3)
+    k = F.normalize(torch.randn(B, 2 * T, H, K, generator=g), dim=-1)
+    v = torch.randn(B, 2 * T, H, V, generator=g)
+    beta = torch.sigmoid(torch.randn(B, 2 * T, H, generator=g))
+    ours = op(q, k, v, gate, beta, scale=0.3, initial_state=state, output_final_state=True)
+    theirs = naive_recurrent_gated_delta_product(q, k, v, gate, beta, 0.3, initial_state=state.clone(),
+                                                 output_final_state=True, num_householder=2)
+    torch.testing.assert_close(ours, theirs, **TOL)
+
+
+@pytest.mark.parametrize("op", [naive_kda, chunk_kda], ids=["naive", "chunk"])
+def test_kda(data, op):
+    """KDA: a per-key decay, then a delta step whose error reads the decayed memory; against fla's token
+    loop and its chunked reference (which starts from zeros)."""
+    q, k, v, _, gate_k, beta, state = data
+    ours = op(q, k, v, gate_k, beta, scale=0.3, initial_state=state, output_final_state=True)
+    theirs = naive_recurrent_kda(q, k, v, gate_k, beta, scale=0.3, initial_state=state.clone(), output_final_state=True)
+    torch.testing.assert_close(ours, theirs, **TOL)
+    first = [x[:, :32] for x in (q, k, v, gate_k, beta)]  # fla's chunked reference takes whole chunks only
+    o, _ = op(*first, scale=0.3)
+    o_chunked, _ = naive_chunk_kda(*first, scale=0.3, chunk_size=16)
+    torch.testing.assert_close(o, o_chunked, **TOL)

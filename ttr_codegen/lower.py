@@ -393,7 +393,8 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
         return _lower_momentum_chunk(spec, rule)
     if rule.structure == "second-order" and spec.regressor.cls == "linear":
         return _lower_second_order_chunk(spec)
-    if len(rule.states) != 1 or rule.structure not in ("additive", "diagonal", "delta", "delta-product"):
+    if len(rule.states) != 1 or rule.structure not in ("additive", "diagonal", "delta", "delta-product",
+                                                       "diagonal-plus-rank-one"):
         return None
     a, b = rule.update[0].value.split_on(S_SYMBOL)
     kv = (k_symbol, sp.Transpose(v_symbol))
@@ -415,6 +416,20 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
         gate = "per_key"
         family = "gated"
         beta, value_scale = None, write  # a per-sample weight scales the write
+    elif rule.structure == "diagonal-plus-rank-one":
+        # S_t = Diag(d) S - r k k^T Diag(d) S + w k v^T = Diag(d) S + r k ((w / r) v - k^T Diag(d) S)^T: a
+        # per-key decay, then a delta step whose errors read the decayed state (KDA's form).
+        diagonal = [chain for chain in a.chains() if len(chain) == 1]
+        if len(diagonal) != 1 or a.coefficient(diagonal[0]) != 1:
+            return None
+        (gate_leaf,) = diagonal[0]
+        rank_one_chain = (k_symbol, sp.Transpose(k_symbol), gate_leaf)
+        if set(a.chains()) != {diagonal[0], rank_one_chain}:
+            return None
+        lines.append(f"log_decay = {dict(rule.vectors)[gate_leaf.args[0].name]}")
+        gate, family = "per_key", "delta"
+        rank_one = -a.coefficient(rank_one_chain)
+        beta, value_scale = sp.simplify(rank_one), sp.simplify(write / rank_one)
     else:
         decay = a.coefficient(())
         log_decay = sp.expand_log(sp.log(decay), force=True)

@@ -78,12 +78,13 @@ def split_header(text: str) -> tuple[str | None, str]:
 
 def _triton_chunk_template(chunk: ChunkPlan | None) -> str | None:
     """The chunked Triton kernels cover the gated family (per-key, scalar or no gate) with plain values, and
-    the delta family with a scalar gate (or none)."""
+    the delta family with a scalar gate (or none); a per-key gate before a delta step runs the chunked PyTorch
+    form."""
     if chunk is None:
         return None
     if chunk.family == "gated" and not any(line.startswith("v =") for line in chunk.prep_lines):
         return "chunk_gated_triton.py.j2"
-    if chunk.family == "delta" and not (chunk.gate != "none" and chunk.substeps > 1):
+    if chunk.family == "delta" and chunk.gate != "per_key" and not (chunk.gate != "none" and chunk.substeps > 1):
         # A gate with several sub-steps per token: the backward kernels write past their buffers (found by the
         # fuzzer); the chunked PyTorch form serves it until they are mended.
         return "chunk_delta_triton.py.j2"
