@@ -63,7 +63,7 @@ BTH, BTHK, H_, HK = ["B", "T", "H"], ["B", "T", "H", "K"], ["H"], ["H", "K"]
 _ALL_SHAPES = [BTH, BTHK, H_, HK]
 # Decay shapes each linear method takes (the schema refuses the rest; the strategy sometimes tries them).
 _DECAY_SHAPES = {"gradient_step_from_zero": [BTH, BTHK, H_], "online_gradient_step": [BTH, BTHK, H_],
-                 "implicit_step": [BTH, H_], "exact": [BTH, H_], "recursive_least_squares": [BTH, H_]}
+                 "implicit_step": [BTH, BTHK, H_], "exact": [BTH, H_], "recursive_least_squares": [BTH, H_]}
 
 
 class _Inputs:

@@ -98,7 +98,7 @@ METHODS: dict[str, dict[str, tuple[str, bool]]] = {
 DECAY_SHAPES = {
     "gradient_step_from_zero": {("B", "T", "H"), ("B", "T", "H", "K"), ("H",)},
     "online_gradient_step": {("B", "T", "H"), ("B", "T", "H", "K"), ("H",)},
-    "implicit_step": {("B", "T", "H"), ("H",)},
+    "implicit_step": {("B", "T", "H"), ("B", "T", "H", "K"), ("H",)},
     "exact": {("B", "T", "H"), ("H",)},
     "recursive_least_squares": {("B", "T", "H"), ("H",)},
     "momentum": set(),
