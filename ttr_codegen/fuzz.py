@@ -327,15 +327,15 @@ def check_document(document: dict, workdir: Path) -> Outcome:
         package = _import_package(compiled.package_dir)
         plan = planned_checks(package, load_spec(spec_path))
     except Exception as error:  # noqa: BLE001
-        return Outcome("failed", compiled.structure, check="import", error=_summary(error))
+        return Outcome("failed", str(compiled.structure), check="import", error=_summary(error))
     done = []
     for name, run in plan:
         try:
             run()
         except Exception as error:  # noqa: BLE001
-            return Outcome("failed", compiled.structure, done, name, _summary(error))
+            return Outcome("failed", str(compiled.structure), done, name, _summary(error))
         done.append(name)
-    return Outcome("passed", compiled.structure, done)
+    return Outcome("passed", str(compiled.structure), done)
 
 
 def _summary(error: BaseException) -> str:

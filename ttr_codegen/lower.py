@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import sympy as sp
 from sympy import MatrixSymbol
 
-from .derive import UpdateRule
+from .derive import Structure, UpdateRule
 from .derive.algebra import Inner, K, MatPoly, V
 from .render.torch_printer import TokenProgram
 from .spec import InputSpec, Spec
@@ -75,7 +75,7 @@ class NaivePlan:
     token_lines: tuple[str, ...]  # per token, before the sub-steps
     step_lines: tuple[str, ...]  # the state update (per sub-step)
     readout_lines: tuple[str, ...]
-    structure: str
+    structure: Structure
     delta_family: bool
     derivation_doc: tuple[str, ...]
     cost_per_token: str
@@ -107,7 +107,7 @@ class AttentionPlan:
     ridge: float | None
     moments: tuple[str, ...]  # weighted moments the read-out needs
     readout_lines: tuple[str, ...]
-    structure: str
+    structure: Structure
     derivation_doc: tuple[str, ...]
     cost_per_token: str
     caches: tuple[str, ...]  # the state: every per-token tensor the weights of later queries need
@@ -157,7 +157,7 @@ def _lower_attention(spec: Spec, rule: UpdateRule) -> AttentionPlan:
     used = {symbol.name for assign in rule.readout for chain in assign.value.chains() for leaf in chain
             for symbol in leaf.atoms(MatrixSymbol)}
     moments = tuple(m for m in ("m_k", "h_kk", "m_v", "h_kv") if m in used)
-    if rule.structure == "local-polynomial":
+    if rule.structure == Structure.LOCAL_POLYNOMIAL:
         moments = ()
     decay = spec.weights.decay
     if rule.form == "kernel_ridge":
@@ -221,7 +221,7 @@ def _lower_recurrent(spec: Spec, rule: UpdateRule) -> NaivePlan:
         spec.name, spec.camel_name, spec.docstring_description, tuple(inputs), states, n,
         "K ** -0.5" if rule.scale is None else repr(rule.scale),
         tuple(token_lines), tuple(step_lines), tuple(readout_lines), rule.structure,
-        rule.structure in ("delta", "delta-product", "diagonal-plus-rank-one"),
+        rule.structure.delta_family,
         tuple(derivation_doc(rule)), str(cost), spec.schedule.chunk_size, spec.schedule.block_v,
         tuple(assign_lines))
 
@@ -374,6 +374,8 @@ class ChunkPlan:
     kernel_step: tuple[str, ...] = ()
     step_input: str = ""  # the input the kernel_step lines read
     host_step_lines: tuple[str, ...] = ()  # the prep lines that kernel_step replaces
+    rescales_values: bool = False  # the prep lines rescale v (a per-sample weight, or a step's value factor)
+    prep_reads_n_steps: bool = False  # the prep lines read n_steps (the sub-step rows per token)
 
     @property
     def triton_prep_lines(self) -> tuple[str, ...]:
@@ -389,12 +391,12 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
 
     if rule.form != "recurrent":
         return None
-    if rule.structure == "stacked-affine":
+    if rule.structure == Structure.STACKED_AFFINE:
         return _lower_momentum_chunk(spec, rule)
-    if rule.structure == "second-order" and spec.regressor.cls == "linear":
+    if rule.structure == Structure.SECOND_ORDER and spec.regressor.cls == "linear":
         return _lower_second_order_chunk(spec)
-    if len(rule.states) != 1 or rule.structure not in ("additive", "diagonal", "delta", "delta-product",
-                                                       "diagonal-plus-rank-one"):
+    if len(rule.states) != 1 or rule.structure not in (Structure.ADDITIVE, Structure.DIAGONAL, Structure.DELTA,
+                                                       Structure.DELTA_PRODUCT, Structure.DIAGONAL_PLUS_RANK_ONE):
         return None
     a, b = rule.update[0].value.split_on(S_SYMBOL)
     kv = (k_symbol, sp.Transpose(v_symbol))
@@ -409,14 +411,15 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
     program = TokenProgram(names=names, dims={K: "K", V: "V"})
     lines: list[str] = []
     error_read = "decayed"
-    if rule.structure == "diagonal":
+    scalar_log_decay = None  # a scalar gate's log-decay, as an expression over the inputs
+    if rule.structure == Structure.DIAGONAL:
         (diag_chain,) = a.chains()
         gate_input = dict(rule.vectors)[diag_chain[0].args[0].name]
         lines.append(f"log_decay = {gate_input}")
         gate = "per_key"
         family = "gated"
         beta, value_scale = None, write  # a per-sample weight scales the write
-    elif rule.structure == "diagonal-plus-rank-one":
+    elif rule.structure == Structure.DIAGONAL_PLUS_RANK_ONE:
         # S_t = Diag(d) S - r k k^T Diag(d) S + w k v^T = Diag(d) S + r k ((w / r) v - k^T Diag(d) S)^T: a
         # per-key decay, then a delta step whose errors read the decayed state (KDA's form).
         diagonal = [chain for chain in a.chains() if len(chain) == 1]
@@ -435,11 +438,12 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
         log_decay = sp.expand_log(sp.log(decay), force=True)
         gate = "none" if log_decay == 0 else "scalar"
         if gate == "scalar":
+            scalar_log_decay = log_decay
             log_code = program.scalar(log_decay)
             if log_decay.has(sp.log):  # a retention such as 1 - alpha may be 0: log 0 = -inf; exp(-1e4) is 0 alike
                 log_code = f"{log_code}.clamp_min(-1e4)"
             lines.append(f"log_decay = torch.broadcast_to({log_code}, (B, T * n_steps, H))")
-        if rule.structure == "additive":
+        if rule.structure == Structure.ADDITIVE:
             family, beta, value_scale = "gated", None, write
         else:
             # S_t = d S - r k k^T S + w k v^T = d S + beta k (alpha v - c k^T S)^T with beta c = r, beta alpha = w.
@@ -461,13 +465,20 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
     if rescaled_values:
         code = program.scalar(value_scale)
         lines += program.lines + [f"v = ({code})[..., None] * v"]
+    # The prep lines read n_steps where they broadcast a scalar gate over the sub-step rows, or repeat a
+    # per-token input that a coefficient reads over them.
+    coefficients = [x for x in (beta, value_scale, scalar_log_decay) if isinstance(x, sp.Basic)]
+    read = {getattr(symbol, "name", "") for x in coefficients for symbol in x.free_symbols}
+    repeated = {i.name for i in spec.inputs if rule.substeps > 1 and i.per_token and i.name not in read_per_step}
+    flags = dict(error_read=error_read, rescales_values=rescaled_values,
+                 prep_reads_n_steps=gate == "scalar" or bool(repeated & read))
     # A step the prepare kernel can compute (its value-rescale line, if any, may read the step's temporaries).
     step = _kernel_step(spec, beta) if beta is not None and not rescaled_values else None
     if step is None:
-        return ChunkPlan(family, gate, tuple(lines), rule.substeps, error_read=error_read)
+        return ChunkPlan(family, gate, tuple(lines), rule.substeps, **flags)
     step_input, step_lines = step
-    return ChunkPlan(family, gate, tuple(lines), rule.substeps, error_read=error_read, kernel_step=step_lines,
-                     step_input=step_input, host_step_lines=tuple(lines[step_start:]))
+    return ChunkPlan(family, gate, tuple(lines), rule.substeps, kernel_step=step_lines, step_input=step_input,
+                     host_step_lines=tuple(lines[step_start:]), **flags)
 
 
 def _kernel_step(spec: Spec, beta: sp.Expr) -> tuple[str, tuple[str, ...]] | None:

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .derive import DerivationError, UpdateRule, derive
+from .derive import DerivationError, Structure, UpdateRule, derive
 from .lower import (AdjointPlan, AttentionPlan, ChunkPlan, FusedRecurrentPlan, NaivePlan, lower, lower_adjoint, lower_chunk,
                     lower_fused_recurrent)
 from .lower_online import OnlinePlan, lower_online
@@ -28,8 +28,8 @@ class Compiled:
     spec_path: str = ""  # as written in the generated headers
 
     @property
-    def structure(self) -> str:
-        return self.rule.structure if self.rule is not None else "nonlinear"
+    def structure(self) -> Structure:
+        return self.rule.structure if self.rule is not None else Structure.NONLINEAR
 
 
 def display_path(path: Path) -> str:

@@ -83,8 +83,12 @@ class Problem:
 
 
 def triton_trained_layers(generated: Path) -> list[str]:
-    """The layers under `generated` whose chunked form trains on the Triton backward kernels (on CUDA)."""
-    return sorted(p.parent.name for p in generated.glob("*/chunk.py") if "_triton_train" in p.read_text())
+    """The layers under `generated` (an importable package) whose chunked form trains on the Triton backward
+    kernels on CUDA: their chunk module has the training entry `_triton_train`."""
+    import importlib
+
+    return sorted(p.parent.name for p in generated.glob("*/chunk.py")
+                  if hasattr(importlib.import_module(f"{generated.name}.{p.parent.name}.chunk"), "_triton_train"))
 
 
 def share_per_head_inputs(problems: list[Problem], spec: Spec) -> list[Problem]:

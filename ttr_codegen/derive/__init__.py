@@ -1,6 +1,6 @@
 """Stage 2: `Spec` -> `UpdateRule` (SymPy)."""
 
 from .derivation import DerivationError, derive
-from .rule import Assign, StateVar, UpdateRule
+from .rule import Assign, StateVar, Structure, UpdateRule
 
-__all__ = ["Assign", "DerivationError", "StateVar", "UpdateRule", "derive"]
+__all__ = ["Assign", "DerivationError", "StateVar", "Structure", "UpdateRule", "derive"]

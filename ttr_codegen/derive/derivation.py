@@ -12,7 +12,7 @@ from sympy import DiagMatrix, Inverse, MatrixSymbol, Trace, Transpose
 
 from ..spec import Spec
 from .algebra import K, V, MatPoly, scaled_text, sherman_morrison, trace_gradient
-from .rule import Assign, StateVar, UpdateRule
+from .rule import Assign, StateVar, Structure, UpdateRule
 
 
 class DerivationError(Exception):
@@ -158,7 +158,7 @@ def _online_gradient_step(spec: Spec, weights: _Weights) -> UpdateRule:
         # Only products of delta steps have a structure class of their own (and a chunked form); a product of
         # other steps keeps its step's class.
         detail = f"a product of {n} {structure} steps per token ({detail})"
-        structure = "delta-product" if structure == "delta" else structure
+        structure = Structure.DELTA_PRODUCT if structure == Structure.DELTA else structure
     return UpdateRule(
         spec.name, (StateVar("S", "K", "V", "the memory: o = S^T (scale q)"),), (Assign("S", new_s),), n,
         (Assign("o", _readout(spec)),), structure, detail,
@@ -201,7 +201,7 @@ def _momentum(spec: Spec, weights: _Weights) -> UpdateRule:
     return UpdateRule(
         spec.name,
         (StateVar("S", "K", "V", "the memory: o = S^T (scale q)"), StateVar("Z", "K", "V", "the momentum")),
-        (Assign("Z", new_z), Assign("S", new_s)), 1, (Assign("o", _readout(spec)),), "stacked-affine", detail,
+        (Assign("Z", new_z), Assign("S", new_s)), 1, (Assign("o", _readout(spec)),), Structure.STACKED_AFFINE, detail,
         objective_text=f"Z_t = {scaled_text(eta, 'Z_(t-1)')} - {scaled_text(theta, 'grad l_t(S_(t-1))')}; "
                        f"S_t = {scaled_text(rho, 'S_(t-1)')} + Z_t, "
                        "l_t(S) = 1/2 ||S^T k_t - v_t||^2",
@@ -232,7 +232,7 @@ def _exact(spec: Spec, weights: _Weights) -> UpdateRule:
          StateVar("h_kv", "K", "V", "the weighted key-value moment sum_i gamma_i w_i k_i v_i^T")),
         (Assign("h_kk", new_h), Assign("h_kv", new_g)), 1,
         (Assign("h_reg", MatPoly.leaf(H, SYMMETRIC) + lam), Assign("o", readout)),
-        "second-order", "two additive states (h_kk, h_kv) and a K x K solve per query",
+        Structure.SECOND_ORDER, "two additive states (h_kk, h_kv) and a K x K solve per query",
         objective_text=f"S_t = argmin_S 1/2 sum_(i<=t) gamma_i^(t) ||S^T k_i - v_i||^2 + 1/2 ||Lambda^(1/2) S||_F^2, "
                        f"Lambda = {ridge}; {weights.text}",
         objective_latex=r"S_t = \arg\min_S \tfrac12 \sum_{i\le t}\gamma_i^{(t)}\lVert S^\top k_i - v_i\rVert^2"
@@ -258,7 +258,7 @@ def _recursive_least_squares(spec: Spec, weights: _Weights) -> UpdateRule:
         (StateVar("S", "K", "V", "the memory: o = S^T (scale q)"),
          StateVar("P", "K", "K", "the inverse weighted key covariance", init="identity_over_ridge")),
         (Assign("S", new_s), Assign("P", new_p)), 1, (Assign("o", _readout(spec)),),
-        "second-order", structure_detail,
+        Structure.SECOND_ORDER, structure_detail,
         objective_text=f"S_t = argmin_S 1/2 sum_(i<=t) gamma_i^(t) ||S^T k_i - v_i||^2 + lambda/2 gamma_0^(t) ||S||_F^2, "
                        f"lambda = {spec.optimiser.ridge}; {weights.text}",
         objective_latex=r"S_t = \arg\min_S \tfrac12 \sum_{i\le t}\gamma_i^{(t)}\lVert S^\top k_i - v_i\rVert^2"
@@ -286,16 +286,16 @@ def _invert_identity_plus_rank_one(a: MatPoly, field: str) -> MatPoly:
 # ---------------------------------------------------------------------------------------------
 
 
-def _classify(update: MatPoly) -> tuple[str, str, list[str]]:
+def _classify(update: MatPoly) -> tuple[Structure, str, list[str]]:
     """Read the structure of S_t = A S_{t-1} + B off the canonical form."""
     a, b = update.split_on(S)
     chains = set(a.chains())
     kk = (k, Transpose(k))
     equivalences: list[str] = []
     if chains == {()}:
-        return "additive", f"S_t = {scaled_text(a.coefficient(()), 'S_(t-1)')} + {b}", equivalences
+        return Structure.ADDITIVE, f"S_t = {scaled_text(a.coefficient(()), 'S_(t-1)')} + {b}", equivalences
     if len(chains) == 1 and isinstance(next(iter(chains))[0], DiagMatrix) and len(next(iter(chains))) == 1:
-        return "diagonal", f"S_t = {a} S_(t-1) + {b}", equivalences
+        return Structure.DIAGONAL, f"S_t = {a} S_(t-1) + {b}", equivalences
     if chains == {(), kk}:
         decay, rank_one = a.coefficient(()), -a.coefficient(kk)
         write = b.coefficient((k, Transpose(v)))
@@ -310,8 +310,8 @@ def _classify(update: MatPoly) -> tuple[str, str, list[str]]:
             else:
                 equivalences.append(f"decay-then-step (Gated DeltaNet form) with decay {decay}, step beta' = {step} "
                                     f"and values v' = ({values}) v")
-        return "delta", f"S_t = ({a}) S_(t-1) + {b}", equivalences
+        return Structure.DELTA, f"S_t = ({a}) S_(t-1) + {b}", equivalences
     diag = [c for c in chains if len(c) == 1 and isinstance(c[0], DiagMatrix)]
     if diag and len(chains) == 2:
-        return "diagonal-plus-rank-one", f"S_t = ({a}) S_(t-1) + {b}", equivalences
-    return "affine", f"S_t = ({a}) S_(t-1) + {b}", equivalences
+        return Structure.DIAGONAL_PLUS_RANK_ONE, f"S_t = ({a}) S_(t-1) + {b}", equivalences
+    return Structure.AFFINE, f"S_t = ({a}) S_(t-1) + {b}", equivalences

@@ -18,7 +18,7 @@ from sympy import DiagMatrix, Inverse, MatrixSymbol, Transpose
 
 from ..spec import Spec
 from .algebra import K, V, MatPoly
-from .rule import Assign, StateVar, UpdateRule
+from .rule import Assign, StateVar, Structure, UpdateRule
 
 N = sp.Symbol("N", integer=True, positive=True)  # number of keys a query sees
 q = MatrixSymbol("q", K, 1)
@@ -85,7 +85,7 @@ def derive_affine(spec: Spec, weights) -> UpdateRule:
     return UpdateRule(
         spec.name, tuple(StateVar(n, r, c, meaning) for n, r, c, meaning, _ in moments),
         tuple(Assign(n, value) for n, _, _, _, value in moments), 1, tuple(fit) + (Assign("o", output),),
-        "second-order", "five additive moment states and a K x K solve per query (affine fit)",
+        Structure.SECOND_ORDER, "five additive moment states and a K x K solve per query (affine fit)",
         objective_text=f"m_t = argmin_(W, b) 1/2 sum_(i<=t) gamma_i^(t) ||v_i - W^T k_i - b||^2 + 1/2 ||Lambda^(1/2) W||_F^2, "
                        f"Lambda = {spec.optimiser.ridge}; {weights.text}; o_t = m_t(scale q_t)",
         objective_latex=r"m_t = \arg\min_{W,b} \tfrac12\sum_{i\le t}\gamma_i^{(t)}\lVert v_i - W^\top k_i - b\rVert^2"
@@ -130,14 +130,14 @@ def derive_local_polynomial(spec: Spec) -> UpdateRule:
         scale = 1.0 / spec.weights.bandwidth
     if degree == 0:
         readout: tuple[Assign, ...] = (Assign("o", _leaf(M_V)),)
-        structure, detail = "local-constant", "normalised weights; o = m_v (the weighted value mean)"
+        structure, detail = Structure.LOCAL_CONSTANT, "normalised weights; o = m_v (the weighted value mean)"
     elif degree == 1:
         fit, output = affine_fit(_leaf(q), sp.Integer(1), _ridge(spec), _leaf(q))
         readout = tuple(fit) + (Assign("o", output),)
-        structure, detail = "local-linear", "normalised weights; weighted moments and a K x K solve per query"
+        structure, detail = Structure.LOCAL_LINEAR, "normalised weights; weighted moments and a K x K solve per query"
     else:
         readout = ()
-        structure, detail = "local-polynomial", ("normalised weights; the weighted normal equations of the "
+        structure, detail = Structure.LOCAL_POLYNOMIAL, ("normalised weights; the weighted normal equations of the "
                                                  "degree-2 monomials of (k - q), solved per query")
     equivalences = list(notes)
     if degree == 1:
@@ -172,7 +172,7 @@ def derive_kernel_ridge(spec: Spec) -> UpdateRule:
     scale = spec.readout.scale if spec.readout.scale is not None else (1.0 / h if h else None)
     kernel_text = "exp(-scale ||a - b||^2 / 2)" if spec.regressor.kernel == "gaussian" else "exp(scale a.b)"
     return UpdateRule(
-        spec.name, (), (), 1, (Assign("gram", gram), Assign("o", dual)), "kernel-ridge",
+        spec.name, (), (), 1, (Assign("gram", gram), Assign("o", dual)), Structure.KERNEL_RIDGE,
         f"an N x N kernel solve per query over its N = t + 1 keys, kernel kappa(a, b) = {kernel_text}",
         objective_text=(f"o_t = f(q_t), f = argmin_(f in RKHS) 1/2 sum_(i<=t) ||v_i - f(k_i)||^2 + {lam}/2 ||f||^2, "
                         f"kernel {kernel_text}"),

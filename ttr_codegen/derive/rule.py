@@ -3,8 +3,39 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from .algebra import MatPoly
+
+
+class Structure(str, Enum):
+    """The structure class of a derived rule: what decides its generated forms. A member equals its text
+    (templates and `ttr list` read it as such)."""
+
+    ADDITIVE = "additive"  # S_t = d S_(t-1) + write
+    DIAGONAL = "diagonal"  # S_t = Diag(d) S_(t-1) + write
+    DELTA = "delta"  # S_t = (d I - r k k^T) S_(t-1) + write
+    DIAGONAL_PLUS_RANK_ONE = "diagonal-plus-rank-one"  # S_t = (Diag(d) - r k k^T Diag(d)) S_(t-1) + write
+    DELTA_PRODUCT = "delta-product"  # several delta steps per token
+    AFFINE = "affine"  # any other linear transition of S
+    STACKED_AFFINE = "stacked-affine"  # momentum: (S, Z) together
+    SECOND_ORDER = "second-order"  # key moments and a K x K solve
+    LOCAL_CONSTANT = "local-constant"  # attention: a weighted value mean per query
+    LOCAL_LINEAR = "local-linear"  # attention with a weighted affine fit per query
+    LOCAL_POLYNOMIAL = "local-polynomial"
+    KERNEL_RIDGE = "kernel-ridge"
+    NONLINEAR = "nonlinear"  # an mlp memory trained by mini-batch gradient descent
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @property
+    def delta_family(self) -> bool:
+        """A transition that removes what the memory recalls for the key: a rank-one term per step."""
+        return self in (Structure.DELTA, Structure.DELTA_PRODUCT, Structure.DIAGONAL_PLUS_RANK_ONE)
 
 
 @dataclass(frozen=True)
@@ -34,7 +65,7 @@ class UpdateRule:
     update: tuple[Assign, ...]  # per token, or per sub-step when substeps > 1
     substeps: int
     readout: tuple[Assign, ...]  # the last one assigns "o"
-    structure: str
+    structure: Structure
     structure_detail: str
     objective_text: str
     objective_latex: str
@@ -45,9 +76,9 @@ class UpdateRule:
     @property
     def form(self) -> str:
         """How the generated reference runs: a recurrence over tokens, or attention over the prefix."""
-        if self.structure in ("local-constant", "local-linear", "local-polynomial"):
+        if self.structure in (Structure.LOCAL_CONSTANT, Structure.LOCAL_LINEAR, Structure.LOCAL_POLYNOMIAL):
             return "attention"
-        if self.structure == "kernel-ridge":
+        if self.structure == Structure.KERNEL_RIDGE:
             return "kernel_ridge"
         return "recurrent"
 
