@@ -306,11 +306,16 @@ def _adjoint_code(program: TokenProgram, value) -> str:
     from .derive.adjoint import RowDot
 
     if isinstance(value, RowDot):  # the row sums of an element-wise product, times the gate's exp
-        code = f"({program.poly(value.left)} * {program.poly(value.right)}).sum(-1)"
+        code = f"({_grouped(program.poly(value.left))} * {_grouped(program.poly(value.right))}).sum(-1)"
         return f"{value.times.name} * {code}" if value.times is not None else code
     if isinstance(value, MatPoly):
         return program.poly(value)
     return program.scalar(value)
+
+
+def _grouped(code: str) -> str:
+    """A sum as a factor: in parentheses."""
+    return f"({code})" if " + " in code or " - " in code or code.startswith("-") else code
 
 
 def _step_reads(inputs, row: str, vectors=()) -> list[str]:

@@ -191,9 +191,14 @@ def vjp(poly: MatPoly, adjoint: MatrixSymbol, wrt: MatrixSymbol) -> MatPoly | Ro
             through_inner = _chain_vjp(tuple(inner.args), MatPoly.identity(1), wrt)
             result = result + through_inner.scaled(derivative * pairing(adjoint, chain))
     if diagonal:
-        if len(diagonal) > 1 or result.terms:
-            raise NotImplementedError(f"{wrt} outside a single diagonal has no adjoint here yet")
-        return diagonal[0]
+        # Terms that share the right factor add their left factors (e.g. KDA's Diag(d) S - b k k^T Diag(d) S:
+        # rowsum((G - b k k^T G) o S)).
+        if len({d.right for d in diagonal}) > 1 or result.terms:
+            raise NotImplementedError(f"{wrt} outside diagonals with one right factor has no adjoint here yet")
+        left = diagonal[0].left
+        for d in diagonal[1:]:
+            left = left + d.left
+        return RowDot(left, diagonal[0].right)
     return result
 
 
