@@ -381,6 +381,7 @@ class ChunkPlan:
     host_step_lines: tuple[str, ...] = ()  # the prep lines that kernel_step replaces
     rescales_values: bool = False  # the prep lines rescale v (a per-sample weight, or a step's value factor)
     prep_reads_n_steps: bool = False  # the prep lines read n_steps (the sub-step rows per token)
+    normalised: bool = False  # o = S^T q / z^T q: z rides along as one more value column (a value of 1)
 
     @property
     def triton_prep_lines(self) -> tuple[str, ...]:
@@ -400,8 +401,11 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
         return _lower_momentum_chunk(spec, rule)
     if rule.structure == Structure.SECOND_ORDER and spec.regressor.cls == "linear":
         return _lower_second_order_chunk(spec)
-    if len(rule.states) != 1 or rule.structure not in (Structure.ADDITIVE, Structure.DIAGONAL, Structure.DELTA,
-                                                       Structure.DELTA_PRODUCT, Structure.DIAGONAL_PLUS_RANK_ONE):
+    # A sum-normalised read-out keeps a second state z, S's recurrence with a value of 1 (gradient_step_from_zero).
+    normalised = spec.readout.normalise == "sum"
+    if len(rule.states) != 1 + normalised or rule.structure not in (
+            Structure.ADDITIVE, Structure.DIAGONAL, Structure.DELTA, Structure.DELTA_PRODUCT,
+            Structure.DIAGONAL_PLUS_RANK_ONE):
         return None
     a, b = rule.update[0].value.split_on(S_SYMBOL)
     kv = (k_symbol, sp.Transpose(v_symbol))
@@ -476,7 +480,7 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
     read = {getattr(symbol, "name", "") for x in coefficients for symbol in x.free_symbols}
     repeated = {i.name for i in spec.inputs if rule.substeps > 1 and i.per_token and i.name not in read_per_step}
     flags = dict(error_read=error_read, rescales_values=rescaled_values,
-                 prep_reads_n_steps=gate == "scalar" or bool(repeated & read))
+                 prep_reads_n_steps=gate == "scalar" or bool(repeated & read), normalised=normalised)
     # A step the prepare kernel can compute (its value-rescale line, if any, may read the step's temporaries).
     step = _kernel_step(spec, beta) if beta is not None and not rescaled_values else None
     if step is None:

@@ -86,7 +86,7 @@ def _triton_chunk_template(chunk: ChunkPlan | None) -> str | None:
     form."""
     if chunk is None:
         return None
-    if chunk.family == "gated" and not chunk.rescales_values:
+    if chunk.family == "gated" and not chunk.rescales_values and not chunk.normalised:
         return "chunk_gated_triton.py.j2"
     if chunk.family == "delta" and chunk.gate != "per_key" and not (chunk.gate != "none" and chunk.substeps > 1):
         # A gate with several sub-steps per token: the backward kernels write past their buffers (found by the
@@ -120,7 +120,7 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         # derived adjoint, run as three more scans of the same recurrence.
         "adjoint_scan": adjoint is not None and chunk is not None and chunk.family == "gated"
         and chunk.gate in ("none", "scalar") and chunk.substeps == 1
-        and not chunk.rescales_values,
+        and not chunk.rescales_values and not chunk.normalised,
         # The Triton kernels include the derived backward: chunk_<name> trains on them.
         "triton_train": adjoint is not None and triton_template is not None,
         "adjoint": adjoint,
