@@ -482,7 +482,8 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
     flags = dict(error_read=error_read, rescales_values=rescaled_values,
                  prep_reads_n_steps=gate == "scalar" or bool(repeated & read), normalised=normalised)
     # A step the prepare kernel can compute (its value-rescale line, if any, may read the step's temporaries).
-    step = _kernel_step(spec, beta) if beta is not None and not rescaled_values else None
+    # (With a per-key gate A comes from the scores kernel, which does not derive a step: the host does.)
+    step = _kernel_step(spec, beta) if beta is not None and not rescaled_values and gate != "per_key" else None
     if step is None:
         return ChunkPlan(family, gate, tuple(lines), rule.substeps, **flags)
     step_input, step_lines = step

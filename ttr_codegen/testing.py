@@ -375,8 +375,9 @@ class LayerChecks:
         tensors, autograd registration and dispatch, with and without an initial state and cu_seqlens."""
         problem = self.problem(20, 8, 6, B=1, seed=25).to(torch.float32)
         generator = torch.Generator().manual_seed(26)
-        log_decay = {"none": None, "scalar": -torch.rand(1, 20, 2, generator=generator),
-                     "per_key": -torch.rand(1, 20, 2, 8, generator=generator)}[gate]
+        rows = problem.k.shape[1]  # the gate is per sub-step row where a token takes several steps
+        log_decay = {"none": None, "scalar": -torch.rand(1, rows, 2, generator=generator),
+                     "per_key": -torch.rand(1, rows, 2, 8, generator=generator)}[gate]
         beta = torch.rand(*problem.k.shape[:3], generator=generator)  # the delta family's step (per sub-step)
         state = torch.randn(1, 2, 8, 6, generator=generator)
         do, d_final = torch.randn(1, 20, 2, 6, generator=generator), torch.randn(1, 2, 8, 6, generator=generator)
