@@ -4,7 +4,7 @@
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|diagnose|all]   (carry the git-ignored
 #                                         wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet)
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
-# kernels against fla and profiles them; "train" runs only the training tests (backward, packed, compile);
+# kernels against fla (and KDA's and gated DeltaProduct's forward and backward) and profiles them; "train" runs only the training tests (backward, packed, compile);
 # "train_bench" times forward+backward against fla (its guard bypassed where it refuses: time only) and
 # profiles the delta rule's training step at B=2 T=8192; "tune_delta" sweeps the delta rule's backward launch
 # settings at that shape; "diagnose" finds which backward kernel of the delta family drifts from its float32
@@ -53,7 +53,8 @@ if [[ $WHAT != bench ]]; then
 fi
 if [[ $WHAT != tests ]]; then
     step bench_chunk 330 python3 benchmarks/chunk_gpu.py
+    step bench_delta_family 200 python3 benchmarks/delta_family_gpu.py
     step profile 150 python3 benchmarks/kernel_profile_gpu.py gla simple_gla gated_delta_rule delta_rule
-    cat "$OUT/bench_chunk.txt"
+    cat "$OUT/bench_chunk.txt" "$OUT/bench_delta_family.txt"
 fi
 cat "$OUT/steps.txt"

@@ -19,9 +19,11 @@ from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
 from generated.delta_product import naive_delta_product
 from generated.delta_rule import naive_delta_rule
 from generated.gated_delta_product import chunk_gated_delta_product, naive_gated_delta_product
+from generated.gated_delta_product.chunk_triton import chunk_gated_delta_product_triton
 from generated.gated_delta_rule import naive_gated_delta_rule
 from generated.gla import naive_gla
 from generated.kda import chunk_kda, naive_kda
+from generated.kda.chunk_triton import chunk_kda_triton
 from generated.linear_attention import naive_linear_attention
 from generated.mesa import naive_mesa
 from generated.simple_gla import naive_simple_gla
@@ -103,7 +105,8 @@ def test_mesa_exact(data):
     torch.testing.assert_close((o, h_kk, h_kv), (o_ref, h_kk_ref, h_kv_ref), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("op", [naive_gated_delta_product, chunk_gated_delta_product], ids=["naive", "chunk"])
+@pytest.mark.parametrize("op", [naive_gated_delta_product, chunk_gated_delta_product, chunk_gated_delta_product_triton],
+                         ids=["naive", "chunk", "chunk_triton"])
 def test_gated_delta_product(data, op):
     """One decay per token (before its first step), two steps per token, against fla's reference."""
     q, _, _, gate, _, _, state = data
@@ -117,7 +120,7 @@ def test_gated_delta_product(data, op):
     torch.testing.assert_close(ours, theirs, **TOL)
 
 
-@pytest.mark.parametrize("op", [naive_kda, chunk_kda], ids=["naive", "chunk"])
+@pytest.mark.parametrize("op", [naive_kda, chunk_kda, chunk_kda_triton], ids=["naive", "chunk", "chunk_triton"])
 def test_kda(data, op):
     """KDA: a per-key decay, then a delta step whose error reads the decayed memory; against fla's token
     loop and its chunked reference (which starts from zeros)."""
