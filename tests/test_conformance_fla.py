@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from fla.ops.delta_rule.naive import delta_rule_recurrence
 from fla.ops.gated_delta_product.naive import naive_recurrent_gated_delta_product
 from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+from fla.ops.gdn2.naive import naive_recurrent_gdn2
+from fla.ops.generalized_delta_rule.dplr.naive import dplr_recurrence
 from fla.ops.gla.naive import naive_recurrent_gla
 from fla.ops.kda.naive import naive_chunk_kda, naive_recurrent_kda
 from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
@@ -26,6 +28,7 @@ from generated.kda import chunk_kda, naive_kda
 from generated.kda.chunk_triton import chunk_kda_triton
 from generated.linear_attention import naive_linear_attention
 from generated.mesa import naive_mesa
+from generated.preconditioned_kda import chunk_preconditioned_kda, naive_preconditioned_kda
 from generated.simple_gla import naive_simple_gla
 
 B, T, H, K, V = 2, 37, 3, 16, 12
@@ -132,3 +135,37 @@ def test_kda(data, op):
     o, _ = op(*first, scale=0.3)
     o_chunked, _ = naive_chunk_kda(*first, scale=0.3, chunk_size=16)
     torch.testing.assert_close(o, o_chunked, **TOL)
+
+
+@pytest.mark.parametrize("op", [naive_preconditioned_kda, chunk_preconditioned_kda], ids=["naive", "chunk"])
+def test_gdn2_erase_gate(data, op):
+    """Gated DeltaNet-2, S_t = (I - k (b * k)^T) Diag(e^g) S + k (w * v)^T, is KDA with a step per key channel
+    (a diagonal preconditioner) on the erase-gated key: our key b * k, step 1 / b and value w * v give
+    (a * k') k'^T = k (b * k)^T and (a * k') v'^T = k (w * v)^T, the query unchanged."""
+    q, k, v, _, gate_k, _, state = data
+    g = torch.Generator().manual_seed(4)
+    erase = 0.2 + 0.8 * torch.rand(B, T, H, K, generator=g)  # b in (0.2, 1): 1 / b is the preconditioner
+    write = torch.rand(B, T, H, V, generator=g)
+    ours = op(q, erase * k, write * v, gate_k, 1 / erase, scale=0.3, initial_state=state, output_final_state=True)
+    theirs = naive_recurrent_gdn2(q, k, v, gate_k, erase, write, scale=0.3, initial_state=state.clone(),
+                                  output_final_state=True)
+    torch.testing.assert_close(ours, theirs, **TOL)
+
+
+@pytest.mark.parametrize("op", [naive_preconditioned_kda, chunk_preconditioned_kda], ids=["naive", "chunk"])
+def test_rwkv7_transition(data, op):
+    """RWKV-7's transition (fla's DPLR reference, which its kernels run with a = -kappa, b = kappa * alpha):
+    S_t = Diag(e^w) S - (alpha * kappa) kappa^T S + k v^T, the removal reading the state before the decay.
+    With the write key k = alpha * kappa (what a preconditioned gradient step writes) it is our layer on the
+    key kappa / e^w with the step alpha * e^w: (a * k') (e^w * k')^T = (alpha * kappa) kappa^T. RWKV-7 itself
+    writes along a key of its own, which no gradient step on one sample does (docs/fla_layers.md)."""
+    q, _, v, _, gate_k, _, state = data
+    g = torch.Generator().manual_seed(5)
+    kappa = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
+    alpha = torch.rand(B, T, H, K, generator=g)  # RWKV-7's in-context learning rate, in (0, 1)
+    decay = gate_k.exp()
+    ours = op(q, kappa / decay, v, gate_k, alpha * decay, scale=K ** -0.5, initial_state=state,
+              output_final_state=True)
+    head_first = [x.transpose(1, 2) for x in (q, alpha * kappa, v, -kappa, alpha * kappa, gate_k)]
+    o, final = dplr_recurrence(*head_first, initial_state=state.clone(), output_final_state=True)  # scale K^-0.5
+    torch.testing.assert_close(ours, (o.transpose(1, 2), final), **TOL)

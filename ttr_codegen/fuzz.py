@@ -131,7 +131,8 @@ def _linear(draw, inputs: _Inputs) -> dict:
     if method == "gradient_step_from_zero" and _maybe(draw, 0.2):
         readout["normalise"] = "sum"
     if method in ("online_gradient_step", "implicit_step", "momentum"):
-        optimiser["step_size"] = inputs.add("step_size", [BTH])
+        # An online step may take its step per key channel (a diagonal preconditioner).
+        optimiser["step_size"] = inputs.add("step_size", [BTH, BTH, BTHK] if method == "online_gradient_step" else [BTH])
     if method == "online_gradient_step":
         if _maybe(draw, 0.4):
             optimiser["steps_per_token"] = draw(st.integers(1, 3))

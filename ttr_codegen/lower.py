@@ -382,6 +382,7 @@ class ChunkPlan:
     rescales_values: bool = False  # the prep lines rescale v (a per-sample weight, or a step's value factor)
     prep_reads_n_steps: bool = False  # the prep lines read n_steps (the sub-step rows per token)
     normalised: bool = False  # o = S^T q / z^T q: z rides along as one more value column (a value of 1)
+    step_per_key: bool = False  # delta family: beta is [.., K], a diagonal preconditioner: the write key is beta * k
 
     @property
     def triton_prep_lines(self) -> tuple[str, ...]:
@@ -408,7 +409,10 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
             Structure.DIAGONAL_PLUS_RANK_ONE):
         return None
     a, b = rule.update[0].value.split_on(S_SYMBOL)
-    kv = (k_symbol, sp.Transpose(v_symbol))
+    # A step per key channel (a diagonal preconditioner) leads the write and the rank-one term: Diag(beta) k ...
+    step_per_key = rule.structure == Structure.DIAGONAL_PLUS_RANK_ONE and spec.input(spec.optimiser.step_size).per_key
+    preconditioner = (sp.DiagMatrix(sp.MatrixSymbol(spec.optimiser.step_size, K, 1)),) if step_per_key else ()
+    kv = (*preconditioner, k_symbol, sp.Transpose(v_symbol))
     if set(b.chains()) != {kv}:
         return None
     write = b.coefficient(kv)
@@ -429,19 +433,25 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
         family = "gated"
         beta, value_scale = None, write  # a per-sample weight scales the write
     elif rule.structure == Structure.DIAGONAL_PLUS_RANK_ONE:
-        # S_t = Diag(d) S - r k k^T Diag(d) S + w k v^T = Diag(d) S + r k ((w / r) v - k^T Diag(d) S)^T: a
-        # per-key decay, then a delta step whose errors read the decayed state (KDA's form).
-        diagonal = [chain for chain in a.chains() if len(chain) == 1]
+        # S_t = Diag(d) S - r P k k^T Diag(d) S + w P k v^T = Diag(d) S + r P k ((w / r) v - k^T Diag(d) S)^T: a
+        # per-key decay (or none: d = 1), then a delta step whose errors read the decayed state (KDA's form),
+        # preconditioned by P = Diag(beta) where the step is per key channel.
+        diagonal = [chain for chain in a.chains() if len(chain) <= 1]
         if len(diagonal) != 1 or a.coefficient(diagonal[0]) != 1:
             return None
-        (gate_leaf,) = diagonal[0]
-        rank_one_chain = (k_symbol, sp.Transpose(k_symbol), gate_leaf)
-        if set(a.chains()) != {diagonal[0], rank_one_chain}:
+        gate_chain = diagonal[0]
+        rank_one_chain = (*preconditioner, k_symbol, sp.Transpose(k_symbol), *gate_chain)
+        if set(a.chains()) != {gate_chain, rank_one_chain}:
             return None
-        lines.append(f"log_decay = {dict(rule.vectors)[gate_leaf.args[0].name]}")
+        if gate_chain:
+            lines.append(f"log_decay = {dict(rule.vectors)[gate_chain[0].args[0].name]}")
+        else:
+            lines.append("log_decay = torch.zeros_like(k)  # no decay: every key channel keeps all")
         gate, family = "per_key", "delta"
         rank_one = -a.coefficient(rank_one_chain)
         beta, value_scale = sp.simplify(rank_one), sp.simplify(write / rank_one)
+        if step_per_key:  # the templates read the preconditioner's diagonal (times any scalar factor) as beta
+            beta = sp.Symbol(spec.optimiser.step_size, real=True) * beta
     else:
         decay = a.coefficient(())
         log_decay = sp.expand_log(sp.log(decay), force=True)
@@ -479,7 +489,7 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
     coefficients = [x for x in (beta, value_scale, scalar_log_decay) if isinstance(x, sp.Basic)]
     read = {getattr(symbol, "name", "") for x in coefficients for symbol in x.free_symbols}
     repeated = {i.name for i in spec.inputs if rule.substeps > 1 and i.per_token and i.name not in read_per_step}
-    flags = dict(error_read=error_read, rescales_values=rescaled_values,
+    flags = dict(error_read=error_read, rescales_values=rescaled_values, step_per_key=step_per_key,
                  prep_reads_n_steps=gate == "scalar" or bool(repeated & read), normalised=normalised)
     # A step the prepare kernel can compute (its value-rescale line, if any, may read the step's temporaries).
     # (With a per-key gate A comes from the scores kernel, which does not derive a step: the host does.)

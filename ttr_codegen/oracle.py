@@ -85,7 +85,9 @@ def memories(spec: Spec, q, k, v, inputs: dict) -> list[torch.Tensor]:
                 row = t * n + j
                 key, value = k[:, row], v[:, row]
                 if method == "online_gradient_step":
-                    beta = inputs[spec.optimiser.step_size][:, row][..., None, None]
+                    beta = inputs[spec.optimiser.step_size][:, row]
+                    # a step per key channel preconditions the gradient's rows: Diag(beta) grad
+                    beta = beta[..., None] if spec.input(spec.optimiser.step_size).per_key else beta[..., None, None]
                     wd = spec.optimiser.weight_decay
                     lam = (1 - _retention(spec, wd, inputs)[:, t][..., None, None]) / beta if wd else 0.0
 

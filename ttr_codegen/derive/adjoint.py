@@ -180,26 +180,36 @@ def vjp(poly: MatPoly, adjoint: MatrixSymbol, wrt: MatrixSymbol) -> MatPoly | Ro
     """d/d wrt <adjoint, poly>, with the chain rule through coefficients' inner products."""
     adjoint_poly = MatPoly.leaf(adjoint) if isinstance(adjoint, MatrixSymbol) else None  # None: a scalar state's
     result = MatPoly.build(*wrt.shape, [])
-    diagonal = []  # per-key gates: a RowDot from each term whose diagonal holds wrt
+    diagonal = []  # per-key vectors: (a RowDot, its coefficient) from each term whose diagonal holds wrt
     for chain, coeff in poly.terms:
         direct = _chain_vjp(chain, adjoint_poly, wrt) if adjoint_poly is not None else None
         if isinstance(direct, RowDot):
-            diagonal.append(RowDot(direct.left.scaled(coeff), direct.right))
+            diagonal.append((direct, coeff))
         elif direct is not None:
             result = result + direct.scaled(coeff)
         for derivative, inner in _coefficient_derivative(coeff, wrt):
             through_inner = _chain_vjp(tuple(inner.args), MatPoly.identity(1), wrt)
             result = result + through_inner.scaled(derivative * pairing(adjoint, chain))
     if diagonal:
+        if result.terms:
+            raise NotImplementedError(f"{wrt} both inside and outside diagonals has no adjoint here yet")
         # Terms that share the right factor add their left factors (e.g. KDA's Diag(d) S - b k k^T Diag(d) S:
-        # rowsum((G - b k k^T G) o S)).
-        if len({d.right for d in diagonal}) > 1 or result.terms:
-            raise NotImplementedError(f"{wrt} outside diagonals with one right factor has no adjoint here yet")
-        left = diagonal[0].left
-        for d in diagonal[1:]:
-            left = left + d.left
-        return RowDot(left, diagonal[0].right)
+        # rowsum((G - b k k^T G) o S)); terms that share the left one add their right factors (a step per key,
+        # Diag(a) k v^T - Diag(a) k k^T S: rowsum(G o (k v^T - k k^T S))).
+        if len({d.right for d, _ in diagonal}) == 1:
+            return RowDot(_sum(d.left.scaled(c) for d, c in diagonal), diagonal[0][0].right)
+        if len({d.left for d, _ in diagonal}) == 1:
+            return RowDot(diagonal[0][0].left, _sum(d.right.scaled(c) for d, c in diagonal))
+        raise NotImplementedError(f"{wrt} in diagonals with different left and right factors has no adjoint here yet")
     return result
+
+
+def _sum(polys) -> MatPoly:
+    polys = list(polys)
+    total = polys[0]
+    for poly in polys[1:]:
+        total = total + poly
+    return total
 
 
 def vjp_scalar(poly: MatPoly, adjoint: MatrixSymbol, wrt: sp.Symbol) -> sp.Expr:

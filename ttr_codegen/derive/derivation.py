@@ -148,7 +148,15 @@ def _online_gradient_step(spec: Spec, weights: _Weights) -> UpdateRule:
         objective = objective + [(lam / 2, Trace(X.T * X))]
         text += f" + lambda/2 ||X||^2 with beta*lambda = {sp.simplify(1 - _retention_of(spec, wd))}"
         latex += r" + \tfrac{\lambda_t}{2}\lVert X\rVert_F^2"
-    step = MatPoly.leaf(X) - trace_gradient(objective, X).scaled(beta)
+    if spec.input(spec.optimiser.step_size).per_key:
+        # A step per key channel: a diagonal preconditioner, X - Diag(beta) grad (no weight decay: the spec
+        # check refuses it).
+        preconditioner = MatPoly.leaf(DiagMatrix(MatrixSymbol(spec.optimiser.step_size, K, 1)))
+        step = MatPoly.leaf(X) - preconditioner @ trace_gradient(objective, X)
+        text = text.replace(f"of size {spec.optimiser.step_size}", f"preconditioned by Diag({spec.optimiser.step_size})")
+        latex = latex.replace(r"\beta_t \nabla_X", r"\mathrm{Diag}(\beta_t) \nabla_X")
+    else:
+        step = MatPoly.leaf(X) - trace_gradient(objective, X).scaled(beta)
     if wd:
         step = step.subs_scalar({sp.Symbol("lambda_wd", positive=True): (1 - _retention_of(spec, wd)) / beta})
     new_s = step.substitute(X, weights.operator @ MatPoly.leaf(S))
@@ -313,5 +321,8 @@ def _classify(update: MatPoly) -> tuple[Structure, str, list[str]]:
         return Structure.DELTA, f"S_t = ({a}) S_(t-1) + {b}", equivalences
     diag = [c for c in chains if len(c) == 1 and isinstance(c[0], DiagMatrix)]
     if diag and len(chains) == 2:
+        return Structure.DIAGONAL_PLUS_RANK_ONE, f"S_t = ({a}) S_(t-1) + {b}", equivalences
+    # A step preconditioned per key channel without a decay: I - (beta * k) k^T, the identity as the diagonal.
+    if len(chains) == 2 and () in chains and any(len(c) == 3 and isinstance(c[0], DiagMatrix) for c in chains):
         return Structure.DIAGONAL_PLUS_RANK_ONE, f"S_t = ({a}) S_(t-1) + {b}", equivalences
     return Structure.AFFINE, f"S_t = ({a}) S_(t-1) + {b}", equivalences

@@ -725,7 +725,20 @@ def _check_combination(check: _Checker, by_name: dict[str, InputSpec], weights: 
         if i.role in ("norm_weight", "norm_bias") and i.shape != ("H", "K"):
             check.error(check.positions.get(f"inputs.{i.name}", Position(1, 1)), f"inputs.{i.name}.shape",
                         f"input '{i.name}' ({i.role}) is fixed per head and channel", "use shape [H, K]")
+    step = by_name.get(optimiser.step_size) if optimiser.step_size else None
+    if step is not None and step.shape == ("B", "T", "H", "K"):
+        # A step per key channel is a diagonal preconditioner on the online gradient step.
+        if method != "online_gradient_step":
+            check.error(check.positions.get(f"inputs.{step.name}", Position(1, 1)), f"inputs.{step.name}.shape",
+                        f"a step size per key channel ([B, T, H, K]) preconditions 'online_gradient_step', not "
+                        f"'{method}'", "use shape [B, T, H], or method 'online_gradient_step'")
+        elif optimiser.weight_decay:
+            check.error(check.positions["optimiser.weight_decay"], "optimiser.weight_decay",
+                        "a step size per key channel does not combine with 'weight_decay' yet",
+                        "forget through 'weights.decay' (decay, then the step), or use a step of shape [B, T, H]")
     for ref in (optimiser.step_size, optimiser.momentum, optimiser.weight_decay, weights.sample_weight):
+        if ref == optimiser.step_size and step is not None and step.shape == ("B", "T", "H", "K"):
+            continue  # checked above
         if ref and ref in by_name and by_name[ref].shape != ("B", "T", "H"):
             check.error(check.positions.get(f"inputs.{ref}", Position(1, 1)), f"inputs.{ref}.shape",
                         f"input '{ref}' ({by_name[ref].role}) must be one number per token and head",
