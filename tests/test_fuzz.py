@@ -90,9 +90,8 @@ def test_shrinking_moves_toward_simpler_specs():
 
 
 # The linear memories whose chunked form has no Triton kernels yet (docs/chunked.md): momentum (Titans), the
-# second-order solves (mesa, RLS), a sum-normalised read-out and a step per key channel run the chunked PyTorch
-# form on a GPU.
-WITHOUT_TRITON_YET = {"momentum", "exact", "recursive_least_squares", "normalised", "step per key"}
+# second-order solves (mesa, RLS) and a sum-normalised read-out run the chunked PyTorch form on a GPU.
+WITHOUT_TRITON_YET = {"momentum", "exact", "recursive_least_squares", "normalised"}
 
 
 def test_every_drawn_linear_memory_gets_a_chunked_form(tmp_path):
@@ -114,13 +113,9 @@ def test_every_drawn_linear_memory_gets_a_chunked_form(tmp_path):
         files = {f.relative_path for f in result.files}
         if "chunk.py" not in files:
             without.append(yaml.safe_dump(document))
-        readout, step = document.get("readout"), document["optimiser"].get("step_size")
-        if isinstance(readout, dict) and readout.get("normalise") == "sum":
-            kind = "normalised"
-        elif step is not None and document["inputs"][step]["shape"] == ["B", "T", "H", "K"]:
-            kind = "step per key"
-        else:
-            kind = document["optimiser"]["method"]
+        readout = document.get("readout")
+        kind = "normalised" if isinstance(readout, dict) and readout.get("normalise") == "sum" \
+            else document["optimiser"]["method"]
         if "chunk_triton.py" in files:
             with_triton += 1
             assert result.adjoint is not None, yaml.safe_dump(document)  # so the kernels include the backward

@@ -370,7 +370,8 @@ class LayerChecks:
         for name, g, g_ref in zip(self._gradient_names(packed, 1), found, expected, strict=True):
             assert_within(g, g_ref, 1e-4, f"d/d{name}")
 
-    def triton_ops_opcheck(self, chunk_op, backward_op, gate: str, family: str = "gated") -> None:
+    def triton_ops_opcheck(self, chunk_op, backward_op, gate: str, family: str = "gated",
+                           step_per_key: bool = False) -> None:
         """The Triton custom ops (forward with autograd, and backward) pass torch.library.opcheck: schema, fake
         tensors, autograd registration and dispatch, with and without an initial state and cu_seqlens."""
         problem = self.problem(20, 8, 6, B=1, seed=25).to(torch.float32)
@@ -378,7 +379,8 @@ class LayerChecks:
         rows = problem.k.shape[1]  # the gate is per sub-step row where a token takes several steps
         log_decay = {"none": None, "scalar": -torch.rand(1, rows, 2, generator=generator),
                      "per_key": -torch.rand(1, rows, 2, 8, generator=generator)}[gate]
-        beta = torch.rand(*problem.k.shape[:3], generator=generator)  # the delta family's step (per sub-step)
+        # the delta family's step (per sub-step row; per key channel too where it preconditions the step)
+        beta = torch.rand(*(problem.k.shape if step_per_key else problem.k.shape[:3]), generator=generator)
         state = torch.randn(1, 2, 8, 6, generator=generator)
         do, d_final = torch.randn(1, 20, 2, 6, generator=generator), torch.randn(1, 2, 8, 6, generator=generator)
         q, k, v = problem.q, problem.k, problem.v

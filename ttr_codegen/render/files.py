@@ -83,13 +83,13 @@ def split_header(text: str) -> tuple[str | None, str]:
 def _triton_chunk_template(chunk: ChunkPlan | None) -> str | None:
     """The chunked Triton kernels cover the gated family (per-key, scalar or no gate; values rescaled on the host
     where a per-sample weight scales the write) but for a sum-normalised read-out, and
-    the delta family (no gate, a scalar one, or a per-key one: diagonal plus rank one; one delta step per token
-    or several) but for a step per key channel, which runs the chunked PyTorch form."""
+    the delta family (no gate, a scalar one, or a per-key one: diagonal plus rank one, with a scalar step or one
+    per key channel; one delta step per token or several)."""
     if chunk is None:
         return None
     if chunk.family == "gated" and not chunk.normalised:
         return "chunk_gated_triton.py.j2"
-    if chunk.family == "delta" and not chunk.step_per_key:
+    if chunk.family == "delta":
         # A gate with several sub-steps per token: the backward kernels write past their buffers (found by the
         # fuzzer); the chunked PyTorch form serves it until they are mended.
         return "chunk_delta_triton.py.j2"
