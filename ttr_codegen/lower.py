@@ -11,6 +11,7 @@ import sympy as sp
 from sympy import MatrixSymbol
 
 from .derive import Structure, UpdateRule
+from .derive.rule import TextEnum
 from .derive.algebra import Inner, K, MatPoly, V
 from .render.torch_printer import TokenProgram
 from .spec import InputSpec, Spec
@@ -353,6 +354,23 @@ def derivation_doc(rule: UpdateRule) -> list[str]:
     return lines
 
 
+class Family(TextEnum):
+    """The chunked algorithm of a recurrence (see ChunkPlan)."""
+
+    GATED = "gated"  # a gated sum of writes: intra-chunk scores and a pass over chunk states
+    DELTA = "delta"  # a rank-one step per token or sub-step: the UT transform
+    MOMENTUM = "momentum"  # a stacked (S, Z) state: one triangular system per chunk
+    SECOND_ORDER = "second_order"  # key moments and a K x K solve, or RLS's covariance form
+
+
+class Gate(TextEnum):
+    """How a recurrence forgets: not at all, by one number per token, or per key channel."""
+
+    NONE = "none"
+    SCALAR = "scalar"
+    PER_KEY = "per_key"
+
+
 @dataclass(frozen=True)
 class ChunkPlan:
     """The chunked form of a recurrence, in one of four families (the two affine ones spelled out here).
@@ -366,8 +384,8 @@ class ChunkPlan:
     coefficients (e.g. Longhorn's beta -> beta / (1 + beta k^T k)).
     """
 
-    family: str  # "gated", "delta", "momentum" or "second_order"
-    gate: str  # "none", "scalar" or "per_key"
+    family: Family
+    gate: Gate
     prep_lines: tuple[str, ...]
     substeps: int
     variant: str = ""  # second order: "exact" or "rls"
@@ -429,8 +447,8 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
         (diag_chain,) = a.chains()
         gate_input = dict(rule.vectors)[diag_chain[0].args[0].name]
         lines.append(f"log_decay = {gate_input}")
-        gate = "per_key"
-        family = "gated"
+        gate = Gate.PER_KEY
+        family = Family.GATED
         beta, value_scale = None, write  # a per-sample weight scales the write
     elif rule.structure == Structure.DIAGONAL_PLUS_RANK_ONE:
         # S_t = Diag(d) S - r P k k^T Diag(d) S + w P k v^T = Diag(d) S + r P k ((w / r) v - k^T Diag(d) S)^T: a
@@ -447,7 +465,7 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
             lines.append(f"log_decay = {dict(rule.vectors)[gate_chain[0].args[0].name]}")
         else:
             lines.append("log_decay = torch.zeros_like(k)  # no decay: every key channel keeps all")
-        gate, family = "per_key", "delta"
+        gate, family = Gate.PER_KEY, Family.DELTA
         rank_one = -a.coefficient(rank_one_chain)
         beta, value_scale = sp.simplify(rank_one), sp.simplify(write / rank_one)
         if step_per_key:  # the templates read the preconditioner's diagonal (times any scalar factor) as beta
@@ -455,21 +473,21 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
     else:
         decay = a.coefficient(())
         log_decay = sp.expand_log(sp.log(decay), force=True)
-        gate = "none" if log_decay == 0 else "scalar"
-        if gate == "scalar":
+        gate = Gate.NONE if log_decay == 0 else Gate.SCALAR
+        if gate == Gate.SCALAR:
             scalar_log_decay = log_decay
             log_code = program.scalar(log_decay)
             if log_decay.has(sp.log):  # a retention such as 1 - alpha may be 0: log 0 = -inf; exp(-1e4) is 0 alike
                 log_code = f"{log_code}.clamp_min(-1e4)"
             lines.append(f"log_decay = torch.broadcast_to({log_code}, (B, T * n_steps, H))")
         if rule.structure == Structure.ADDITIVE:
-            family, beta, value_scale = "gated", None, write
+            family, beta, value_scale = Family.GATED, None, write
         else:
             # S_t = d S - r k k^T S + w k v^T = d S + beta k (alpha v - c k^T S)^T with beta c = r, beta alpha = w.
             # Reading the decayed state (c = d) or the previous one (c = 1) gives the same layer; take the one
             # whose beta and alpha do not grow like 1 / d, which would overflow for strongly decaying gates.
             rank_one = -a.coefficient((k_symbol, sp.Transpose(k_symbol)))
-            family = "delta"
+            family = Family.DELTA
             beta, value_scale = sp.simplify(rank_one / decay), sp.simplify(write * decay / rank_one)
             if _grows_as_gate_closes(beta, decay) or _grows_as_gate_closes(value_scale, decay):
                 error_read = "previous"
@@ -490,10 +508,10 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
     read = {getattr(symbol, "name", "") for x in coefficients for symbol in x.free_symbols}
     repeated = {i.name for i in spec.inputs if rule.substeps > 1 and i.per_token and i.name not in read_per_step}
     flags = dict(error_read=error_read, rescales_values=rescaled_values, step_per_key=step_per_key,
-                 prep_reads_n_steps=gate == "scalar" or bool(repeated & read), normalised=normalised)
+                 prep_reads_n_steps=gate == Gate.SCALAR or bool(repeated & read), normalised=normalised)
     # A step the prepare kernel can compute (its value-rescale line, if any, may read the step's temporaries).
     # (With a per-key gate A comes from the scores kernel, which does not derive a step: the host does.)
-    step = _kernel_step(spec, beta) if beta is not None and not rescaled_values and gate != "per_key" else None
+    step = _kernel_step(spec, beta) if beta is not None and not rescaled_values and gate != Gate.PER_KEY else None
     if step is None:
         return ChunkPlan(family, gate, tuple(lines), rule.substeps, **flags)
     step_input, step_lines = step
@@ -553,7 +571,7 @@ def _lower_momentum_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan:
     lines = [f"{name} = torch.broadcast_to({program.scalar(value)}, (B, T, H))" if value.free_symbols
              else f"{name} = q.new_full((B, T, H), {float(value)!r})"  # e.g. rho = 1 without weight decay
              for name, value in (("theta", theta), ("eta", eta), ("rho", rho))]
-    return ChunkPlan("momentum", "scalar", tuple(program.lines + lines), 1)
+    return ChunkPlan(Family.MOMENTUM, Gate.SCALAR, tuple(program.lines + lines), 1)
 
 
 def _lower_second_order_chunk(spec: Spec) -> ChunkPlan:
@@ -563,7 +581,7 @@ def _lower_second_order_chunk(spec: Spec) -> ChunkPlan:
              f"weight = torch.broadcast_to({weight}, (B, T, H))" if weight else "weight = q.new_ones(B, T, H)"]
     ridge = spec.optimiser.ridge
     if spec.optimiser.method == "recursive_least_squares":
-        return ChunkPlan("second_order", "scalar", tuple(lines), 1, "rls", repr(ridge))
+        return ChunkPlan(Family.SECOND_ORDER, Gate.SCALAR, tuple(lines), 1, "rls", repr(ridge))
     if isinstance(ridge, str):
         per_key = spec.input(ridge).per_key
         # [H, 1, 1, K, K]: broadcast over the batch, the chunks and the tokens of a chunk
@@ -571,7 +589,7 @@ def _lower_second_order_chunk(spec: Spec) -> ChunkPlan:
                 else f"{ridge}[:, None, None, None, None] * eye_k")
     else:
         code = f"{ridge!r} * eye_k"
-    return ChunkPlan("second_order", "scalar", tuple(lines), 1, "exact", code)
+    return ChunkPlan(Family.SECOND_ORDER, Gate.SCALAR, tuple(lines), 1, "exact", code)
 
 
 @dataclass(frozen=True)
@@ -588,28 +606,25 @@ class FusedRecurrentPlan:
 
 def lower_fused_recurrent(spec: Spec, rule: UpdateRule) -> FusedRecurrentPlan | None:
     """The fused recurrent kernel of a rule whose states are all K x V, or None."""
-    from .render.triton_printer import TritonTokenProgram
+    from .render.triton_printer import TritonTokenProgram, exp_line, load_line
 
     if rule.form != "recurrent" or any((s.rows, s.cols) != ("K", "V") for s in rule.states):
         return None
     n = rule.substeps
     per_step, _ = step_inputs(spec)
     names = {"q": "q_t", "k": "k_t", "v": "v_t", "scale": "scale"} | {s.name: s.name for s in rule.states}
-    head, token, step = [], [], ["k_t = tl.load(k + (step * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)",
-                                 "v_t = tl.load(v + (step * H + i_h) * V + o_v, mask=m_v, other=0.0).to(tl.float32)"]
+    head, token, step = [], [], [load_line("k", "step", lanes="K"), load_line("v", "step", lanes="V")]
     for i in spec.inputs:
-        lanes = " * K + o_k, mask=m_k, other=0.0" if i.per_key else ""
         if not i.per_token:
             names[i.name] = f"{i.name}_h"
-            head.append(f"{i.name}_h = tl.load({i.name} + i_h{lanes}).to(tl.float32)")
+            head.append(load_line(i.name, "head", i.per_key))
             continue
         names[i.name] = f"{i.name}_t"
         position = "step" if i.name in per_step else "row"
-        load = f"{i.name}_t = tl.load({i.name} + ({position} * H + i_h){lanes}).to(tl.float32)"
-        (step if i.name in per_step else token).append(load)
+        (step if i.name in per_step else token).append(load_line(i.name, position, i.per_key))
     for leaf, gate in rule.vectors:
         names[leaf] = leaf
-        (step if gate in per_step else token).append(f"{leaf} = tl.exp({names[gate]})")
+        (step if gate in per_step else token).append(exp_line(leaf, names[gate]))
     program = TritonTokenProgram(names=names, dims={K: "K", V: "V"}, python_scalars=frozenset({"scale"}))
     try:
         for assign in rule.update:

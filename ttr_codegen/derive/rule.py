@@ -8,9 +8,18 @@ from enum import Enum
 from .algebra import MatPoly
 
 
-class Structure(str, Enum):
-    """The structure class of a derived rule: what decides its generated forms. A member equals its text
-    (templates and `ttr list` read it as such)."""
+class TextEnum(str, Enum):
+    """An enumeration whose members equal their text: templates compare and print them as such."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Structure(TextEnum):
+    """The structure class of a derived rule: what decides its generated forms."""
 
     ADDITIVE = "additive"  # S_t = d S_(t-1) + write
     DIAGONAL = "diagonal"  # S_t = Diag(d) S_(t-1) + write
@@ -25,12 +34,6 @@ class Structure(str, Enum):
     LOCAL_POLYNOMIAL = "local-polynomial"
     KERNEL_RIDGE = "kernel-ridge"
     NONLINEAR = "nonlinear"  # an mlp memory trained by mini-batch gradient descent
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
 
     @property
     def delta_family(self) -> bool:

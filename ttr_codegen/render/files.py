@@ -11,7 +11,7 @@ import jinja2
 
 from .. import __version__
 from ..derive import Structure
-from ..lower import AdjointPlan, AttentionPlan, ChunkPlan, FusedRecurrentPlan, NaivePlan
+from ..lower import AdjointPlan, AttentionPlan, ChunkPlan, Family, FusedRecurrentPlan, Gate, NaivePlan
 from ..lower_online import OnlinePlan
 from ..spec.model import GATE_ROLES
 
@@ -87,9 +87,9 @@ def _triton_chunk_template(chunk: ChunkPlan | None) -> str | None:
     per key channel; one delta step per token or several)."""
     if chunk is None:
         return None
-    if chunk.family == "gated" and not chunk.normalised:
+    if chunk.family == Family.GATED and not chunk.normalised:
         return "chunk_gated_triton.py.j2"
-    if chunk.family == "delta":
+    if chunk.family == Family.DELTA:
         # A gate with several sub-steps per token: the backward kernels write past their buffers (found by the
         # fuzzer); the chunked PyTorch form serves it until they are mended.
         return "chunk_delta_triton.py.j2"
@@ -119,8 +119,8 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         "triton_dispatch": triton_template is not None,
         # The additive and scalar-gated family's chunked form is an autograd function whose backward is the
         # derived adjoint, run as three more scans of the same recurrence.
-        "adjoint_scan": adjoint is not None and chunk is not None and chunk.family == "gated"
-        and chunk.gate in ("none", "scalar") and chunk.substeps == 1
+        "adjoint_scan": adjoint is not None and chunk is not None and chunk.family == Family.GATED
+        and chunk.gate in (Gate.NONE, Gate.SCALAR) and chunk.substeps == 1
         and not chunk.rescales_values and not chunk.normalised,
         # The Triton kernels include the derived backward: chunk_<name> trains on them.
         "triton_train": adjoint is not None and triton_template is not None,
@@ -137,7 +137,8 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
     if context["triton_chunk"]:
         templates["chunk_triton.py"] = triton_template
     if chunk is not None:
-        templates["chunk.py"] = {"momentum": "chunk_momentum.py.j2", "second_order": "chunk_second_order.py.j2"}.get(chunk.family, "chunk.py.j2")
+        templates["chunk.py"] = {Family.MOMENTUM: "chunk_momentum.py.j2",
+                                 Family.SECOND_ORDER: "chunk_second_order.py.j2"}.get(chunk.family, "chunk.py.j2")
     files = []
     for name, template in templates.items():
         files.append(RenderedFile(name, stamp(env.get_template(template).render(context), spec_path, spec_text)))

@@ -82,4 +82,21 @@ class TritonRowProgram(TokenProgram):
         return Operand(name, (), None, None)
 
 
-__all__ = ["TritonRowProgram", "TritonTokenProgram"]
+def load_line(name: str, position: str, per_key: bool = False, lanes: str = "") -> str:
+    """`<name>_<suffix> = ...`: one input's values for the fused recurrent kernel's current token, in float32.
+
+    position: "head" (fixed per head, loaded once), "row" (the token's row) or "step" (its sub-step row).
+    Per key channel (or lanes "V" for the value) it is a [BK] or [BV] block with its lane mask."""
+    lanes = lanes or ("K" if per_key else "")
+    offset = {"head": "i_h", "row": "(row * H + i_h)", "step": "(step * H + i_h)"}[position]
+    block = {"K": " * K + o_k, mask=m_k, other=0.0", "V": " * V + o_v, mask=m_v, other=0.0", "": ""}[lanes]
+    suffix = "h" if position == "head" else "t"
+    return f"{name}_{suffix} = tl.load({name} + {offset}{block}).to(tl.float32)"
+
+
+def exp_line(leaf: str, gate_code: str) -> str:
+    """A per-key retention vector from its log-gate's block."""
+    return f"{leaf} = tl.exp({gate_code})"
+
+
+__all__ = ["TritonRowProgram", "TritonTokenProgram", "exp_line", "load_line"]
