@@ -11,8 +11,9 @@ import pytest
 import torch
 import yaml
 
-from ttr_codegen.fuzz import _import_package, _renamed, _simpler, check_document
+from ttr_codegen.fuzz import _import_package, _renamed, _simpler, _submodule, check_document
 from ttr_codegen.pipeline import compile_spec
+from ttr_codegen.render.writer import plan_changes, write_atomically
 from ttr_codegen.spec import SpecError
 
 def _fixed_slice() -> list[dict]:
@@ -124,3 +125,26 @@ def test_every_drawn_linear_memory_gets_a_chunked_form(tmp_path):
     assert compiled >= 50 and with_triton >= 40, (compiled, with_triton)
     assert not without, "\n---\n".join(without)
     assert not without_triton, "no Triton kernels:\n" + "\n---\n".join(without_triton)
+
+
+def test_layers_of_one_name_keep_their_own_custom_ops(tmp_path):
+    """The catalogue's gated_delta_product and the regression fixture of the same name (another spec: its
+    decay is spelled differently) both register Triton custom ops; importing the fixture's package must not
+    replace the catalogue's ops (a registration under a taken name would, for every caller). The catalogue's
+    training path still gives naive_gated_delta_product's gradients afterwards."""
+    from generated.gated_delta_product import chunk as catalogue_chunk
+    from generated.gated_delta_product import naive_gated_delta_product
+    from generated.gated_delta_product.chunk_triton import chunk_op
+    from generated.gated_delta_product.layer import GatedDeltaProduct
+    from ttr_codegen.testing import LayerChecks
+
+    fixture = Path(__file__).parent / "fuzz_regressions" / "gated_delta_product.yaml"
+    document = yaml.safe_load(fixture.read_text())
+    assert document["name"] == "gated_delta_product"
+    compiled = compile_spec(fixture, tmp_path / "out")
+    write_atomically(plan_changes(compiled.package_dir, compiled.files))
+    other = _submodule(_import_package(compiled.package_dir), "chunk_triton")
+    assert other.chunk_op is not chunk_op and other.chunk_op._name != chunk_op._name  # two ops, two names
+    root = Path(__file__).resolve().parents[1]
+    checks = LayerChecks(root / "specs" / "gated_delta_product.yaml", naive_gated_delta_product, GatedDeltaProduct)
+    checks.triton_train_gradients(catalogue_chunk._triton_train, T=40, K=6, V=5)

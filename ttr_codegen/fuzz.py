@@ -308,6 +308,23 @@ def planned_checks(package, spec) -> list[tuple[str, object]]:
     return plan
 
 
+def missing_fast_paths(compiled) -> str:
+    """What a compiled linear memory lacks of its fast paths ("" if nothing): every one gets the chunked PyTorch
+    form, and the Triton chunked kernels with their derived backward but for the families that have none yet
+    (momentum, the second-order solves, a sum-normalised read-out: docs/chunked.md)."""
+    from .lower import Family
+
+    if compiled.spec.regressor.cls != "linear" or compiled.rule is None or compiled.rule.form != "recurrent":
+        return ""
+    if compiled.chunk is None:
+        return "a linear memory without a chunked form (it would run the token loop)"
+    if compiled.chunk.family in (Family.MOMENTUM, Family.SECOND_ORDER) or compiled.chunk.normalised:
+        return ""
+    if not any(f.relative_path == "chunk_triton.py" for f in compiled.files) or compiled.adjoint is None:
+        return "a linear memory without Triton chunked kernels and their backward"
+    return ""
+
+
 def check_document(document: dict, workdir: Path) -> Outcome:
     """Compile one spec document in `workdir` and run every check of its generated package."""
     from .pipeline import compile_spec
@@ -323,6 +340,9 @@ def check_document(document: dict, workdir: Path) -> Outcome:
         return Outcome("refused", error=str(error).splitlines()[0])
     except Exception as error:  # noqa: BLE001 -- a crash is exactly what the fuzzer reports
         return Outcome("failed", check="compile", error=_summary(error))
+    missing = missing_fast_paths(compiled)
+    if missing:
+        return Outcome("failed", str(compiled.structure), check="fast_path", error=missing)
     try:
         write_atomically(plan_changes(compiled.package_dir, compiled.files), force=True)
         package = _import_package(compiled.package_dir)

@@ -452,21 +452,28 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
         beta, value_scale = None, write  # a per-sample weight scales the write
     elif rule.structure == Structure.DIAGONAL_PLUS_RANK_ONE:
         # S_t = Diag(d) S - r P k k^T Diag(d) S + w P k v^T = Diag(d) S + r P k ((w / r) v - k^T Diag(d) S)^T: a
-        # per-key decay (or none: d = 1), then a delta step whose errors read the decayed state (KDA's form),
-        # preconditioned by P = Diag(beta) where the step is per key channel.
+        # per-key decay (or a scalar one, d I, or none), then a delta step whose errors read the decayed state
+        # (KDA's form), preconditioned by P = Diag(beta) where the step is per key channel.
         diagonal = [chain for chain in a.chains() if len(chain) <= 1]
-        if len(diagonal) != 1 or a.coefficient(diagonal[0]) != 1:
+        if len(diagonal) != 1:
             return None
         gate_chain = diagonal[0]
+        decay = a.coefficient(gate_chain)  # 1 for a per-key gate (its leaf holds it)
         rank_one_chain = (*preconditioner, k_symbol, sp.Transpose(k_symbol), *gate_chain)
-        if set(a.chains()) != {gate_chain, rank_one_chain}:
+        if set(a.chains()) != {gate_chain, rank_one_chain} or (gate_chain and decay != 1):
             return None
         if gate_chain:
             lines.append(f"log_decay = {dict(rule.vectors)[gate_chain[0].args[0].name]}")
-        else:
+        elif decay == 1:
             lines.append("log_decay = torch.zeros_like(k)  # no decay: every key channel keeps all")
+        else:  # a scalar decay, the same for every key channel
+            scalar_log_decay = sp.expand_log(sp.log(decay), force=True)
+            log_code = program.scalar(scalar_log_decay)
+            if scalar_log_decay.has(sp.log):  # a retention such as 1 - alpha may be 0 (see the scalar gate below)
+                log_code = f"{log_code}.clamp_min(-1e4)"
+            lines.append(f"log_decay = torch.broadcast_to(({log_code})[..., None], (B, T * n_steps, H, K))")
         gate, family = Gate.PER_KEY, Family.DELTA
-        rank_one = -a.coefficient(rank_one_chain)
+        rank_one = -a.coefficient(rank_one_chain) / decay
         beta, value_scale = sp.simplify(rank_one), sp.simplify(write / rank_one)
         if step_per_key:  # the templates read the preconditioner's diagonal (times any scalar factor) as beta
             beta = sp.Symbol(spec.optimiser.step_size, real=True) * beta
@@ -508,7 +515,7 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
     read = {getattr(symbol, "name", "") for x in coefficients for symbol in x.free_symbols}
     repeated = {i.name for i in spec.inputs if rule.substeps > 1 and i.per_token and i.name not in read_per_step}
     flags = dict(error_read=error_read, rescales_values=rescaled_values, step_per_key=step_per_key,
-                 prep_reads_n_steps=gate == Gate.SCALAR or bool(repeated & read), normalised=normalised)
+                 prep_reads_n_steps=scalar_log_decay is not None or bool(repeated & read), normalised=normalised)
     # A step the prepare kernel can compute (its value-rescale line, if any, may read the step's temporaries).
     # (With a per-key gate A comes from the scores kernel, which does not derive a step: the host does.)
     step = _kernel_step(spec, beta) if beta is not None and not rescaled_values and gate != Gate.PER_KEY else None

@@ -320,9 +320,16 @@ def _classify(update: MatPoly) -> tuple[Structure, str, list[str]]:
                                     f"and values v' = ({values}) v")
         return Structure.DELTA, f"S_t = ({a}) S_(t-1) + {b}", equivalences
     diag = [c for c in chains if len(c) == 1 and isinstance(c[0], DiagMatrix)]
+    # A step preconditioned per key channel: the rank-one term starts with Diag(beta).
+    preconditioned = any(len(c) >= 3 and isinstance(c[0], DiagMatrix) for c in chains)
+    if preconditioned:
+        equivalences.append("a step per key channel (Gated DeltaNet-2's erase gate b on the key b * k with the step "
+                            "1 / b; RWKV-7's transition: docs/fla_layers.md)")
+    elif diag and len(chains) == 2:
+        equivalences.append("Kimi Delta Attention (KDA): a per-key decay, then a delta step")
     if diag and len(chains) == 2:
         return Structure.DIAGONAL_PLUS_RANK_ONE, f"S_t = ({a}) S_(t-1) + {b}", equivalences
     # A step preconditioned per key channel without a decay: I - (beta * k) k^T, the identity as the diagonal.
-    if len(chains) == 2 and () in chains and any(len(c) == 3 and isinstance(c[0], DiagMatrix) for c in chains):
+    if len(chains) == 2 and () in chains and preconditioned:
         return Structure.DIAGONAL_PLUS_RANK_ONE, f"S_t = ({a}) S_(t-1) + {b}", equivalences
     return Structure.AFFINE, f"S_t = ({a}) S_(t-1) + {b}", equivalences

@@ -103,6 +103,8 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
     triton_template = _triton_chunk_template(chunk)
     context = {
         "plan": plan,
+        # The custom ops' name: the layer's, and a digest of what generated it (see the Triton templates).
+        "op_name": f"{plan.name}_{body_hash(spec_text + templates_hash())[:8]}",
         "spec_path": spec_path,
         "spec_from_package": _spec_from_package(spec_path, package_dir),
         "normalize_qk": plan.structure in _NORMALISED_QK,
