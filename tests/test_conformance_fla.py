@@ -16,6 +16,7 @@ from fla.ops.gla.naive import naive_recurrent_gla
 from fla.ops.kda.naive import naive_chunk_kda, naive_recurrent_kda
 from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
 from fla.ops.mesa_net.naive import naive_mesa_net_exact
+from fla.ops.precond_kda.naive import naive_recurrent_precond_kda
 from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
 
 from generated.delta_product import naive_delta_product
@@ -169,3 +170,30 @@ def test_rwkv7_transition(data, op):
     head_first = [x.transpose(1, 2) for x in (q, alpha * kappa, v, -kappa, alpha * kappa, gate_k)]
     o, final = dplr_recurrence(*head_first, initial_state=state.clone(), output_final_state=True)  # scale K^-0.5
     torch.testing.assert_close(ours, (o.transpose(1, 2), final), **TOL)
+
+
+def _adaptive_preconditioner(k, g_atk, beta_atk, x=1.5, eps=1e-6, center=-0.2):
+    """fla's precond_kda preconditioner, a function of the keys alone: a decayed running sum of squared keys
+    A_t = e^(g_atk) A_(t-1) + beta_atk k_t^2 per channel, mapped to M_t = x^(-s) with s = r / (1 + |r|),
+    r = log(A_t + eps) - center (channels seen often get smaller steps)."""
+    A, preconditioners = torch.zeros_like(k[:, 0]), []
+    for t in range(k.shape[1]):
+        A = g_atk[:, t, :, None].exp() * A + beta_atk[:, t, :, None] * k[:, t] ** 2
+        r = torch.log(A + eps) - center
+        preconditioners.append(torch.pow(torch.tensor(x), -r / (1 + r.abs())))
+    return torch.stack(preconditioners, dim=1)
+
+
+@pytest.mark.parametrize("op", [naive_preconditioned_kda, chunk_preconditioned_kda], ids=["naive", "chunk"])
+def test_precond_kda(data, op):
+    """fla's precond_kda is KDA whose step is preconditioned per key channel by M_t, computed from the keys
+    alone (their running second moment): with the step beta_t * M_t it is our preconditioned_kda."""
+    q, k, v, _, gate_k, beta, state = data
+    g = torch.Generator().manual_seed(6)
+    g_atk = F.logsigmoid(torch.randn(B, T, H, generator=g) + 2)
+    beta_atk = torch.rand(B, T, H, generator=g)
+    step = beta[..., None] * _adaptive_preconditioner(k, g_atk, beta_atk)
+    ours = op(q, k, v, gate_k, step, scale=0.3, initial_state=state, output_final_state=True)
+    o, final, _ = naive_recurrent_precond_kda(q, k, v, gate_k, g_atk, beta_atk, beta, scale=0.3,
+                                              initial_state=state.clone(), output_final_state=True)
+    torch.testing.assert_close(ours, (o, final), **TOL)
