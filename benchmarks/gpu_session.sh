@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is asked to check, in one call, each step bounded so that a slow one leaves
-# time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device:
-#     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|diagnose|all]   (carry the git-ignored
-#                                         wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet)
+# time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
+# git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
+#     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
-# kernels against fla (and KDA's and gated DeltaProduct's forward and backward) and profiles them; "train" runs only the training tests (backward, packed, compile);
-# "train_bench" times forward+backward against fla (its guard bypassed where it refuses: time only) and
-# profiles the delta rule's training step at B=2 T=8192; "tune_delta" sweeps the delta rule's backward launch
-# settings at that shape; "diagnose" finds which backward kernel of the delta family drifts from its float32
-# run in bf16 at K = 256. One device call has 10 minutes: separate calls.
+# kernels against fla (and KDA's and gated DeltaProduct's forward and backward) and profiles them; "train"
+# runs only the training tests (backward, packed, compile); "train_bench" times forward+backward against fla
+# (its guard bypassed where it refuses: time only) and profiles the delta rule's training step at B=2 T=8192;
+# "tune_delta" sweeps the delta rule's backward launch settings at that shape; "tune_gla" GLA's forward ones
+# at both shapes; "tune_kda" KDA's training step's; "diagnose" finds which backward kernel of the delta family
+# drifts from its float32 run in bf16 at K = 256. One device call has 10 minutes: separate calls.
 set -uo pipefail
 OUT="${OUT:-gpu-logs}"
 mkdir -p "$OUT"
@@ -39,6 +40,18 @@ if [[ $WHAT == tune_delta ]]; then  # the delta rule's backward launch settings 
     step tune 540 python3 benchmarks/tune_gpu.py delta_rule --backward --B 2 --T 8192 \
         --kernels dstates_long wy_backward dqkw dv_local prepare
     cat "$OUT/tune.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == tune_gla ]]; then  # GLA's forward launch settings on the GPU lent (it trailed fla's on an H200)
+    step tune_gla 270 python3 benchmarks/tune_gpu.py gla --B 8 --T 2048 --kernels cumsum states scores output
+    step tune_gla_long 270 python3 benchmarks/tune_gpu.py gla --B 2 --T 8192 --kernels states_long scores output
+    cat "$OUT/tune_gla.txt" "$OUT/tune_gla_long.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == tune_kda ]]; then  # the per-key delta kernels' launch settings, a training step
+    step tune_kda 540 python3 benchmarks/tune_gpu.py kda --backward --B 8 --T 2048 \
+        --kernels scores prepare states output intra dqkw wy_backward dstates gate_backward
+    cat "$OUT/tune_kda.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == diagnose ]]; then  # per-kernel drift at the largest head, where a Hopper miscompile was found

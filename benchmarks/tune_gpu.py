@@ -40,6 +40,7 @@ CANDIDATES = {
     "dqk": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
     "dqkw": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
     "wy_backward": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
+    "gate_backward": {"BK": [32, 64, 128], "num_warps": [2, 4, 8]},
 }
 
 
