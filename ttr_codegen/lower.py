@@ -252,8 +252,6 @@ def lower_adjoint(spec: Spec, rule: UpdateRule, plan: NaivePlan) -> AdjointPlan 
 
     if not isinstance(plan, NaivePlan):
         return None
-    if spec.readout.normalise == "sum" and rule.vectors:
-        return None  # the normaliser's adjoint with a per-key gate mixes up its shapes: not generated until fixed
     try:
         adjoint = derive_adjoint(rule)
     except NotImplementedError:
@@ -307,7 +305,9 @@ def _adjoint_code(program: TokenProgram, value) -> str:
     from .derive.adjoint import RowDot
 
     if isinstance(value, RowDot):  # the row sums of an element-wise product, times the gate's exp
-        code = f"({_grouped(program.poly(value.left))} * {_grouped(program.poly(value.right))}).sum(-1)"
+        code = f"{_grouped(program.poly(value.left))} * {_grouped(program.poly(value.right))}"
+        # a K x V product sums its rows; a K-vector one (a normaliser z's) is its own row sums
+        code = f"({code}).sum(-1)" if value.right.cols != 1 else code
         return f"{value.times.name} * {code}" if value.times is not None else code
     if isinstance(value, MatPoly):
         return program.poly(value)
