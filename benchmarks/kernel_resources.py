@@ -53,9 +53,11 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
     problem = LayerChecks(ROOT / "specs" / f"{name}.yaml", None, None).problem(T, K, V, B=1, H=1, seed=0)
     leaves = [x.to(getattr(torch, dtype) if i < 3 else torch.float32).requires_grad_(True)
               for i, x in enumerate(problem.args())]
-    state = torch.zeros(1, 1, K, V, requires_grad=True)
-    o, final = chunk._triton_train(*leaves, None, state, True, None, 64)
-    torch.autograd.grad(o.float().sum() + final.sum(), [*leaves, state], allow_unused=True)
+    parts = 2 if hasattr(chunk, "chunked") else 1  # a momentum layer (its chunk module has `chunked`) carries (S, Z)
+    states = [torch.zeros(1, 1, K, V, requires_grad=True) for _ in range(parts)]
+    o, final = chunk._triton_train(*leaves, None, tuple(states) if parts > 1 else states[0], True, None, 64)
+    final = final if isinstance(final, tuple) else (final,)
+    torch.autograd.grad(o.float().sum() + sum(f.sum() for f in final), [*leaves, *states], allow_unused=True)
     return launches
 
 

@@ -41,6 +41,9 @@ CANDIDATES = {
     "dqkw": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
     "wy_backward": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
     "gate_backward": {"BK": [32, 64, 128], "num_warps": [2, 4, 8]},
+    # Momentum's walks over the chunks (forward and reverse), the whole stacked state per program.
+    "walk": {"BV": [16, 32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2]},
+    "walk_backward": {"BV": [16, 32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2]},
 }
 
 

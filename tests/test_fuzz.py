@@ -90,9 +90,9 @@ def test_shrinking_moves_toward_simpler_specs():
     assert renamed["weights"] == {"decay": "x0"} and list(renamed["inputs"]) == ["x0"] and renamed["name"] == "x"
 
 
-# The linear memories whose chunked form has no Triton kernels yet (docs/chunked.md): momentum (Titans), the
-# second-order solves (mesa, RLS) and a sum-normalised read-out run the chunked PyTorch form on a GPU.
-WITHOUT_TRITON_YET = {"momentum", "exact", "recursive_least_squares", "normalised"}
+# The linear memories whose chunked form has no Triton kernels yet (docs/triton.md): the second-order solves (mesa,
+# RLS) and a sum-normalised read-out run the chunked PyTorch form on a GPU.
+WITHOUT_TRITON_YET = {"exact", "recursive_least_squares", "normalised"}
 
 
 def test_every_drawn_linear_memory_gets_a_chunked_form(tmp_path):

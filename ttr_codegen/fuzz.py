@@ -311,14 +311,14 @@ def planned_checks(package, spec) -> list[tuple[str, object]]:
 def missing_fast_paths(compiled) -> str:
     """What a compiled linear memory lacks of its fast paths ("" if nothing): every one gets the chunked PyTorch
     form, and the Triton chunked kernels with their derived backward but for the families that have none yet
-    (momentum, the second-order solves, a sum-normalised read-out: docs/chunked.md)."""
+    (the second-order solves, a sum-normalised read-out: docs/triton.md)."""
     from .lower import Family
 
     if compiled.spec.regressor.cls != "linear" or compiled.rule is None or compiled.rule.form != "recurrent":
         return ""
     if compiled.chunk is None:
         return "a linear memory without a chunked form (it would run the token loop)"
-    if compiled.chunk.family in (Family.MOMENTUM, Family.SECOND_ORDER) or compiled.chunk.normalised:
+    if compiled.chunk.family == Family.SECOND_ORDER or compiled.chunk.normalised:
         return ""
     if not any(f.relative_path == "chunk_triton.py" for f in compiled.files) or compiled.adjoint is None:
         return "a linear memory without Triton chunked kernels and their backward"

@@ -108,9 +108,10 @@ def pack(problems: list[Problem], spec: Spec) -> tuple[Problem, torch.Tensor]:
     return Problem(q, k, v, inputs), cu_seqlens
 
 
-def naive_per_sequence(naive, args, initial: torch.Tensor, cu_seqlens: torch.Tensor):
-    """A packed problem's (output, final states) from `naive` run on each sequence from its own initial state
-    (per-token tensors are cut along T, per-sub-step ones along T * sub-steps; per-head ones are shared)."""
+def naive_per_sequence(naive, args, initial, cu_seqlens: torch.Tensor):
+    """A packed problem's (output, final states) from `naive` run on each sequence from its own initial state (a
+    tensor, or a tuple of one per state part; per-token tensors are cut along T, per-sub-step ones along
+    T * sub-steps; per-head ones are shared)."""
     total = args[0].shape[1]
 
     def cut(x, start, stop):
@@ -121,10 +122,10 @@ def naive_per_sequence(naive, args, initial: torch.Tensor, cu_seqlens: torch.Ten
 
     outputs, finals = [], []
     for i, (start, stop) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
-        o, final = naive(*(cut(x, start, stop) for x in args), initial_state=initial[i:i + 1], output_final_state=True)
+        o, final = naive(*(cut(x, start, stop) for x in args), initial_state=_row(initial, i), output_final_state=True)
         outputs.append(o)
-        finals.append(final)
-    return torch.cat(outputs, dim=1), torch.cat(finals)
+        finals.append(_states(final))
+    return torch.cat(outputs, dim=1), _join(finals)
 
 
 class TwoLayers(torch.nn.Module):
@@ -354,20 +355,25 @@ class LayerChecks:
         from its own initial state, for every input and the initial states."""
         _, packed, cu_seqlens = self.packed_problems(lengths, K, V, seed=60)
         generator = torch.Generator().manual_seed(70)
-        initial = torch.randn(len(lengths), 2, K, V, dtype=torch.float64, generator=generator) * 0.5
+        _, carried = self.naive(*self.problem(3, K, V, B=1, seed=71).args(), output_final_state=True)
+        parts = len(_states(carried))  # e.g. Titans' (S, Z)
+        initial = [torch.randn(len(lengths), 2, K, V, dtype=torch.float64, generator=generator) * 0.5
+                   for _ in range(parts)]
         d_out = torch.randn(1, sum(lengths), 2, V, dtype=torch.float64, generator=generator)
-        d_final = torch.randn(len(lengths), 2, K, V, dtype=torch.float64, generator=generator)
+        d_final = [torch.randn(len(lengths), 2, K, V, dtype=torch.float64, generator=generator) for _ in range(parts)]
 
         def gradients(args, state, run):
-            leaves = [x.clone().requires_grad_(True) for x in (*args, state)]
-            o, final = run(leaves[:-1], leaves[-1])
-            return torch.autograd.grad((o * d_out.to(o.dtype)).sum() + (final * d_final.to(final.dtype)).sum(), leaves)
+            leaves = [x.clone().requires_grad_(True) for x in (*args, *state)]
+            states = leaves[len(args):]
+            o, final = run(leaves[:len(args)], tuple(states) if parts > 1 else states[0])
+            loss = (o * d_out.to(o.dtype)).sum() + sum((f * d.to(f.dtype)).sum() for f, d in zip(_states(final), d_final))
+            return torch.autograd.grad(loss, leaves)
 
         expected = gradients(packed.args(), initial,
                              lambda args, state: naive_per_sequence(self.naive, args, state, cu_seqlens))
-        found = gradients(packed.to(torch.float32).args(), initial.float(),
+        found = gradients(packed.to(torch.float32).args(), [x.float() for x in initial],
                           lambda args, state: train(*args, None, state, True, cu_seqlens, 32))
-        for name, g, g_ref in zip(self._gradient_names(packed, 1), found, expected, strict=True):
+        for name, g, g_ref in zip(self._gradient_names(packed, parts), found, expected, strict=True):
             assert_within(g, g_ref, 1e-4, f"d/d{name}")
 
     def triton_ops_opcheck(self, chunk_op, backward_op, gate: str, family: str = "gated",
@@ -398,6 +404,22 @@ class LayerChecks:
                                                 scores if gate == "per_key" else None, 0.5, initial, do, final_grad,
                                                 cu_seqlens, 16))
 
+    def walk_ops_opcheck(self, walk_op, backward_op) -> None:
+        """A momentum layer's walk ops (forward with autograd, and backward) pass torch.library.opcheck: schema,
+        fake tensors, autograd registration and dispatch."""
+        generator = torch.Generator().manual_seed(27)
+        BH, N, C, K, V = 2, 3, 16, 8, 6
+        u = torch.randn(BH, N, C, V, generator=generator)
+        w = torch.randn(BH, N, C, 2 * K, generator=generator) * 0.1
+        write_t = torch.randn(BH, N, 2 * K, C, generator=generator) * 0.1
+        carry = torch.rand(BH, N, 4, generator=generator)
+        initial = torch.randn(BH, 2 * K, V, generator=generator)
+        leaves = [x.clone().requires_grad_(True) for x in (u, w, write_t, carry, initial)]
+        torch.library.opcheck(walk_op, tuple(leaves))
+        starts, errors, final = walk_op(u, w, write_t, carry, initial)
+        torch.library.opcheck(backward_op, (w, write_t, carry, starts, errors, torch.randn_like(starts),
+                                            torch.randn_like(errors), torch.randn_like(final)))
+
     def triton_train_compiles(self, train) -> None:
         """torch.compile(fullgraph=True) traces the Triton training path, forward and backward (the scans are
         custom ops with fake implementations), and matches eager."""
@@ -414,7 +436,7 @@ class LayerChecks:
         for op in (compiled, run):
             leaves = [x.clone().requires_grad_(True) for x in problem.args()]
             o, state = op(*leaves)
-            grads = torch.autograd.grad(o.square().sum() + state.sum(), leaves)
+            grads = torch.autograd.grad(o.square().sum() + sum(s.sum() for s in _states(state)), leaves)
             results.append((o, state, grads))
         torch.testing.assert_close(results[0], results[1])
 

@@ -82,17 +82,17 @@ def split_header(text: str) -> tuple[str | None, str]:
 
 def _triton_chunk_template(chunk: ChunkPlan | None) -> str | None:
     """The chunked Triton kernels cover the gated family (per-key, scalar or no gate; values rescaled on the host
-    where a per-sample weight scales the write) but for a sum-normalised read-out, and
-    the delta family (no gate, a scalar one, or a per-key one: diagonal plus rank one, with a scalar step or one
-    per key channel; one delta step per token or several)."""
+    where a per-sample weight scales the write) but for a sum-normalised read-out, the delta family (no gate, a
+    scalar one, or a per-key one: diagonal plus rank one, with a scalar step or one per key channel; one delta step
+    per token or several) and momentum (its walk over the chunks)."""
     if chunk is None:
         return None
     if chunk.family == Family.GATED and not chunk.normalised:
         return "chunk_gated_triton.py.j2"
     if chunk.family == Family.DELTA:
-        # A gate with several sub-steps per token: the backward kernels write past their buffers (found by the
-        # fuzzer); the chunked PyTorch form serves it until they are mended.
         return "chunk_delta_triton.py.j2"
+    if chunk.family == Family.MOMENTUM:
+        return "chunk_momentum_triton.py.j2"
     return None
 
 
