@@ -39,6 +39,30 @@ def _release_cached_memory():
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}  # relative to 1 + max |reference|
 LAYERS = sorted(p.parent.name for p in (ROOT / "generated").glob("*/fused_recurrent.py"))
+DEVICE = torch.device("cuda")  # (a dry run of the tests' plumbing may set "cpu" under the Triton interpreter)
+
+
+def random_state(checks, rows: int, H: int, K: int, V: int, generator, scale: float = 1.0):
+    """A random float64 initial state on DEVICE shaped as the layer's: one [rows, H, K, V] tensor, or a tuple of
+    them where the layer carries several (Titans' (S, Z))."""
+    parts = len(_parts(checks.naive(*checks.problem(2, K, V, B=1, H=H, seed=0).args(), output_final_state=True)[1]))
+    states = tuple(torch.randn(rows, H, K, V, device=DEVICE, dtype=torch.float64, generator=generator) * scale
+                   for _ in range(parts))
+    return states if parts > 1 else states[0]
+
+
+def _parts(state) -> tuple:
+    return state if isinstance(state, tuple) else (state,)
+
+
+def _cast(state, dtype):
+    parts = tuple(x.to(dtype) for x in _parts(state))
+    return parts if len(parts) > 1 else parts[0]
+
+
+def _paired(found, reference) -> float:
+    """<found, reference> summed over the state's parts, in float64 (a loss term on the final state)."""
+    return sum((f.double() * r).sum() for f, r in zip(_parts(found), _parts(reference)))
 
 
 def load(name):
@@ -56,7 +80,7 @@ def test_fused_recurrent(name, T, dtype):
     problem = checks.problem(T, 128, 100, B=2, H=3, seed=T)  # V = 100: not a power of two
     prefix = checks.problem(7, 128, 100, B=2, H=3, seed=T + 1)
     prefix.inputs.update({n: x for n, x in problem.inputs.items() if not checks.spec.input(n).per_token})
-    device = torch.device("cuda")
+    device = DEVICE
     _, state = checks.naive(*prefix.to(torch.float64, device).args(), output_final_state=True)
     run = problem.to(dtype, device)
     reference, reference_state = checks.naive(*run.to(torch.float64, device).args(), initial_state=state,
@@ -85,23 +109,24 @@ def test_chunk_triton(name, T, dtype):
     module = importlib.import_module(f"generated.{name}")
     kernel = getattr(importlib.import_module(f"generated.{name}.chunk_triton"), f"chunk_{name}_triton")
     checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", getattr(module, f"naive_{name}"), None)
-    device = torch.device("cuda")
+    device = DEVICE
     problem = checks.problem(T, 128, 100, B=2, H=3, seed=T)
     run = problem.to(dtype, device)
-    state = torch.randn(2, 3, 128, 100, device=device, dtype=torch.float64) * 0.1
+    state = random_state(checks, 2, 3, 128, 100, torch.Generator(device=device).manual_seed(T), 0.1)
     reference, reference_state = checks.naive(*run.to(torch.float64, device).args(), initial_state=state,
                                               output_final_state=True)
     with torch.no_grad():
-        o, final = kernel(*run.args(), initial_state=state.float(), output_final_state=True)
-        routed, _ = getattr(module, f"chunk_{name}")(*run.args(), initial_state=state.float())
+        o, final = kernel(*run.args(), initial_state=_cast(state, torch.float32), output_final_state=True)
+        routed, _ = getattr(module, f"chunk_{name}")(*run.args(), initial_state=_cast(state, torch.float32))
     assert_within(o, reference, TOLERANCE[dtype], "output")
-    assert_within(final, reference_state, TOLERANCE[dtype] * (1 + reference.abs().max().item()), "final state")
+    for s, s_ref in zip(_parts(final), _parts(reference_state), strict=True):
+        assert_within(s, s_ref, TOLERANCE[dtype] * (1 + reference.abs().max().item()), "final state")
     if "from .chunk_triton import" in (ROOT / "generated" / name / "chunk.py").read_text():  # it dispatches here
         torch.testing.assert_close(routed, o)
     else:
         assert_within(routed, reference, TOLERANCE[dtype], "chunk_<name> output")
     packed, cu_seqlens = pack([run.row(b, checks.spec) for b in range(2)], checks.spec)
-    o_packed, _ = kernel(*packed.args(), initial_state=state.float(), cu_seqlens=cu_seqlens)
+    o_packed, _ = kernel(*packed.args(), initial_state=_cast(state, torch.float32), cu_seqlens=cu_seqlens)
     assert_within(o_packed, reference.reshape(1, -1, *reference.shape[2:]), TOLERANCE[dtype], "packed output")
 
 
@@ -113,7 +138,7 @@ def test_chunk_triton_largest_head(name, dtype):
     module = importlib.import_module(f"generated.{name}")
     kernel = getattr(importlib.import_module(f"generated.{name}.chunk_triton"), f"chunk_{name}_triton")
     checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", getattr(module, f"naive_{name}"), None)
-    run = checks.problem(300, 256, 200, B=2, H=2, seed=3).to(dtype, torch.device("cuda"))
+    run = checks.problem(300, 256, 200, B=2, H=2, seed=3).to(dtype, DEVICE)
     reference, _ = checks.naive(*run.to(torch.float64).args())
     with torch.no_grad():
         o, _ = kernel(*run.args())
@@ -128,12 +153,13 @@ def test_chunk_triton_small_heads(name, K, V):
     module = importlib.import_module(f"generated.{name}")
     kernel = getattr(importlib.import_module(f"generated.{name}.chunk_triton"), f"chunk_{name}_triton")
     checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", getattr(module, f"naive_{name}"), None)
-    run = checks.problem(70, K, V, B=2, H=2, seed=K).to(torch.float32, torch.device("cuda"))
+    run = checks.problem(70, K, V, B=2, H=2, seed=K).to(torch.float32, DEVICE)
     reference, reference_state = checks.naive(*run.to(torch.float64).args(), output_final_state=True)
     with torch.no_grad():
         o, final = kernel(*run.args(), output_final_state=True)
     assert_within(o, reference, TOLERANCE[torch.float32], "output")
-    assert_within(final, reference_state, TOLERANCE[torch.float32] * (1 + reference.abs().max().item()), "final state")
+    for s, s_ref in zip(_parts(final), _parts(reference_state), strict=True):
+        assert_within(s, s_ref, TOLERANCE[torch.float32] * (1 + reference.abs().max().item()), "final state")
 
 
 TRAINED = triton_trained_layers(ROOT / "generated")
@@ -168,22 +194,25 @@ def test_chunk_triton_backward_small_heads(name):
 def _check_backward(name: str, T: int, dtype: torch.dtype, K: int, V: int) -> None:
     module = importlib.import_module(f"generated.{name}")
     checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", getattr(module, f"naive_{name}"), None)
-    device = torch.device("cuda")
+    device = DEVICE
     run = checks.problem(T, K, V, B=2, H=3, seed=T).to(dtype, device)
-    generator = torch.Generator(device="cuda").manual_seed(T)
-    state = torch.randn(2, 3, K, V, device=device, dtype=torch.float64, generator=generator) * 0.1
+    generator = torch.Generator(device=device).manual_seed(T)
+    state = random_state(checks, 2, 3, K, V, generator, 0.1)
     d_out = torch.randn(2, T, 3, V, device=device, dtype=torch.float64, generator=generator)
-    d_final = torch.randn(2, 3, K, V, device=device, dtype=torch.float64, generator=generator)
+    d_final = random_state(checks, 2, 3, K, V, generator)
 
     def gradients(op, args, initial):
-        leaves = [x.clone().requires_grad_(True) for x in (*args, initial)]
-        o, final = op(*leaves[:-1], initial_state=leaves[-1], output_final_state=True)
-        loss = (o.double() * d_out).sum() + (final.double() * d_final).sum()
+        n = len(args)
+        leaves = [x.clone().requires_grad_(True) for x in (*args, *_parts(initial))]
+        parts = tuple(leaves[n:])
+        o, final = op(*leaves[:n], initial_state=parts if len(parts) > 1 else parts[0], output_final_state=True)
+        loss = (o.double() * d_out).sum() + _paired(final, d_final)
         return torch.autograd.grad(loss, leaves)
 
     expected = gradients(checks.naive, run.to(torch.float64, device).args(), state)
-    found = gradients(getattr(module, f"chunk_{name}"), run.args(), state.float())
-    for what, g, g_ref in zip(["q", "k", "v", *run.inputs, "initial_state"], found, expected, strict=True):
+    found = gradients(getattr(module, f"chunk_{name}"), run.args(), _cast(state, torch.float32))
+    names = ["q", "k", "v", *run.inputs, *(f"initial_state[{i}]" for i in range(len(_parts(state))))]
+    for what, g, g_ref in zip(names, found, expected, strict=True):
         assert_within(g, g_ref, BACKWARD_TOLERANCE[dtype], f"d/d{what}")
 
 
@@ -195,18 +224,20 @@ def test_chunk_triton_backward_packed(name, dtype):
     sequence's initial state against float64 autograd of the reference run sequence by sequence."""
     module = importlib.import_module(f"generated.{name}")
     checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", getattr(module, f"naive_{name}"), None)
-    device = torch.device("cuda")
+    device = DEVICE
     _, packed, cu_seqlens = checks.packed_problems((1, 200, 1000, 77), 128, 100, H=3, seed=80)
     cu_seqlens = cu_seqlens.to(device)
-    generator = torch.Generator(device="cuda").manual_seed(5)
-    state = torch.randn(4, 3, 128, 100, device=device, dtype=torch.float64, generator=generator) * 0.1
+    generator = torch.Generator(device=device).manual_seed(5)
+    state = random_state(checks, 4, 3, 128, 100, generator, 0.1)
     d_out = torch.randn(1, packed.q.shape[1], 3, 100, device=device, dtype=torch.float64, generator=generator)
-    d_final = torch.randn(4, 3, 128, 100, device=device, dtype=torch.float64, generator=generator)
+    d_final = random_state(checks, 4, 3, 128, 100, generator)
 
     def gradients(run, args, initial):
-        leaves = [x.clone().requires_grad_(True) for x in (*args, initial)]
-        o, final = run(leaves[:-1], leaves[-1])
-        loss = (o.double() * d_out).sum() + (final.double() * d_final).sum()
+        n = len(args)
+        leaves = [x.clone().requires_grad_(True) for x in (*args, *_parts(initial))]
+        parts = tuple(leaves[n:])
+        o, final = run(leaves[:n], parts if len(parts) > 1 else parts[0])
+        loss = (o.double() * d_out).sum() + _paired(final, d_final)
         return torch.autograd.grad(loss, leaves)
 
     expected = gradients(lambda args, initial: naive_per_sequence(checks.naive, args, initial, cu_seqlens),
@@ -214,8 +245,9 @@ def test_chunk_triton_backward_packed(name, dtype):
     chunk = getattr(module, f"chunk_{name}")
     found = gradients(lambda args, initial: chunk(*args, initial_state=initial, output_final_state=True,
                                                   cu_seqlens=cu_seqlens),
-                      packed.to(dtype, device).args(), state.float())
-    for what, g, g_ref in zip(["q", "k", "v", *packed.inputs, "initial_state"], found, expected, strict=True):
+                      packed.to(dtype, device).args(), _cast(state, torch.float32))
+    names = ["q", "k", "v", *packed.inputs, *(f"initial_state[{i}]" for i in range(len(_parts(state))))]
+    for what, g, g_ref in zip(names, found, expected, strict=True):
         assert_within(g, g_ref, BACKWARD_TOLERANCE[dtype], f"d/d{what}")
 
 
