@@ -48,12 +48,14 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
             k: ["tensor", str(v.dtype).removeprefix("torch.")] if isinstance(v, torch.Tensor) else ["value", v]
             for k, v in values.items()}])
 
+    package = importlib.import_module(f"generated.{name}")
+    checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", getattr(package, f"naive_{name}"), None)
+    parts = checks.state_parts()  # e.g. Titans' (S, Z)
+    problem = checks.problem(T, K, V, B=1, H=1, seed=0)
     InterpretedFunction.run = record  # the step's values are garbage from here on; only the launches matter
     chunk = importlib.import_module(f"generated.{name}.chunk")
-    problem = LayerChecks(ROOT / "specs" / f"{name}.yaml", None, None).problem(T, K, V, B=1, H=1, seed=0)
     leaves = [x.to(getattr(torch, dtype) if i < 3 else torch.float32).requires_grad_(True)
               for i, x in enumerate(problem.args())]
-    parts = 2 if hasattr(chunk, "chunked") else 1  # a momentum layer (its chunk module has `chunked`) carries (S, Z)
     states = [torch.zeros(1, 1, K, V, requires_grad=True) for _ in range(parts)]
     o, final = chunk._triton_train(*leaves, None, tuple(states) if parts > 1 else states[0], True, None, 64)
     final = final if isinstance(final, tuple) else (final,)

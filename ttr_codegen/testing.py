@@ -271,6 +271,11 @@ class LayerChecks:
         for name, g, g_ref in zip(["q", "k", "v", *names], grads, grads_ref):
             torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-7, msg=lambda m, name=name: f"d/d{name}: {m}")
 
+    def state_parts(self) -> int:
+        """How many tensors the layer's state holds (2 for Titans' (S, Z)), as its naive op returns it."""
+        _, final = self.naive(*self.problem(2, 4, 3, B=1, seed=0).args(), output_final_state=True)
+        return len(_states(final))
+
     def _with_states(self, T: int, K: int, V: int, seed: int):
         """A problem with a random initial state and random gradients for the output and the final state:
         (problem, state parts, output gradient, final-state gradient parts, whether the state is a tuple)."""
@@ -355,8 +360,7 @@ class LayerChecks:
         from its own initial state, for every input and the initial states."""
         _, packed, cu_seqlens = self.packed_problems(lengths, K, V, seed=60)
         generator = torch.Generator().manual_seed(70)
-        _, carried = self.naive(*self.problem(3, K, V, B=1, seed=71).args(), output_final_state=True)
-        parts = len(_states(carried))  # e.g. Titans' (S, Z)
+        parts = self.state_parts()  # e.g. Titans' (S, Z)
         initial = [torch.randn(len(lengths), 2, K, V, dtype=torch.float64, generator=generator) * 0.5
                    for _ in range(parts)]
         d_out = torch.randn(1, sum(lengths), 2, V, dtype=torch.float64, generator=generator)

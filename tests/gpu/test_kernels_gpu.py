@@ -45,7 +45,7 @@ DEVICE = torch.device("cuda")  # (a dry run of the tests' plumbing may set "cpu"
 def random_state(checks, rows: int, H: int, K: int, V: int, generator, scale: float = 1.0):
     """A random float64 initial state on DEVICE shaped as the layer's: one [rows, H, K, V] tensor, or a tuple of
     them where the layer carries several (Titans' (S, Z))."""
-    parts = len(_parts(checks.naive(*checks.problem(2, K, V, B=1, H=H, seed=0).args(), output_final_state=True)[1]))
+    parts = checks.state_parts()
     states = tuple(torch.randn(rows, H, K, V, device=DEVICE, dtype=torch.float64, generator=generator) * scale
                    for _ in range(parts))
     return states if parts > 1 else states[0]

@@ -726,7 +726,8 @@ def _check_combination(check: _Checker, by_name: dict[str, InputSpec], weights: 
             check.error(check.positions.get(f"inputs.{i.name}", Position(1, 1)), f"inputs.{i.name}.shape",
                         f"input '{i.name}' ({i.role}) is fixed per head and channel", "use shape [H, K]")
     step = by_name.get(optimiser.step_size) if optimiser.step_size else None
-    if step is not None and step.shape == ("B", "T", "H", "K"):
+    step_per_key = step is not None and step.shape == ("B", "T", "H", "K")
+    if step_per_key:
         # A step per key channel is a diagonal preconditioner on the online gradient step.
         if method != "online_gradient_step":
             check.error(check.positions.get(f"inputs.{step.name}", Position(1, 1)), f"inputs.{step.name}.shape",
@@ -737,7 +738,7 @@ def _check_combination(check: _Checker, by_name: dict[str, InputSpec], weights: 
                         "a step size per key channel does not combine with 'weight_decay' yet",
                         "forget through 'weights.decay' (decay, then the step), or use a step of shape [B, T, H]")
     for ref in (optimiser.step_size, optimiser.momentum, optimiser.weight_decay, weights.sample_weight):
-        if ref == optimiser.step_size and step is not None and step.shape == ("B", "T", "H", "K"):
+        if ref == optimiser.step_size and step_per_key:
             continue  # checked above
         if ref and ref in by_name and by_name[ref].shape != ("B", "T", "H"):
             check.error(check.positions.get(f"inputs.{ref}", Position(1, 1)), f"inputs.{ref}.shape",
