@@ -24,6 +24,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from chunk_gpu import PEERS  # noqa: E402
 from ttr_codegen.testing import LayerChecks  # noqa: E402
 
+# The forward benchmark's peers, and those of the delta family (timed end to end by delta_family_gpu.py).
+PROFILE_PEERS = PEERS | {
+    "kda": ("fla.ops.kda", "chunk_kda", lambda i: {"g": i["g"], "beta": i["beta"]}),
+    "gated_delta_product": ("fla.ops.gated_delta_product", "chunk_gated_delta_product",
+                            lambda i: {"g": i["g"], "beta": i["beta"], "num_householder": 2}),
+}
+
 
 def kernel_times(fn, repeats: int = 20) -> list[tuple[str, float]]:
     fn()
@@ -42,6 +49,7 @@ def main() -> None:
     parser.add_argument("--B", type=int, default=8)
     parser.add_argument("--T", type=int, default=2048)
     parser.add_argument("--backward", action="store_true", help="forward + backward of every input")
+    parser.add_argument("--no-peer", action="store_true", help="profile ours only (fla's first call autotunes for minutes)")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}, bf16, B={args.B} T={args.T} H=16 K=V=128")
     for name in args.layers:
@@ -51,7 +59,7 @@ def main() -> None:
         checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", None, None)
         p = checks.problem(args.T, 128, 128, B=args.B, H=16).to(torch.bfloat16, "cuda")
         leaves = [p.q, p.k, p.v, *checks.per_token_inputs(p.inputs)]
-        d_out = torch.randn_like(p.v)
+        d_out = torch.randn(*p.q.shape[:-1], p.v.shape[-1], device=p.v.device, dtype=p.v.dtype)  # per token (not per sub-step)
 
         def step(run):
             if not args.backward:
@@ -59,8 +67,8 @@ def main() -> None:
             return lambda: torch.autograd.grad(run(), leaves, d_out)
 
         runs = {"ours": step(lambda: ours(*p.args())[0])}
-        if PEERS.get(name):
-            module_name, function, kwargs = PEERS[name]
+        if PROFILE_PEERS.get(name) and not args.no_peer:
+            module_name, function, kwargs = PROFILE_PEERS[name]
             peer = getattr(importlib.import_module(module_name), function)
             runs["fla"] = step(lambda: peer(p.q, p.k, p.v, **kwargs(p.inputs))[0])
         for x in leaves:

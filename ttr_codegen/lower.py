@@ -401,6 +401,9 @@ class ChunkPlan:
     prep_reads_n_steps: bool = False  # the prep lines read n_steps (the sub-step rows per token)
     normalised: bool = False  # o = S^T q / z^T q: z rides along as one more value column (a value of 1)
     step_per_key: bool = False  # delta family: beta is [.., K], a diagonal preconditioner: the write key is beta * k
+    # A per-key gate's input where it is the log-decay itself: the Triton path passes it on in its dtype (the
+    # cumsum kernel reads any), since a float32 copy of a tensor as large as k costs a pass over memory.
+    gate_input: str = ""
 
     @property
     def triton_prep_lines(self) -> tuple[str, ...]:
@@ -443,6 +446,7 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
     lines: list[str] = []
     error_read = "decayed"
     scalar_log_decay = None  # a scalar gate's log-decay, as an expression over the inputs
+    gate_input = ""  # the input that is a per-key log-decay itself
     if rule.structure == Structure.DIAGONAL:
         (diag_chain,) = a.chains()
         gate_input = dict(rule.vectors)[diag_chain[0].args[0].name]
@@ -463,7 +467,8 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
         if set(a.chains()) != {gate_chain, rank_one_chain} or (gate_chain and decay != 1):
             return None
         if gate_chain:
-            lines.append(f"log_decay = {dict(rule.vectors)[gate_chain[0].args[0].name]}")
+            gate_input = dict(rule.vectors)[gate_chain[0].args[0].name]
+            lines.append(f"log_decay = {gate_input}")
         elif decay == 1:
             lines.append("log_decay = torch.zeros_like(k)  # no decay: every key channel keeps all")
         else:  # a scalar decay, the same for every key channel
@@ -514,7 +519,9 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
     coefficients = [x for x in (beta, value_scale, scalar_log_decay) if isinstance(x, sp.Basic)]
     read = {getattr(symbol, "name", "") for x in coefficients for symbol in x.free_symbols}
     repeated = {i.name for i in spec.inputs if rule.substeps > 1 and i.per_token and i.name not in read_per_step}
-    flags = dict(error_read=error_read, rescales_values=rescaled_values, step_per_key=step_per_key,
+    if gate_input in read:
+        gate_input = ""  # a coefficient computes with it too: the host takes it in float32
+    flags = dict(error_read=error_read, rescales_values=rescaled_values, step_per_key=step_per_key, gate_input=gate_input,
                  prep_reads_n_steps=scalar_log_decay is not None or bool(repeated & read), normalised=normalised)
     # A step the prepare kernel can compute (its value-rescale line, if any, may read the step's temporaries).
     # (With a per-key gate A comes from the scores kernel, which does not derive a step: the host does.)
