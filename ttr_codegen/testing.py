@@ -124,7 +124,7 @@ def naive_per_sequence(naive, args, initial, cu_seqlens: torch.Tensor):
     for i, (start, stop) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
         o, final = naive(*(cut(x, start, stop) for x in args), initial_state=_row(initial, i), output_final_state=True)
         outputs.append(o)
-        finals.append(_states(final))
+        finals.append(state_tuple(final))
     return torch.cat(outputs, dim=1), _join(finals)
 
 
@@ -161,7 +161,8 @@ def compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, relative: fl
         assert_within(g, p.grad, relative, f"d/d{name}")
 
 
-def _states(state) -> tuple:
+def state_tuple(state) -> tuple:
+    """A layer's state as a tuple of its tensors: one for most layers, several where it carries more (Titans' (S, Z))."""
     return state if isinstance(state, tuple) else (state,)
 
 
@@ -274,7 +275,7 @@ class LayerChecks:
     def state_parts(self) -> int:
         """How many tensors the layer's state holds (2 for Titans' (S, Z)), as its naive op returns it."""
         _, final = self.naive(*self.problem(2, 4, 3, B=1, seed=0).args(), output_final_state=True)
-        return len(_states(final))
+        return len(state_tuple(final))
 
     def _with_states(self, T: int, K: int, V: int, seed: int):
         """A problem with a random initial state and random gradients for the output and the final state:
@@ -370,7 +371,7 @@ class LayerChecks:
             leaves = [x.clone().requires_grad_(True) for x in (*args, *state)]
             states = leaves[len(args):]
             o, final = run(leaves[:len(args)], tuple(states) if parts > 1 else states[0])
-            loss = (o * d_out.to(o.dtype)).sum() + sum((f * d.to(f.dtype)).sum() for f, d in zip(_states(final), d_final))
+            loss = (o * d_out.to(o.dtype)).sum() + sum((f * d.to(f.dtype)).sum() for f, d in zip(state_tuple(final), d_final))
             return torch.autograd.grad(loss, leaves)
 
         expected = gradients(packed.args(), initial,
@@ -440,7 +441,7 @@ class LayerChecks:
         for op in (compiled, run):
             leaves = [x.clone().requires_grad_(True) for x in problem.args()]
             o, state = op(*leaves)
-            grads = torch.autograd.grad(o.square().sum() + sum(s.sum() for s in _states(state)), leaves)
+            grads = torch.autograd.grad(o.square().sum() + sum(s.sum() for s in state_tuple(state)), leaves)
             results.append((o, state, grads))
         torch.testing.assert_close(results[0], results[1])
 
@@ -523,18 +524,18 @@ class LayerChecks:
         problems, packed, cu_seqlens = self.packed_problems(lengths, 6, 5, seed=20)
         o, states = self.chunk(*packed.args(), output_final_state=True, cu_seqlens=cu_seqlens,
                                chunk_size=chunk_size)
-        assert all(s.shape[0] == len(lengths) for s in _states(states))
+        assert all(s.shape[0] == len(lengths) for s in state_tuple(states))
         o_ref = torch.cat([self.oracle(p)[0] for p in problems], dim=1)
         torch.testing.assert_close(o, o_ref, **_tolerance(torch.float64))
         # Realistic initial states (e.g. positive definite ones): the final states of other sequences.
-        initial = _join([_states(self.naive(*self.problem(5, 6, 5, B=1, seed=40 + i).args(),
+        initial = _join([state_tuple(self.naive(*self.problem(5, 6, 5, B=1, seed=40 + i).args(),
                                             output_final_state=True)[1]) for i in range(len(lengths))])
         o, states = self.chunk(*packed.args(), initial_state=initial, output_final_state=True,
                                cu_seqlens=cu_seqlens, chunk_size=chunk_size)
         runs = [self.naive(*p.args(), initial_state=_row(initial, i), output_final_state=True)
                 for i, p in enumerate(problems)]
         torch.testing.assert_close(o, torch.cat([r[0] for r in runs], dim=1), **_tolerance(torch.float64))
-        torch.testing.assert_close(_states(states), _states(_join([_states(r[1]) for r in runs])),
+        torch.testing.assert_close(state_tuple(states), state_tuple(_join([state_tuple(r[1]) for r in runs])),
                                    **_tolerance(torch.float64))
 
     def packed_problems(self, lengths, K: int, V: int, H: int = 2,
@@ -587,7 +588,7 @@ class LayerChecks:
         """bfloat16 inputs: output in bfloat16, state in float32, within 2% of the float64 result."""
         problem = self.problem(200, 32, 32, seed=13).to(torch.bfloat16)
         o, state = self.chunk(*problem.args(), output_final_state=True)
-        assert o.dtype == torch.bfloat16 and all(s.dtype == torch.float32 for s in _states(state))
+        assert o.dtype == torch.bfloat16 and all(s.dtype == torch.float32 for s in state_tuple(state))
         o_ref, _ = self.naive(*problem.to(torch.float64).args())
         assert_within(o, o_ref, 2e-2, "bfloat16")
 
@@ -635,7 +636,7 @@ class LayerChecks:
         run = problem.to(dtype, device)
         bound = {"atol": 2e-4, "rtol": 2e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 5e-2}
         o, state = kernel(*run.args(), output_final_state=True, **options)
-        assert o.dtype == dtype and all(s.dtype == torch.float32 for s in _states(state))
+        assert o.dtype == dtype and all(s.dtype == torch.float32 for s in state_tuple(state))
         torch.testing.assert_close(o.double().cpu(), o_ref, **bound)
         memory = tuple(s.double().cpu() for s in state) if isinstance(state, tuple) else state.double().cpu()
         torch.testing.assert_close(self.memory(memory, problem), memory_ref, **bound)
@@ -651,7 +652,7 @@ class LayerChecks:
             rest = problem.tokens(half, T, self.steps, self.per_step, self.spec)
             expected = torch.cat([o_ref[:1], self.oracle(rest)[0][1:]], dim=1)
             torch.testing.assert_close(o_packed.double().cpu(), expected, **bound)
-            assert all(s.shape[0] == 2 for s in _states(states))
+            assert all(s.shape[0] == 2 for s in state_tuple(states))
 
     def kernel_rejects_large_heads(self, kernel) -> None:
         """A Triton kernel refuses K or V above 256 with a ValueError rather than a wrong result."""

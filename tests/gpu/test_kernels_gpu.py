@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ttr_codegen.testing import (LayerChecks, TwoLayers, assert_within, compiled_matches_eager, naive_per_sequence, pack,
-                                 triton_trained_layers)
+                                 state_tuple, triton_trained_layers)
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,18 +51,14 @@ def random_state(checks, rows: int, H: int, K: int, V: int, generator, scale: fl
     return states if parts > 1 else states[0]
 
 
-def _parts(state) -> tuple:
-    return state if isinstance(state, tuple) else (state,)
-
-
 def _cast(state, dtype):
-    parts = tuple(x.to(dtype) for x in _parts(state))
+    parts = tuple(x.to(dtype) for x in state_tuple(state))
     return parts if len(parts) > 1 else parts[0]
 
 
 def _paired(found, reference) -> float:
     """<found, reference> summed over the state's parts, in float64 (a loss term on the final state)."""
-    return sum((f.double() * r).sum() for f, r in zip(_parts(found), _parts(reference)))
+    return sum((f.double() * r).sum() for f, r in zip(state_tuple(found), state_tuple(reference)))
 
 
 def load(name):
@@ -119,7 +115,7 @@ def test_chunk_triton(name, T, dtype):
         o, final = kernel(*run.args(), initial_state=_cast(state, torch.float32), output_final_state=True)
         routed, _ = getattr(module, f"chunk_{name}")(*run.args(), initial_state=_cast(state, torch.float32))
     assert_within(o, reference, TOLERANCE[dtype], "output")
-    for s, s_ref in zip(_parts(final), _parts(reference_state), strict=True):
+    for s, s_ref in zip(state_tuple(final), state_tuple(reference_state), strict=True):
         assert_within(s, s_ref, TOLERANCE[dtype] * (1 + reference.abs().max().item()), "final state")
     if "from .chunk_triton import" in (ROOT / "generated" / name / "chunk.py").read_text():  # it dispatches here
         torch.testing.assert_close(routed, o)
@@ -158,7 +154,7 @@ def test_chunk_triton_small_heads(name, K, V):
     with torch.no_grad():
         o, final = kernel(*run.args(), output_final_state=True)
     assert_within(o, reference, TOLERANCE[torch.float32], "output")
-    for s, s_ref in zip(_parts(final), _parts(reference_state), strict=True):
+    for s, s_ref in zip(state_tuple(final), state_tuple(reference_state), strict=True):
         assert_within(s, s_ref, TOLERANCE[torch.float32] * (1 + reference.abs().max().item()), "final state")
 
 
@@ -203,7 +199,7 @@ def _check_backward(name: str, T: int, dtype: torch.dtype, K: int, V: int) -> No
 
     def gradients(op, args, initial):
         n = len(args)
-        leaves = [x.clone().requires_grad_(True) for x in (*args, *_parts(initial))]
+        leaves = [x.clone().requires_grad_(True) for x in (*args, *state_tuple(initial))]
         parts = tuple(leaves[n:])
         o, final = op(*leaves[:n], initial_state=parts if len(parts) > 1 else parts[0], output_final_state=True)
         loss = (o.double() * d_out).sum() + _paired(final, d_final)
@@ -211,7 +207,7 @@ def _check_backward(name: str, T: int, dtype: torch.dtype, K: int, V: int) -> No
 
     expected = gradients(checks.naive, run.to(torch.float64, device).args(), state)
     found = gradients(getattr(module, f"chunk_{name}"), run.args(), _cast(state, torch.float32))
-    names = ["q", "k", "v", *run.inputs, *(f"initial_state[{i}]" for i in range(len(_parts(state))))]
+    names = ["q", "k", "v", *run.inputs, *(f"initial_state[{i}]" for i in range(len(state_tuple(state))))]
     for what, g, g_ref in zip(names, found, expected, strict=True):
         assert_within(g, g_ref, BACKWARD_TOLERANCE[dtype], f"d/d{what}")
 
@@ -234,7 +230,7 @@ def test_chunk_triton_backward_packed(name, dtype):
 
     def gradients(run, args, initial):
         n = len(args)
-        leaves = [x.clone().requires_grad_(True) for x in (*args, *_parts(initial))]
+        leaves = [x.clone().requires_grad_(True) for x in (*args, *state_tuple(initial))]
         parts = tuple(leaves[n:])
         o, final = run(leaves[:n], parts if len(parts) > 1 else parts[0])
         loss = (o.double() * d_out).sum() + _paired(final, d_final)
@@ -246,7 +242,7 @@ def test_chunk_triton_backward_packed(name, dtype):
     found = gradients(lambda args, initial: chunk(*args, initial_state=initial, output_final_state=True,
                                                   cu_seqlens=cu_seqlens),
                       packed.to(dtype, device).args(), _cast(state, torch.float32))
-    names = ["q", "k", "v", *packed.inputs, *(f"initial_state[{i}]" for i in range(len(_parts(state))))]
+    names = ["q", "k", "v", *packed.inputs, *(f"initial_state[{i}]" for i in range(len(state_tuple(state))))]
     for what, g, g_ref in zip(names, found, expected, strict=True):
         assert_within(g, g_ref, BACKWARD_TOLERANCE[dtype], f"d/d{what}")
 
