@@ -2,7 +2,7 @@
 a scalar decay, then two delta steps per token) on the GPU against fla-core's `chunk_kda` and
 `chunk_gated_delta_product`, bf16.
 
-    python benchmarks/delta_family_gpu.py [--out log.txt]
+    python benchmarks/delta_family_gpu.py [--out log.txt] [--layers kda] [--chunked-only]
 
 Shapes B=8 T=2048 and B=2 T=8192, H=16, K=V=128; `triton.testing.do_bench` median ms of the forward and of
 forward+backward for our chunked form (`chunk_<name>`, which runs the generated Triton kernels on CUDA), our
@@ -13,6 +13,7 @@ gap to fla relative to the largest value, of the output and (fwd+bwd rows) of ev
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--chunked-only", action="store_true", help="leave the fused recurrent (decoding) rows out")
+    parser.add_argument("--layers", nargs="*", default=["kda", "gated_delta_product"])
     args = parser.parse_args()
     log = open(args.out, "a") if args.out else None
 
@@ -84,31 +86,33 @@ def main() -> None:
 
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, H=16 K=V=128")
     say(f"{'op':44s} {'shape':14s} {'ours (ms)':>10s} {'fla (ms)':>10s} {'fla/ours':>9s} {'gap':>8s}")
-    for B, T in ((8, 2048), (2, 8192)):
-        for layer, steps, per_key in (("kda", 1, True), ("gated_delta_product", 2, False)):
-            leaves = [x.requires_grad_(True) for x in inputs(B, T, steps, per_key)]
-            q, k, v, g, beta = leaves
-            if layer == "kda":
-                ours = {"chunk_kda": lambda: chunk_kda(q, k, v, g, beta),
-                        "fused_recurrent_kda": lambda: fused_recurrent_kda(q, k, v, g, beta)}
-                peer = lambda: fla_chunk_kda(q, k, v, g, beta)  # noqa: E731
-            else:
-                ours = {"chunk_gated_delta_product": lambda: chunk_gated_delta_product(q, k, v, g, beta),
-                        "fused_recurrent_gated_delta_product":
-                            lambda: fused_recurrent_gated_delta_product(q, k, v, g, beta)}
-                peer = lambda: fla_chunk_gated_delta_product(q, k, v, g, beta, num_householder=steps)  # noqa: E731
-            d_out = torch.randn_like(q)
-            for backward in (False, True):
-                reference = outputs(peer, backward, leaves, d_out)
-                t_peer = timed(peer, backward, leaves, d_out)
-                for name, run in ours.items():
-                    if name.startswith("fused") and (backward or args.chunked_only):
-                        continue  # a decoding kernel: no backward
-                    difference = gap(outputs(run, backward, leaves, d_out), reference)
-                    t_ours = timed(run, backward, leaves, d_out)
-                    what = f"{name} {'fwd+bwd' if backward else 'fwd'}"
-                    say(f"{what:44s} {f'B={B} T={T}':14s} {t_ours:10.3f} {t_peer:10.3f} {t_peer / t_ours:8.2f}x "
-                        f"{difference:8.1e}")
+    # Every forward row first, then forward+backward (fla's first backward call autotunes for minutes).
+    for backward, (B, T), (layer, steps, per_key) in itertools.product(
+            (False, True), ((8, 2048), (2, 8192)), (("kda", 1, True), ("gated_delta_product", 2, False))):
+        if layer not in args.layers:
+            continue
+        leaves = [x.requires_grad_(True) for x in inputs(B, T, steps, per_key)]
+        q, k, v, g, beta = leaves
+        if layer == "kda":
+            ours = {"chunk_kda": lambda: chunk_kda(q, k, v, g, beta),
+                    "fused_recurrent_kda": lambda: fused_recurrent_kda(q, k, v, g, beta)}
+            peer = lambda: fla_chunk_kda(q, k, v, g, beta)  # noqa: E731
+        else:
+            ours = {"chunk_gated_delta_product": lambda: chunk_gated_delta_product(q, k, v, g, beta),
+                    "fused_recurrent_gated_delta_product":
+                        lambda: fused_recurrent_gated_delta_product(q, k, v, g, beta)}
+            peer = lambda: fla_chunk_gated_delta_product(q, k, v, g, beta, num_householder=steps)  # noqa: E731
+        d_out = torch.randn_like(q)
+        reference = outputs(peer, backward, leaves, d_out)
+        t_peer = timed(peer, backward, leaves, d_out)
+        for name, run in ours.items():
+            if name.startswith("fused") and (backward or args.chunked_only):
+                continue  # a decoding kernel: no backward
+            difference = gap(outputs(run, backward, leaves, d_out), reference)
+            t_ours = timed(run, backward, leaves, d_out)
+            what = f"{name} {'fwd+bwd' if backward else 'fwd'}"
+            say(f"{what:44s} {f'B={B} T={T}':14s} {t_ours:10.3f} {t_peer:10.3f} {t_peer / t_ours:8.2f}x "
+                f"{difference:8.1e}")
 
 
 if __name__ == "__main__":
