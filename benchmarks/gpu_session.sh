@@ -2,13 +2,15 @@
 # Everything the GPU machine is asked to check, in one call, each step bounded so that a slow one leaves
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
-#     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|diagnose|all]
+#     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
-# kernels against fla (and KDA's and gated DeltaProduct's forward and backward) and profiles them; "train"
+# kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
+# minutes); "train"
 # runs only the training tests (backward, packed, compile); "train_bench" times forward+backward against fla
 # (its guard bypassed where it refuses: time only) and profiles the delta rule's training step at B=2 T=8192;
 # "tune_delta" sweeps the delta rule's backward launch settings at that shape; "tune_gla" GLA's forward ones
-# at both shapes; "tune_kda" KDA's training step's; "diagnose" finds which backward kernel of the delta family
+# at both shapes; "tune_kda" KDA's training step's; "kda" profiles KDA's kernels, runs its GPU tests and times
+# it and gated DeltaProduct against fla (forward rows first); "diagnose" finds which backward kernel of the delta family
 # drifts from its float32 run in bf16 at K = 256. One device call has 10 minutes: separate calls.
 set -uo pipefail
 OUT="${OUT:-gpu-logs}"
@@ -54,6 +56,17 @@ if [[ $WHAT == tune_kda ]]; then  # the per-key delta kernels' launch settings, 
     cat "$OUT/tune_kda.txt" "$OUT/steps.txt"
     exit 0
 fi
+if [[ $WHAT == kda ]]; then  # the per-key delta kernels: where the time goes, their GPU tests, fla in one call
+    step profile_kda 90 bash -c "python3 benchmarks/kernel_profile_gpu.py kda --no-peer &&
+        python3 benchmarks/kernel_profile_gpu.py kda --no-peer --backward"
+    step kda_tests 150 timeout -s INT 140 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -n 8 -rfE \
+        --tb=short -k "kda"
+    step bench_kda 290 python3 benchmarks/delta_family_gpu.py --chunked-only
+    cat "$OUT/profile_kda.txt" "$OUT/bench_kda.txt"
+    tail -n 15 "$OUT/kda_tests.txt"
+    cat "$OUT/steps.txt"
+    exit 0
+fi
 if [[ $WHAT == diagnose ]]; then  # per-kernel drift at the largest head, where a Hopper miscompile was found
     step diagnose 400 bash -c "for name in delta_rule gated_delta_rule delta_product; do
         python3 benchmarks/diagnose_backward_gpu.py \$name --dtype bfloat16 --K 256 --V 200; done"
@@ -66,8 +79,7 @@ if [[ $WHAT != bench ]]; then
 fi
 if [[ $WHAT != tests ]]; then
     step bench_chunk 330 python3 benchmarks/chunk_gpu.py
-    step bench_delta_family 200 python3 benchmarks/delta_family_gpu.py
     step profile 150 python3 benchmarks/kernel_profile_gpu.py gla simple_gla gated_delta_rule delta_rule
-    cat "$OUT/bench_chunk.txt" "$OUT/bench_delta_family.txt"
+    cat "$OUT/bench_chunk.txt"
 fi
 cat "$OUT/steps.txt"
