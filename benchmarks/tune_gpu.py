@@ -27,7 +27,7 @@ from ttr_codegen.testing import LayerChecks  # noqa: E402
 CANDIDATES = {
     "prepare": {"BK": [64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2]},
     "cumsum": {"BK": [32, 64, 128], "num_warps": [2, 4]},
-    "scores": {"BK": [64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
+    "scores": {"BK": [32, 64, 128], "num_warps": [1, 2, 4, 8], "num_stages": [1, 2]},
     "states": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [2, 3]},
     "states_long": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [2, 3]},
     "output": {"BK": [64, 128], "BV": [64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
@@ -36,7 +36,7 @@ CANDIDATES = {
     "dstates_long": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
     "dv": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
     "dv_local": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
-    "intra": {"BK": [64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2]},
+    "intra": {"BK": [32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2]},
     "dqk": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
     "dqkw": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
     "wy_backward": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
