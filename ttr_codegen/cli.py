@@ -155,7 +155,7 @@ def list_specs(specs_dir: Path = typer.Option(Path("specs"), "--specs-dir")) -> 
         spec = compiled.spec
         inputs = ", ".join(f"{i.name}[{','.join(i.shape)}]" for i in spec.inputs) or "-"
         files = {f.relative_path for f in compiled.files}
-        ops = ["naive"] + [op for op in ("chunk", "flash", "fused_recurrent", "chunk_triton") if f"{op}.py" in files]
+        ops = ["naive"] + [op for op in ("chunk", "flash", "flash_triton", "fused_recurrent", "chunk_triton") if f"{op}.py" in files]
         rows.append((spec.name, compiled.structure, spec.optimiser.method, inputs, " ".join(ops)))
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:

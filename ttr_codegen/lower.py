@@ -85,6 +85,20 @@ class NaivePlan:
     assign_lines: tuple[tuple[str, ...], ...] = ()  # step_lines after the sub-step's reads, one group per assignment
 
 
+def _flash_score(kernel: str) -> tuple[str, str] | None:
+    """The log-weight of a key at a query as (the factor of q.k, the factor of ||k||^2), printed, for the
+    local-constant Triton kernels; None where it is not of that form. A term in the query alone is left out:
+    normalised weights are invariant to a shift per query (softmax(x + c) = softmax(x)), so it cancels
+    exactly, in the output and in every gradient, and dropping it keeps the scores small."""
+    qk, qq, kk, scale = sp.symbols("qk qq kk scale")
+    log_weight = sp.expand({"exp_dot": scale * qk, "gaussian": -scale / 2 * (qq - 2 * qk + kk)}[kernel])
+    dot, key_norm = log_weight.coeff(qk), log_weight.coeff(kk)
+    query_only = log_weight.coeff(qq) * qq
+    if sp.expand(log_weight - dot * qk - key_norm * kk - query_only) != 0 or not {dot, key_norm}.isdisjoint({qk, qq, kk}):
+        return None
+    return sp.pycode(dot), sp.pycode(key_norm)
+
+
 _LOG_WEIGHT_CODE = {
     "exp_dot": "scale * q_h @ k_h.transpose(-1, -2)",
     "gaussian": "-0.5 * scale * (q_h[..., :, None, :] - k_h[..., None, :, :]).pow(2).sum(-1)",
@@ -116,6 +130,15 @@ class AttentionPlan:
     steps_per_token: int = 1
     chunk_size: int = 64
     block_v: int | None = None
+    # The local-constant Triton kernels' log-weight, score_dot * q.k + score_key_norm * ||k||^2 (Python
+    # expressions in scale; see _flash_score); None where those kernels do not apply.
+    score_dot: str | None = None
+    score_key_norm: str | None = None
+
+    @property
+    def flash_triton(self) -> bool:
+        """Whether the local-constant Triton kernels (forward, backward) are generated."""
+        return self.form == "attention" and self.degree == 0 and self.score_dot is not None
 
     @property
     def streaming(self) -> bool:
@@ -173,7 +196,8 @@ def _lower_attention(spec: Spec, rule: UpdateRule) -> AttentionPlan:
         "K ** -0.5" if rule.scale is None else repr(rule.scale), kernel, spec.weights.window, decay,
         spec.regressor.degree, spec.optimiser.ridge, moments, tuple(lines), rule.structure,
         tuple(derivation_doc(rule)), str(sp.expand(cost)), ("k", "v") + ((decay,) if decay else ()),
-        _LOG_WEIGHT_CODE[kernel], chunk_size=spec.schedule.chunk_size)
+        _LOG_WEIGHT_CODE[kernel], chunk_size=spec.schedule.chunk_size,
+        **(dict(zip(("score_dot", "score_key_norm"), score)) if (score := _flash_score(kernel)) else {}))
 
 
 def _lower_recurrent(spec: Spec, rule: UpdateRule) -> NaivePlan:

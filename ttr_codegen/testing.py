@@ -409,6 +409,36 @@ class LayerChecks:
                                                 scores if gate == "per_key" else None, 0.5, initial, do, final_grad,
                                                 cu_seqlens, 16))
 
+    def flash_ops_opcheck(self, flash_op, backward_op, gated: bool) -> None:
+        """The local-constant kernels' custom ops (forward with autograd, and backward) pass
+        torch.library.opcheck: schema, fake tensors, autograd registration and dispatch, for a batch with
+        grouped query heads and for packed sequences."""
+        generator = torch.Generator().manual_seed(28)
+        for B, cu_seqlens in ((2, None), (1, torch.tensor([0, 7, 20]))):
+            q = torch.randn(B, 20, 4, 8, generator=generator)
+            k, v = torch.randn(B, 20, 2, 8, generator=generator), torch.randn(B, 20, 2, 6, generator=generator)
+            G = torch.cumsum(-torch.rand(B, 20, 4, generator=generator), dim=1) if gated else None
+            leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+            torch.library.opcheck(flash_op, (*leaves, G, 0.5, -0.1, cu_seqlens))
+            o, lse = flash_op(q, k, v, G, 0.5, -0.1, cu_seqlens)
+            do = torch.randn(o.shape, generator=generator)
+            torch.library.opcheck(backward_op, (q, k, v, G, o, lse, do, 0.5, -0.1, cu_seqlens))
+
+    def flash_triton_compiles(self, kernel) -> None:
+        """torch.compile(fullgraph=True) traces flash_<name>_triton, forward and backward (custom ops with fake
+        implementations), and matches eager."""
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        problem = self.problem(40, 8, 6, B=1, seed=24).to(torch.float32)
+        compiled = torch.compile(kernel, fullgraph=True, backend="aot_eager")  # raises on any graph break
+        results = []
+        for op in (compiled, kernel):
+            leaves = [x.clone().requires_grad_(True) for x in problem.args()]
+            o, _ = op(*leaves)
+            results.append((o, torch.autograd.grad(o.square().sum(), leaves)))
+        torch.testing.assert_close(results[0], results[1])
+
     def walk_ops_opcheck(self, walk_op, backward_op) -> None:
         """A momentum layer's walk ops (forward with autograd, and backward) pass torch.library.opcheck: schema,
         fake tensors, autograd registration and dispatch."""
@@ -611,6 +641,60 @@ class LayerChecks:
                                        dtype: torch.dtype = torch.float32) -> None:
         """The decoding kernel equals the float64 oracle (see `_kernel_matches_oracle`)."""
         self._kernel_matches_oracle(self.fused_recurrent, T, K, V, seed=15, device=device, dtype=dtype)
+
+    def flash_triton_matches_oracle(self, kernel, T: int = 37, K: int = 16, V: int = 12, group: int = 2,
+                                    device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        """The local-constant Triton kernels (flash_<name>_triton: forward and backward) against the float64
+        oracle: the output and the gradient of every input, with `group` query heads per key head (the oracle
+        sees each key head repeated), for a batch and for packed sequences (batch row 0, then the second
+        half of row 1), and the forward from a cache of earlier tokens."""
+        problem = self.problem(T, K, V, H=2 * group, seed=41)
+        problem = Problem(problem.q, problem.k[:, :, ::group], problem.v[:, :, ::group], problem.inputs)
+        bound = 1e-4 if dtype == torch.float32 else 2e-2
+        self._flash_matches_oracle(kernel, problem, group, None, device, dtype, bound)
+        if T > 1:
+            half = T // 2
+            second = problem.tokens(half, T, 1, set(), self.spec)
+            packed, cu_seqlens = pack([problem.row(0, self.spec), second.row(1, self.spec)], self.spec)
+            self._flash_matches_oracle(kernel, packed, group, cu_seqlens.to(device), device, dtype, bound)
+            first = problem.tokens(0, half, 1, set(), self.spec).to(dtype, device)
+            _, cache = kernel(*first.args(), output_final_state=True)
+            o, cache = kernel(*second.to(dtype, device).args(), initial_state=cache, output_final_state=True)
+            assert_within(o.cpu(), self._grouped_oracle(problem, group, None)[:, half:], bound, "o after a cache")
+            whole = problem.to(dtype, device)
+            for name, part, full in zip(("k", "v", *problem.inputs), cache, whole.args()[1:], strict=True):
+                torch.testing.assert_close(part, full, msg=lambda m, name=name: f"the cache's {name}: {m}")
+
+    def _grouped_oracle(self, problem: Problem, group: int, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """The oracle's output with every key and value head repeated for its `group` query heads, sequence by
+        sequence where cu_seqlens packs several."""
+        bounds = [0, problem.q.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
+        outputs = []
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            part = Problem(problem.q[:, start:stop], problem.k[:, start:stop].repeat_interleave(group, 2),
+                           problem.v[:, start:stop].repeat_interleave(group, 2),
+                           {n: x[:, start:stop] for n, x in problem.inputs.items()})
+            outputs.append(self.oracle(part)[0])
+        return torch.cat(outputs, dim=1)
+
+    def _flash_matches_oracle(self, kernel, problem: Problem, group: int, cu_seqlens, device: str,
+                              dtype: torch.dtype, bound: float) -> None:
+        generator = torch.Generator().manual_seed(42)
+        d_out = torch.randn(*problem.q.shape[:3], problem.v.shape[-1], dtype=torch.float64, generator=generator)
+        names = ["q", "k", "v", *problem.inputs]
+
+        def gradients(run, dtype, device):
+            leaves = [x.to(device, dtype).requires_grad_(True) for x in problem.args()]
+            o = run(Problem(*leaves[:3], dict(zip(problem.inputs, leaves[3:]))))
+            return o, torch.autograd.grad((o * d_out.to(device, o.dtype)).sum(), leaves)
+
+        o_ref, expected = gradients(lambda p: self._grouped_oracle(p, group, cu_seqlens), torch.float64, "cpu")
+        o, found = gradients(lambda p: kernel(*p.args(), cu_seqlens=cu_seqlens)[0], dtype, device)
+        assert o.dtype == dtype and o.shape == o_ref.shape
+        assert_within(o.cpu(), o_ref, bound, "o")
+        for name, g, g_ref in zip(names, found, expected, strict=True):
+            assert g.dtype == dtype, f"d/d{name} is {g.dtype}"
+            assert_within(g.cpu(), g_ref, bound, f"d/d{name}")
 
     def triton_chunk_matches_oracle(self, kernel, T: int, chunk_size: int, K: int = 20, V: int = 12,
                                     device: str = "cpu") -> None:

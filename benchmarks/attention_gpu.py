@@ -1,0 +1,165 @@
+"""Local-constant attention on the GPU: the generated flash kernels against their peers, bf16, forward and
+forward + backward.
+
+    python benchmarks/attention_gpu.py [--layers softmax window forgetting gaussian] [--shapes 4x4096 2x8192]
+                                       [--csv times.csv]
+
+H = 16, D = 128, causal. Peers: PyTorch's SDPA (softmax; also the yardstick of the Gaussian kernel), FlexAttention
+with the same sliding window (512 keys; the layer is generated from the catalogue's sliding-window spec with
+that window), fla's `parallel_forgetting_attn` (forgetting attention; needs fla-core). Each row: median ms
+(`triton.testing.do_bench`), the ratio peer / ours (> 1: ours is faster), the largest gap between the two
+outputs relative to the largest output, and the first call's seconds (compiling; from an empty Triton cache).
+--csv writes every row for plotting time against T.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="ttr-bench-triton-"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WINDOW = 512
+H, D = 16, 128
+
+
+def first_call_seconds(run) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def generated_kernel(layer: str, window: int | None = None):
+    """flash_<layer>_triton from the catalogue's spec, regenerated into a temporary folder with `window`."""
+    if window is None:
+        module = importlib.import_module(f"generated.{layer}.flash_triton")
+        return getattr(module, f"flash_{layer}_triton")
+    from ttr_codegen.fuzz import _import_package
+    from ttr_codegen.pipeline import compile_spec
+    from ttr_codegen.render.writer import plan_changes, write_atomically
+
+    text = (ROOT / "specs" / f"{layer}.yaml").read_text()
+    folder = Path(tempfile.mkdtemp(prefix="ttr-bench-spec-"))
+    spec = folder / f"{layer}.yaml"
+    spec.write_text(text.replace("window: 32", f"window: {window}"))
+    compiled = compile_spec(spec, folder / "out")
+    write_atomically(plan_changes(compiled.package_dir, compiled.files), force=True)
+    package = _import_package(folder / "out" / layer)
+    return getattr(importlib.import_module(f"{package.__name__}.flash_triton"), f"flash_{layer}_triton")
+
+
+def sdpa(q, k, v, g=None):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          is_causal=True).transpose(1, 2)
+
+
+def flex_window(T: int):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def sliding(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < WINDOW)
+
+    mask = create_block_mask(sliding, None, None, T, T, device="cuda")
+    compiled = torch.compile(flex_attention)
+
+    def run(q, k, v, g=None):
+        return compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask).transpose(1, 2)
+    return run
+
+
+def fla_forgetting(q, k, v, g):
+    from fla.ops.forgetting_attn import parallel_forgetting_attn
+
+    return parallel_forgetting_attn(q, k, v, g, scale=D ** -0.5)
+
+
+def timed(op, args, backward: bool):
+    """(median ms, first call s) of op(*args), with a backward through every input where asked."""
+    leaves = [x.clone().requires_grad_(backward) for x in args]
+    d_out = torch.randn(*args[0].shape[:3], args[2].shape[-1], device="cuda", dtype=args[0].dtype)
+
+    def run():
+        o = op(*leaves)
+        o = o[0] if isinstance(o, tuple) else o
+        if backward:
+            torch.autograd.grad(o, leaves, d_out)
+        return o
+    first = first_call_seconds(run)
+    return triton.testing.do_bench(run), first
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", nargs="*", default=["softmax", "window", "forgetting", "gaussian"])
+    parser.add_argument("--shapes", nargs="*", default=["4x4096", "2x8192", "1x16384"])
+    parser.add_argument("--csv", type=Path, default=None)
+    args = parser.parse_args()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, H={H} D={D}")
+    layers = {  # name -> (our layer, window, peer name, peer factory by T, whether it takes the gate)
+        "softmax": ("softmax_attention", None, "SDPA causal", lambda T: sdpa, False),
+        "window": ("sliding_window_attention", WINDOW, f"FlexAttention window {WINDOW}", flex_window, False),
+        "forgetting": ("forgetting_attention", None, "fla parallel_forgetting_attn", lambda T: fla_forgetting, True),
+        "gaussian": ("gaussian_kernel_attention", None, "SDPA causal (softmax)", lambda T: sdpa, False),
+    }
+    rows = []
+    print(f"{'layer':<12} {'shape':<10} {'pass':<8} {'ours ms':>9} {'peer ms':>9} {'peer/ours':>9} {'gap':>9} "
+          f"{'first s':>8}  peer")
+    for name in args.layers:
+        layer, window, peer_name, peer_for, gated = layers[name]
+        ours = generated_kernel(layer, window)
+        for shape in args.shapes:
+            B, T = (int(x) for x in shape.split("x"))
+            generator = torch.Generator(device="cuda").manual_seed(0)
+            q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=generator)
+                       for _ in range(3))
+            inputs = [q, k, v]
+            if gated:
+                inputs.append(F.logsigmoid(torch.randn(B, T, H, device="cuda", generator=generator) + 4))
+            try:
+                peer = peer_for(T)
+            except Exception as error:  # e.g. fla-core missing
+                peer, peer_name = None, f"{peer_name}: {type(error).__name__}"
+            for backward in (False, True):
+                ms, first = timed(ours, inputs, backward)
+                peer_ms, gap = float("nan"), float("nan")
+                if peer is not None and name != "gaussian":
+                    try:
+                        peer_ms, _ = timed(peer, inputs, backward)
+                        with torch.no_grad():
+                            o, o_peer = ours(*inputs)[0].float(), peer(*inputs).float()
+                        gap = ((o - o_peer).abs().max() / o_peer.abs().max()).item()
+                    except Exception as error:
+                        print(f"    {peer_name} failed: {type(error).__name__}: {error}".splitlines()[0])
+                elif peer is not None:  # a yardstick only: a different layer
+                    peer_ms, _ = timed(peer, inputs, backward)
+                what = "fwd+bwd" if backward else "fwd"
+                print(f"{name:<12} {shape:<10} {what:<8} {ms:>9.3f} {peer_ms:>9.3f} {peer_ms / ms:>8.2f}x {gap:>9.1e} "
+                      f"{first:>8.2f}  {peer_name}", flush=True)
+                rows.append(dict(layer=name, B=B, T=T, what=what, ours_ms=ms, peer_ms=peer_ms, peer=peer_name,
+                                 gap=gap, first_s=first))
+            del inputs, q, k, v
+            torch.cuda.empty_cache()
+    if args.csv:
+        with args.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
