@@ -665,6 +665,23 @@ class LayerChecks:
             for name, part, full in zip(("k", "v", *problem.inputs), cache, whole.args()[1:], strict=True):
                 torch.testing.assert_close(part, full, msg=lambda m, name=name: f"the cache's {name}: {m}")
 
+    def flash_triton_decodes(self, kernel, N: int = 150, K: int = 16, V: int = 12, group: int = 2,
+                             device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        """Decoding (one query against a cache of N - 1 earlier tokens, no autograd: the split-key kernel) gives
+        the oracle's output for the last token, and the cache grows by that token."""
+        problem = self.problem(N, K, V, H=2 * group, seed=43)
+        problem = Problem(problem.q, problem.k[:, :, ::group], problem.v[:, :, ::group], problem.inputs)
+        o_ref = self._grouped_oracle(problem, group, None)[:, -1:]
+        run = problem.to(dtype, device)
+        cache = tuple(x[:, :N - 1] for x in run.args()[1:])
+        with torch.no_grad():
+            o, grown = kernel(*run.tokens(N - 1, N, 1, set(), self.spec).args(), initial_state=cache,
+                              output_final_state=True)
+        assert o.dtype == dtype and o.shape == o_ref.shape
+        assert_within(o.cpu(), o_ref, 1e-4 if dtype == torch.float32 else 2e-2, "o")
+        for name, part, full in zip(("k", "v", *problem.inputs), grown, run.args()[1:], strict=True):
+            torch.testing.assert_close(part, full, msg=lambda m, name=name: f"the cache's {name}: {m}")
+
     def _grouped_oracle(self, problem: Problem, group: int, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         """The oracle's output with every key and value head repeated for its `group` query heads, sequence by
         sequence where cu_seqlens packs several."""

@@ -42,6 +42,15 @@ def test_matches_oracle(name, T, dtype):
 
 
 @pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("N", [1, 1000])
+@DTYPES
+def test_decodes(name, N, dtype):
+    """One query against a cache (the split-key decoding kernel), against the oracle's last row."""
+    checks, kernel = _layer(name)
+    checks.flash_triton_decodes(kernel, N, K=64, V=48, group=4, device="cuda", dtype=dtype)
+
+
+@pytest.mark.parametrize("name", LAYERS)
 @DTYPES
 def test_long_sequence(name, dtype):
     """T = 4096 at the head size the benchmarks time: output and gradients against naive_<name> in float64."""
