@@ -2,7 +2,7 @@
 # Everything the GPU machine is asked to check, in one call, each step bounded so that a slow one leaves
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
-#     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|diagnose|all]
+#     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -10,8 +10,9 @@
 # (its guard bypassed where it refuses: time only) and profiles the delta rule's training step at B=2 T=8192;
 # "tune_delta" sweeps the delta rule's backward launch settings at that shape; "tune_gla" GLA's forward ones
 # at both shapes; "tune_kda" KDA's training step's; "kda" profiles KDA's kernels, runs its GPU tests and times
-# it and gated DeltaProduct against fla (forward rows first); "diagnose" finds which backward kernel of the delta family
-# drifts from its float32 run in bf16 at K = 256. One device call has 10 minutes: separate calls.
+# it and gated DeltaProduct against fla (forward rows first); "attention" runs the local-constant attention
+# kernels' GPU tests, times them against SDPA, FlexAttention and fla, and sweeps softmax's launch table;
+# "diagnose" finds which backward kernel of the delta family drifts from its float32 run in bf16 at K = 256. One device call has 10 minutes: separate calls.
 set -uo pipefail
 OUT="${OUT:-gpu-logs}"
 mkdir -p "$OUT"
@@ -65,6 +66,15 @@ if [[ $WHAT == kda ]]; then  # the per-key delta kernels: where the time goes, t
     cat "$OUT/profile_kda.txt" "$OUT/bench_kda.txt"
     tail -n 15 "$OUT/kda_tests.txt"
     cat "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == attention ]]; then  # the local-constant attention kernels: GPU tests, peers, launch sweep
+    step attention_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_flash_gpu.py -q \
+        -p no:cacheprovider -n 8 -rfE --tb=short
+    step bench_attention 240 python3 benchmarks/attention_gpu.py --csv "$OUT/attention.csv"
+    step tune_attention 140 python3 benchmarks/tune_gpu.py softmax_attention --B 4 --T 4096 --backward
+    tail -n 15 "$OUT/attention_tests.txt"
+    cat "$OUT/bench_attention.txt" "$OUT/tune_attention.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == diagnose ]]; then  # per-kernel drift at the largest head, where a Hopper miscompile was found

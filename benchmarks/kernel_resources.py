@@ -1,5 +1,6 @@
 """What each generated Triton kernel asks of an H100, found without one: registers, local memory and shared
-memory of every kernel a training step launches, compiled for sm_90a by the installed Triton.
+memory of every kernel a training step launches (and, for attention layers, decoding), compiled for sm_90a by
+the installed Triton.
 
     python benchmarks/kernel_resources.py [layer ...] [--K 128 --V 100] [--dtype float32 bfloat16]
 
@@ -50,6 +51,18 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
 
     package = importlib.import_module(f"generated.{name}")
     checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", getattr(package, f"naive_{name}"), None)
+    if (ROOT / "generated" / name / "flash_triton.py").exists():  # attention: a training step, then decoding
+        kernel = getattr(importlib.import_module(f"generated.{name}.flash_triton"), f"flash_{name}_triton")
+        problem = checks.problem(T, K, V, B=1, H=2, seed=0)
+        InterpretedFunction.run = record
+        leaves = [x.to(getattr(torch, dtype) if i < 3 else torch.float32).requires_grad_(True)
+                  for i, x in enumerate(problem.args())]
+        o, _ = kernel(*leaves)
+        torch.autograd.grad(o.float().sum(), leaves)
+        with torch.no_grad():
+            last = [x[:, -1:].detach() for x in leaves]
+            kernel(*last, initial_state=tuple(x[:, :-1].detach() for x in leaves[1:]))
+        return launches
     parts = checks.state_parts()  # e.g. Titans' (S, Z)
     problem = checks.problem(T, K, V, B=1, H=1, seed=0)
     InterpretedFunction.run = record  # the step's values are garbage from here on; only the launches matter
@@ -116,7 +129,8 @@ def main() -> None:
     print(f"sm_90a, Triton {triton.__version__}, K={args.K} V={args.V}, a training step (forward and backward)")
     print(f"{'layer':20s} {'dtype':9s} {'kernel':22s} {'regs':>5s} {'stack B':>8s} {'shared B':>9s} "
           f"{'warps':>5s} {'stages':>6s} {'local MiB':>9s}")
-    for name in args.layers or triton_trained_layers(ROOT / "generated"):
+    attention = sorted(p.parent.name for p in (ROOT / "generated").glob("*/flash_triton.py"))
+    for name in args.layers or triton_trained_layers(ROOT / "generated") + attention:
         for dtype in args.dtype:
             child = subprocess.run([sys.executable, __file__, name, "--record", "--K", str(args.K), "--V", str(args.V),
                                     "--dtype", dtype], capture_output=True, text=True,

@@ -1,6 +1,7 @@
 """Sweep the launch settings (LAUNCH table) of generated chunked Triton kernels on this GPU.
 
     python benchmarks/tune_gpu.py delta_rule simple_gla [--B 8 --T 2048] [--backward] [--kernels dstates ...]
+    python benchmarks/tune_gpu.py softmax_attention --B 4 --T 4096 --backward   (attention: flash_triton.py)
 
 One kernel's settings vary at a time, the others stay at the table's values; each line prints the whole
 forward's `triton.testing.do_bench` time (bf16, H=16, K=V=128), or with --backward a training step's
@@ -41,6 +42,10 @@ CANDIDATES = {
     "dqkw": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
     "wy_backward": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2]},
     "gate_backward": {"BK": [32, 64, 128], "num_warps": [2, 4, 8]},
+    # Local-constant attention (flash_triton.py): query and key blocks.
+    "forward": {"BM": [64, 128], "BN": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
+    "dq": {"BM": [64, 128], "BN": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
+    "dkdv": {"BM": [32, 64, 128], "BN": [64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
     # Momentum's walks over the chunks (forward and reverse), the whole stacked state per program.
     "walk": {"BV": [16, 32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2]},
     "walk_backward": {"BV": [16, 32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2]},
@@ -51,6 +56,16 @@ def timed_step(name: str, B: int, T: int, backward: bool):
     """A function running the layer's Triton forward (or, with backward, a training step) on bf16 inputs."""
     checks = LayerChecks(ROOT / "specs" / f"{name}.yaml", None, None)
     p = checks.problem(T, 128, 128, B=B, H=16).to(torch.bfloat16, "cuda")
+    if (ROOT / "generated" / name / "flash_triton.py").exists():  # attention: the local-constant kernels
+        kernel = getattr(importlib.import_module(f"generated.{name}.flash_triton"), f"flash_{name}_triton")
+        args = [x.requires_grad_(backward) for x in p.args()]
+        d_out = torch.randn(B, T, 16, 128, device="cuda", dtype=torch.bfloat16)
+
+        def attention():
+            o, _ = kernel(*args)
+            if backward:
+                torch.autograd.grad(o, args, d_out)
+        return attention
     if not backward:
         kernel = getattr(importlib.import_module(f"generated.{name}.chunk_triton"), f"chunk_{name}_triton")
 
@@ -79,7 +94,8 @@ def main() -> None:
     what = "forward + backward" if args.backward else "forward"
     print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}, bf16 {what}, B={args.B} T={args.T} H=16 K=V=128")
     for name in args.layers:
-        module = importlib.import_module(f"generated.{name}.chunk_triton")
+        kind = "flash_triton" if (ROOT / "generated" / name / "flash_triton.py").exists() else "chunk_triton"
+        module = importlib.import_module(f"generated.{name}.{kind}")
         run = timed_step(name, args.B, args.T, args.backward)
         default = {k: dict(v) for k, v in module.LAUNCH.items()}
         base = triton.testing.do_bench(run)
