@@ -9,7 +9,9 @@ with the same sliding window (512 keys; the layer is generated from the catalogu
 that window), fla's `parallel_forgetting_attn` (forgetting attention; needs fla-core). Each row: median ms
 (`triton.testing.do_bench`), the ratio peer / ours (> 1: ours is faster), the largest gap between the two
 outputs relative to the largest output, and the first call's seconds (compiling; from an empty Triton cache).
---csv writes every row for plotting time against T.
+Decoding rows time one query against a cache of T - 1 tokens (with the cache concatenated per call, as a
+layer's generation step does) against SDPA over the whole cache. --csv writes every row for plotting time
+against T.
 """
 
 from __future__ import annotations
@@ -154,6 +156,23 @@ def main() -> None:
                                  gap=gap, first_s=first))
             del inputs, q, k, v
             torch.cuda.empty_cache()
+    # Decoding: one query per sequence against a cache of T - 1 tokens (the split-key kernel), against SDPA.
+    print(f"{'layer':<12} {'cache':<10} {'pass':<8} {'ours ms':>9} {'SDPA ms':>9} {'SDPA/ours':>9}")
+    for name in args.layers:
+        layer, window, _, _, gated = layers[name]
+        ours = generated_kernel(layer, window)
+        for shape in args.shapes:
+            B, T = (int(x) for x in shape.split("x"))
+            q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            cache = [k[:, :-1], v[:, :-1]] + ([F.logsigmoid(torch.randn(B, T - 1, H, device="cuda") + 4)] if gated else [])
+            now = [q[:, -1:], k[:, -1:], v[:, -1:]] + ([torch.zeros(B, 1, H, device="cuda")] if gated else [])
+            with torch.no_grad():
+                ms = triton.testing.do_bench(lambda: ours(*now, initial_state=tuple(cache)))
+                sdpa_ms = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(
+                    q[:, -1:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)))
+            print(f"{name:<12} {shape:<10} {'decode':<8} {ms:>9.3f} {sdpa_ms:>9.3f} {sdpa_ms / ms:>8.2f}x", flush=True)
+            rows.append(dict(layer=name, B=B, T=T, what="decode", ours_ms=ms, peer_ms=sdpa_ms, peer="SDPA",
+                             gap=float("nan"), first_s=float("nan")))
     if args.csv:
         with args.csv.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

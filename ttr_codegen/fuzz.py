@@ -167,6 +167,8 @@ def _nonparametric(draw, inputs: _Inputs, cls: str) -> dict:
             weights["window"] = draw(st.integers(1, 12))
         if _maybe(draw, 0.3):
             weights["decay"] = inputs.add("log_decay", [BTH])
+        if _maybe(draw, 0.25):
+            weights["sample_weight"] = inputs.add("sample_weight", [BTH])
         if regressor["degree"] > 0 or _maybe(draw, 0.2):
             optimiser["ridge"] = draw(st.sampled_from([0.1, 0.5, 1.0]))
     elif cls == "kernel_ridge":

@@ -134,6 +134,7 @@ class AttentionPlan:
     # expressions in scale; see _flash_score); None where those kernels do not apply.
     score_dot: str | None = None
     score_key_norm: str | None = None
+    sample_weight: str | None = None  # an input multiplying each key's weight (log-weight + its log)
 
     @property
     def flash_triton(self) -> bool:
@@ -195,8 +196,9 @@ def _lower_attention(spec: Spec, rule: UpdateRule) -> AttentionPlan:
         spec.name, spec.camel_name, spec.docstring_description, rule.form, tuple(_input_plans(spec, set())),
         "K ** -0.5" if rule.scale is None else repr(rule.scale), kernel, spec.weights.window, decay,
         spec.regressor.degree, spec.optimiser.ridge, moments, tuple(lines), rule.structure,
-        tuple(derivation_doc(rule)), str(sp.expand(cost)), ("k", "v") + ((decay,) if decay else ()),
-        _LOG_WEIGHT_CODE[kernel], chunk_size=spec.schedule.chunk_size,
+        tuple(derivation_doc(rule)), str(sp.expand(cost)),
+        ("k", "v") + tuple(name for name in (decay, spec.weights.sample_weight) if name),
+        _LOG_WEIGHT_CODE[kernel], chunk_size=spec.schedule.chunk_size, sample_weight=spec.weights.sample_weight,
         **(dict(zip(("score_dot", "score_key_norm"), score)) if (score := _flash_score(kernel)) else {}))
 
 

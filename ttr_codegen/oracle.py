@@ -257,6 +257,8 @@ def _local_polynomial(spec: Spec, q, k, v, inputs, scale):
             log_s = -0.5 * scale * ((keys - query) ** 2).sum(-1)
         if log_decay is not None:
             log_s = log_s + log_decay[:, t:t + 1] - log_decay[:, first:t + 1]
+        if spec.weights.sample_weight:  # w_i proportional to s_i times the sample's weight
+            log_s = log_s + torch.log(inputs[spec.weights.sample_weight][:, first:t + 1])
         root_w = torch.softmax(log_s, dim=1).sqrt().transpose(1, 2)[..., None]  # [B, H, n, 1]
         phi = _polynomial_features((keys - query).transpose(1, 2), degree)  # [B, H, n, F]
         n_features = phi.shape[-1]
@@ -264,7 +266,7 @@ def _local_polynomial(spec: Spec, q, k, v, inputs, scale):
         ridge_rows = torch.eye(n_features, dtype=q.dtype)[1:] * ridge  # no penalty on the intercept
         theta = _lstsq_with_ridge(root_w * phi, root_w * values.transpose(1, 2), ridge_rows)
         outputs.append(theta[..., 0, :])
-    state = (k, v) + ((inputs[spec.weights.decay],) if spec.weights.decay else ())
+    state = (k, v) + tuple(inputs[name] for name in (spec.weights.decay, spec.weights.sample_weight) if name)
     return torch.stack(outputs, dim=1), state
 
 

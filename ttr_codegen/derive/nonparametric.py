@@ -123,6 +123,8 @@ def derive_local_polynomial(spec: Spec) -> UpdateRule:
     weights_text = f"s_i = exp({log_s.scalar()})"
     if spec.weights.decay:
         weights_text += f" * prod_(j=i+1..t) exp({spec.weights.decay}_j)"
+    if spec.weights.sample_weight:
+        weights_text += f" * {spec.weights.sample_weight}_i"
     if spec.weights.window:
         weights_text += f", zero for i <= t - {spec.weights.window}"
     scale = spec.readout.scale

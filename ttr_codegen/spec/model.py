@@ -783,7 +783,7 @@ def _check_regressor_combination(check: _Checker, by_name: dict[str, InputSpec],
         check.error(check.positions["weights.kernel"], "weights.kernel",
                     f"query-local weights need class 'local_polynomial', not '{regressor.cls}'",
                     "set 'regressor: {class: local_polynomial, degree: 0}' or remove 'kernel'")
-    if regressor.nonparametric and weights.sample_weight:
+    if regressor.cls == "kernel_ridge" and weights.sample_weight:
         check.error(check.positions["weights.sample_weight"], "weights.sample_weight",
                     f"class '{regressor.cls}' does not take per-sample weights", "remove 'sample_weight'")
     if regressor.cls == "kernel_ridge" and weights.decay:
