@@ -88,3 +88,36 @@ def test_a_per_token_ridge_is_refused():
         parse_spec(text, "x.yaml")
     assert [d.format().splitlines()[0] for d in caught.value.diagnostics] == [
         "x.yaml:4:28: error: optimiser.ridge: the ridge must be fixed per head: shape [H] or [H, K]"]
+
+
+@pytest.mark.parametrize(("solver", "expected"), [
+    ("{method: cg}", "x.yaml:4:48: error: optimiser.solver.iterations: the cg solver needs 'iterations'"),
+    ("{method: cg, iterations: 0}", "x.yaml:4:73: error: optimiser.solver.iterations: expected an integer from 1 to 256, got int 0"),
+    ("{method: lu}", "x.yaml:4:57: error: optimiser.solver.method: unknown solver 'lu'"),
+    ("{method: exact, iterations: 3}", "x.yaml:4:76: error: optimiser.solver.iterations: the exact solver takes no iterations"),
+    ("fast", "x.yaml:4:48: error: optimiser.solver: expected 'exact' or a mapping, got str 'fast'"),
+])
+def test_a_bad_solver_is_refused_at_its_field(solver, expected):
+    text = ("name: x\nregressor: {class: local_polynomial, degree: 1}\nweights: {kernel: exp_dot}\n"
+            f"optimiser: {{method: exact, ridge: 0.1, solver: {solver}}}\n")
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, "x.yaml")
+    assert [d.format().splitlines()[0] for d in caught.value.diagnostics] == [expected]
+
+
+def test_an_iterative_solver_needs_a_local_linear_fit():
+    text = ("name: x\nregressor: {class: local_polynomial, degree: 0}\nweights: {kernel: exp_dot}\n"
+            "optimiser: {method: exact, solver: {method: cg, iterations: 4}}\n")
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, "x.yaml")
+    assert [d.format().splitlines()[0] for d in caught.value.diagnostics] == [
+        "x.yaml:4:36: error: optimiser.solver: an iterative solver applies to the K x K system of a local-linear "
+        "fit only"]
+
+
+def test_a_solver_keeps_the_math_hash_of_specs_without_one():
+    text = ("name: x\nregressor: {class: local_polynomial, degree: 1}\nweights: {kernel: exp_dot}\n"
+            "optimiser: {method: exact, ridge: 0.1%s}\n")
+    plain, exact, cg = (parse_spec(text % extra, "x.yaml").math_hash()
+                        for extra in ("", ", solver: exact", ", solver: {method: cg, iterations: 4}"))
+    assert plain == exact != cg

@@ -171,6 +171,8 @@ def _nonparametric(draw, inputs: _Inputs, cls: str) -> dict:
             weights["sample_weight"] = inputs.add("sample_weight", [BTH])
         if regressor["degree"] > 0 or _maybe(draw, 0.2):
             optimiser["ridge"] = draw(st.sampled_from([0.1, 0.5, 1.0]))
+        if regressor["degree"] == 1 and _maybe(draw, 0.3):
+            optimiser["solver"] = {"method": "cg", "iterations": draw(st.integers(1, 8))}
     elif cls == "kernel_ridge":
         regressor["kernel"] = draw(st.sampled_from(["exp_dot", "gaussian"]))
         if regressor["kernel"] == "gaussian":

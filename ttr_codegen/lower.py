@@ -135,6 +135,7 @@ class AttentionPlan:
     score_dot: str | None = None
     score_key_norm: str | None = None
     sample_weight: str | None = None  # an input multiplying each key's weight (log-weight + its log)
+    solver_iterations: int | None = None  # the K x K solve by this many conjugate-gradient steps (None: exact)
 
     @property
     def flash_triton(self) -> bool:
@@ -173,7 +174,10 @@ def _lower_attention(spec: Spec, rule: UpdateRule) -> AttentionPlan:
     names = {"q": "q_h", "scale": "scale", "Y": "values", "kern": "kern", "kappa": "kappa", "gram": "gram"}
     for name in ("m_k", "h_kk", "m_v", "h_kv", "sigma", "r_kv", "delta"):
         names[name] = name
-    program = TokenProgram(names=names, dims={K: "K", V: "V", N: "N"}, python_scalars=frozenset({"scale"}))
+    iterations = spec.optimiser.solver_iterations if spec.optimiser.solver == "cg" else None
+    program = TokenProgram(names=names, dims={K: "K", V: "V", N: "N"}, python_scalars=frozenset({"scale"}),
+                           **({"solve_code": f"_conjugate_gradient({{matrix}}, {{rhs}}, {iterations})"}
+                              if iterations else {}))
     lines = []
     for assign in rule.readout:
         expression = program.poly(assign.value)
@@ -199,6 +203,7 @@ def _lower_attention(spec: Spec, rule: UpdateRule) -> AttentionPlan:
         tuple(derivation_doc(rule)), str(sp.expand(cost)),
         ("k", "v") + tuple(name for name in (decay, spec.weights.sample_weight) if name),
         _LOG_WEIGHT_CODE[kernel], chunk_size=spec.schedule.chunk_size, sample_weight=spec.weights.sample_weight,
+        solver_iterations=iterations,
         **(dict(zip(("score_dot", "score_key_norm"), score)) if (score := _flash_score(kernel)) else {}))
 
 

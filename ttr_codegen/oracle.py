@@ -259,6 +259,9 @@ def _local_polynomial(spec: Spec, q, k, v, inputs, scale):
             log_s = log_s + log_decay[:, t:t + 1] - log_decay[:, first:t + 1]
         if spec.weights.sample_weight:  # w_i proportional to s_i times the sample's weight
             log_s = log_s + torch.log(inputs[spec.weights.sample_weight][:, first:t + 1])
+        if spec.optimiser.solver == "cg":
+            outputs.append(_local_linear_by_cg(spec, inputs, torch.softmax(log_s, dim=1), keys, values, query))
+            continue
         root_w = torch.softmax(log_s, dim=1).sqrt().transpose(1, 2)[..., None]  # [B, H, n, 1]
         phi = _polynomial_features((keys - query).transpose(1, 2), degree)  # [B, H, n, F]
         n_features = phi.shape[-1]
@@ -268,6 +271,37 @@ def _local_polynomial(spec: Spec, q, k, v, inputs, scale):
         outputs.append(theta[..., 0, :])
     state = (k, v) + tuple(inputs[name] for name in (spec.weights.decay, spec.weights.sample_weight) if name)
     return torch.stack(outputs, dim=1), state
+
+
+def _local_linear_by_cg(spec: Spec, inputs, w, keys, values, query):
+    """A local-linear fit whose normal equations are solved as the spec says: the slope's system
+    (C + Lambda) x = q - k_bar, C the weighted key covariance and Lambda the ridge, by n conjugate-gradient
+    steps from x = 0, one query row at a time; the fit's value at the query is v_bar + sum_i w_i ((k_i - k_bar) . x)
+    (v_i - v_bar). w [B, n, H]; keys, values [B, n, H, D]; query [B, 1, H, K]."""
+    B, _, H, K = keys.shape
+    ridge = _ridge_vector(spec, inputs, H, K, keys)  # [H, K]
+    out = []
+    for b in range(B):
+        heads = []
+        for h in range(H):
+            weight, k_h, v_h = w[b, :, h], keys[b, :, h], values[b, :, h]
+            k_bar, v_bar = weight @ k_h, weight @ v_h
+            centred = k_h - k_bar
+            covariance = centred.T @ (weight[:, None] * centred) + torch.diag(ridge[h])
+            x, residual = torch.zeros_like(k_bar), query[b, 0, h] - k_bar
+            direction = residual
+            for _ in range(spec.optimiser.solver_iterations):
+                if float((residual @ residual).detach()) == 0.0:  # solved exactly: further steps change nothing
+                    break
+                image = covariance @ direction
+                step = (residual @ residual) / (direction @ image)
+                x = x + step * direction
+                new_residual = residual - step * image
+                direction = new_residual + (new_residual @ new_residual) / (residual @ residual) * direction
+                residual = new_residual
+            heads.append(v_bar + (weight * (centred @ x)) @ (v_h - v_bar))
+        out.append(torch.stack(heads))
+    return torch.stack(out)  # [B, H, V]
 
 
 def _kernel_ridge(spec: Spec, q, k, v, scale):

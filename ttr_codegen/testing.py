@@ -662,8 +662,7 @@ class LayerChecks:
             _, cache = kernel(*first.args(), output_final_state=True)
             o, cache = kernel(*second.to(dtype, device).args(), initial_state=cache, output_final_state=True)
             assert_within(o.cpu(), self._grouped_oracle(problem, group, None)[:, half:], bound, "o after a cache")
-            whole = problem.to(dtype, device)
-            for name, part, full in zip(("k", "v", *problem.inputs), cache, whole.args()[1:], strict=True):
+            for name, part, full in zip(*self._cache_parts(problem.to(dtype, device)), cache, strict=True):
                 torch.testing.assert_close(part, full, msg=lambda m, name=name: f"the cache's {name}: {m}")
 
     def flash_triton_decodes(self, kernel, N: int = 150, K: int = 16, V: int = 12, group: int = 2,
@@ -674,14 +673,21 @@ class LayerChecks:
         problem = Problem(problem.q, problem.k[:, :, ::group], problem.v[:, :, ::group], problem.inputs)
         o_ref = self._grouped_oracle(problem, group, None)[:, -1:]
         run = problem.to(dtype, device)
-        cache = tuple(x[:, :N - 1] for x in run.args()[1:])
+        names, parts = self._cache_parts(run)
+        cache = tuple(x[:, :N - 1] for x in parts)
         with torch.no_grad():
             o, grown = kernel(*run.tokens(N - 1, N, 1, set(), self.spec).args(), initial_state=cache,
                               output_final_state=True)
         assert o.dtype == dtype and o.shape == o_ref.shape
         assert_within(o.cpu(), o_ref, 1e-4 if dtype == torch.float32 else 2e-2, "o")
-        for name, part, full in zip(("k", "v", *problem.inputs), grown, run.args()[1:], strict=True):
+        for name, part, full in zip(names, parts, grown, strict=True):
             torch.testing.assert_close(part, full, msg=lambda m, name=name: f"the cache's {name}: {m}")
+
+    def _cache_parts(self, problem: Problem) -> tuple[tuple[str, ...], tuple[torch.Tensor, ...]]:
+        """An attention layer's cache as its ops keep it, names and tensors: k, v, then the decay's and the sample
+        weights' inputs (whatever order the spec declares them in)."""
+        names = ("k", "v") + tuple(n for n in (self.spec.weights.decay, self.spec.weights.sample_weight) if n)
+        return names, (problem.k, problem.v, *(problem.inputs[n] for n in names[2:]))
 
     def _grouped_oracle(self, problem: Problem, group: int, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         """The oracle's output with every key and value head repeated for its `group` query heads, sequence by

@@ -137,6 +137,9 @@ def derive_local_polynomial(spec: Spec) -> UpdateRule:
         fit, output = affine_fit(_leaf(q), sp.Integer(1), _ridge(spec), _leaf(q))
         readout = tuple(fit) + (Assign("o", output),)
         structure, detail = Structure.LOCAL_LINEAR, "normalised weights; weighted moments and a K x K solve per query"
+        if spec.optimiser.solver == "cg":
+            detail += (f" (sigma x = delta by {spec.optimiser.solver_iterations} conjugate-gradient steps from x = 0, "
+                       "exact after K steps in exact arithmetic)")
     else:
         readout = ()
         structure, detail = Structure.LOCAL_POLYNOMIAL, ("normalised weights; the weighted normal equations of the "

@@ -100,6 +100,9 @@ class TokenProgram:
     python_scalars: frozenset[str] = frozenset()  # symbols that are plain numbers, not [B, H] tensors
     math_module: str = "torch"
     broadcast_coefficients: bool = True  # coefficients are [B, H] tensors that need trailing unit axes
+    # How A^-1 b is printed: an exact solve, or a spec's iterative solver (e.g. "_conjugate_gradient({matrix},
+    # {rhs}, 8)", a helper the template defines).
+    solve_code: str = "torch.linalg.solve({matrix}, {rhs})"
     lines: list[str] = field(default_factory=list)
     memo: dict = field(default_factory=dict)  # chain -> temporary name
     cost: sp.Expr = sp.Integer(0)
@@ -174,7 +177,7 @@ class TokenProgram:
 
     def _product(self, a: Operand, b: Operand, name: str) -> Operand:
         if a.inverse:
-            code = f"torch.linalg.solve({_solve_matrix(a)}, {b.code})"
+            code = self.solve_code.format(matrix=_solve_matrix(a), rhs=b.code)
             result = Operand(name, b.axes, b.row, b.col)
             n = a.axes[0]
             self.cost += n**3 / 3 + n**2 * sp.Mul(*[d for d in b.axes if d != n] or [1])

@@ -72,7 +72,8 @@ NONPARAMETRIC = ("local_polynomial", "kernel_ridge")
 # method -> {option: (kind, required)}; kinds: "input:<roles>", "number_or_input:<roles>", "count"
 METHODS: dict[str, dict[str, tuple[str, bool]]] = {
     "gradient_step_from_zero": {},
-    "exact": {"ridge": ("number_or_input:ridge", False)},  # required except for local constant regression
+    # ridge: required except for local constant regression; solver: how a local-linear fit's K x K system is solved
+    "exact": {"ridge": ("number_or_input:ridge", False), "solver": ("solver", False)},
     "recursive_least_squares": {"ridge": ("number", True)},
     "online_gradient_step": {
         "step_size": ("input:step_size", True),
@@ -182,6 +183,8 @@ class Optimiser:
     steps_per_token: int = 1
     batch_size: int | None = None  # minibatch_gd: gradients at the weights of the mini-batch start
     step_size_per: str = "sample"  # minibatch_gd: "row" scales the mini-batch's gradient sum by the reading row's rate
+    solver: str = "exact"  # a local-linear fit's K x K system: "exact", or "cg" (conjugate gradients)
+    solver_iterations: int | None = None  # cg: the number of steps from x = 0
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,8 @@ class Spec:
                           self.regressor.residual, self.regressor.norm_weight, self.regressor.norm_bias],
             "optimiser": [self.optimiser.method, self.optimiser.step_size, self.optimiser.weight_decay,
                           self.optimiser.momentum, self.optimiser.ridge, self.optimiser.steps_per_token,
-                          self.optimiser.batch_size, self.optimiser.step_size_per],
+                          self.optimiser.batch_size, self.optimiser.step_size_per]
+            + ([self.optimiser.solver, self.optimiser.solver_iterations] if self.optimiser.solver != "exact" else []),
             "readout": [self.readout.scale, self.readout.normalise, self.readout.residual],
         }
 
@@ -625,6 +629,8 @@ def _check_optimiser(check: _Checker, node: Located | None, reference) -> Optimi
             high, example = (256, "batch_size: 16") if kind == "batch" else (8, "steps_per_token: 2")
             if (count := check.integer(child, field_path, 1, high, example)) is not None:
                 values[option] = count
+        elif kind == "solver":
+            values["solver"], values["solver_iterations"] = _check_solver(check, child)
         elif kind.startswith("choice:"):
             values[option] = check.choice(child, field_path, kind.split(":")[1].split(","), option) or "sample"
         elif kind == "number" or (kind.startswith("number_or_input") and _is_number(child.value)):
@@ -641,6 +647,31 @@ def _check_optimiser(check: _Checker, node: Located | None, reference) -> Optimi
             check.error(node, f"optimiser.{option}", f"method '{method}' needs '{option}'",
                         f"add '{option}:' ({kind.replace('input:', 'an input with role ').replace('number_or_input:', 'a number or an input with role ')})")
     return Optimiser(method, **values)
+
+
+def _check_solver(check: _Checker, node: Located) -> tuple[str, int | None]:
+    """optimiser.solver: 'exact', or {method: cg, iterations: n} (n conjugate-gradient steps from zero)."""
+    if node.value == "exact":
+        return "exact", None
+    if not isinstance(node.value, dict):
+        check.error(node, "optimiser.solver", f"expected 'exact' or a mapping, got {_describe(node.value)}",
+                    "write 'solver: exact' or 'solver: {method: cg, iterations: 16}'")
+        return "exact", None
+    fields = check.mapping(node, "optimiser.solver", {"method": "the solver", "iterations": "conjugate-gradient steps"})
+    if "method" not in fields:
+        check.error(node, "optimiser.solver.method", "missing required key", "add 'method: cg' or 'method: exact'")
+        return "exact", None
+    method = check.choice(fields["method"], "optimiser.solver.method", ("exact", "cg"), "solver")
+    if method == "cg":
+        if "iterations" not in fields:
+            check.error(node, "optimiser.solver.iterations", "the cg solver needs 'iterations'", "add 'iterations: 16'")
+            return "exact", None
+        iterations = check.integer(fields["iterations"], "optimiser.solver.iterations", 1, 256, "iterations: 16")
+        return ("cg", iterations) if iterations is not None else ("exact", None)
+    if "iterations" in fields:
+        check.error(fields["iterations"], "optimiser.solver.iterations", "the exact solver takes no iterations",
+                    "remove 'iterations', or set 'method: cg'")
+    return "exact", None
 
 
 def _check_readout(check: _Checker, node: Located | None, regressor: Regressor) -> Readout:
@@ -783,6 +814,10 @@ def _check_regressor_combination(check: _Checker, by_name: dict[str, InputSpec],
         check.error(check.positions["weights.kernel"], "weights.kernel",
                     f"query-local weights need class 'local_polynomial', not '{regressor.cls}'",
                     "set 'regressor: {class: local_polynomial, degree: 0}' or remove 'kernel'")
+    if optimiser.solver != "exact" and not (regressor.cls == "local_polynomial" and regressor.degree == 1):
+        check.error(check.positions["optimiser.solver"], "optimiser.solver",
+                    "an iterative solver applies to the K x K system of a local-linear fit only",
+                    "remove 'solver', or set 'regressor: {class: local_polynomial, degree: 1}'")
     if regressor.cls == "kernel_ridge" and weights.sample_weight:
         check.error(check.positions["weights.sample_weight"], "weights.sample_weight",
                     f"class '{regressor.cls}' does not take per-sample weights", "remove 'sample_weight'")

@@ -1,0 +1,48 @@
+"""A local-linear fit solved by the spec's iterative solver (`optimiser.solver: {method: cg, iterations: n}`):
+the generated ops compute n conjugate-gradient steps, as the oracle does on its own, and the exact solve is
+the reference they converge to (K steps are exact in exact arithmetic)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ttr_codegen import oracle
+from ttr_codegen.fuzz import _import_package, check_document
+from ttr_codegen.spec import parse_spec
+
+SPEC = ("name: cg_attention\nregressor: {class: local_polynomial, degree: 1}\nweights: {kernel: exp_dot}\n"
+        "optimiser: {method: exact, ridge: 0.2%s}\n")
+
+
+def _problem(T=12, K=4, V=3):
+    generator = torch.Generator().manual_seed(11)
+    return [torch.randn(2, T, 2, d, dtype=torch.float64, generator=generator) for d in (K, K, V)]
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_the_generated_ops_take_the_specs_steps(iterations, tmp_path):
+    """Every op of the package (naive, flash, the layer) against the oracle's own conjugate gradients,
+    outputs and gradients (the fuzzer's checks)."""
+    document = yaml.safe_load(SPEC % f", solver: {{method: cg, iterations: {iterations}}}")
+    outcome = check_document(document, tmp_path)
+    assert outcome.status == "passed", f"{outcome.check}: {outcome.error}"
+    assert {"naive", "naive_gradients", "flash", "layer"} <= set(outcome.checks)
+
+
+def test_k_steps_reach_the_exact_solve_and_fewer_do_not(tmp_path):
+    q, k, v = _problem()
+    exact, _ = oracle.solve(parse_spec(SPEC % "", "x.yaml"), q, k, v, {})
+    gaps = {}
+    for iterations in (1, 2, 4):
+        spec = parse_spec(SPEC % f", solver: {{method: cg, iterations: {iterations}}}", "x.yaml")
+        found, _ = oracle.solve(spec, q, k, v, {})
+        gaps[iterations] = (found - exact).abs().max().item()
+    assert gaps[4] < 1e-10 and gaps[1] > 1e-3 and gaps[2] < gaps[1], gaps
+    # The generated naive op with K steps is the exact solve too.
+    document = yaml.safe_load(SPEC % ", solver: {method: cg, iterations: 4}")
+    assert check_document(document, tmp_path).status == "passed"
+    package = _import_package(tmp_path / "out" / "cg_attention")
+    o, _ = package.naive_cg_attention(q, k, v)
+    torch.testing.assert_close(o, exact, atol=1e-10, rtol=1e-9)
