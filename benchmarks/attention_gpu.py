@@ -4,7 +4,8 @@ forward + backward.
     python benchmarks/attention_gpu.py [--layers softmax window forgetting gaussian] [--shapes 4x4096 2x8192]
                                        [--csv times.csv]
 
-H = 16, D = 128, causal. Peers: PyTorch's SDPA (softmax; also the yardstick of the Gaussian kernel), FlexAttention
+H = 16, D = 128, causal. Peers: PyTorch's SDPA (softmax; also the yardstick of the Gaussian kernel and of local-linear
+attention, forward only, 16 conjugate-gradient steps), FlexAttention
 with the same sliding window (512 keys; the layer is generated from the catalogue's sliding-window spec with
 that window), fla's `parallel_forgetting_attn` (forgetting attention; needs fla-core). Each row: median ms
 (`triton.testing.do_bench`), the ratio peer / ours (> 1: ours is faster), the largest gap between the two
@@ -107,7 +108,7 @@ def timed(op, args, backward: bool):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", nargs="*", default=["softmax", "window", "forgetting", "gaussian"])
+    parser.add_argument("--layers", nargs="*", default=["softmax", "window", "forgetting", "gaussian", "local_linear"])
     parser.add_argument("--shapes", nargs="*", default=["4x4096", "2x8192", "1x16384"])
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args()
@@ -117,7 +118,10 @@ def main() -> None:
         "window": ("sliding_window_attention", WINDOW, f"FlexAttention window {WINDOW}", flex_window, False),
         "forgetting": ("forgetting_attention", None, "fla parallel_forgetting_attn", lambda T: fla_forgetting, True),
         "gaussian": ("gaussian_kernel_attention", None, "SDPA causal (softmax)", lambda T: sdpa, False),
+        # Local-linear, 16 conjugate-gradient steps, forward only (its backward is not generated yet).
+        "local_linear": ("local_linear_attention_cg", None, "SDPA causal (softmax)", lambda T: sdpa, False),
     }
+    yardsticks = {"gaussian", "local_linear"}  # a different layer timed beside ours: no gap
     rows = []
     print(f"{'layer':<12} {'shape':<10} {'pass':<8} {'ours ms':>9} {'peer ms':>9} {'peer/ours':>9} {'gap':>9} "
           f"{'first s':>8}  peer")
@@ -136,10 +140,10 @@ def main() -> None:
                 peer = peer_for(T)
             except Exception as error:  # e.g. fla-core missing
                 peer, peer_name = None, f"{peer_name}: {type(error).__name__}"
-            for backward in (False, True):
+            for backward in (False, True) if name != "local_linear" else (False,):
                 ms, first = timed(ours, inputs, backward)
                 peer_ms, gap = float("nan"), float("nan")
-                if peer is not None and name != "gaussian":
+                if peer is not None and name not in yardsticks:
                     try:
                         peer_ms, _ = timed(peer, inputs, backward)
                         with torch.no_grad():
@@ -158,7 +162,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     # Decoding: one query per sequence against a cache of T - 1 tokens (the split-key kernel), against SDPA.
     print(f"{'layer':<12} {'cache':<10} {'pass':<8} {'ours ms':>9} {'SDPA ms':>9} {'SDPA/ours':>9}")
-    for name in args.layers:
+    for name in [n for n in args.layers if n != "local_linear"]:
         layer, window, _, _, gated = layers[name]
         ours = generated_kernel(layer, window)
         for shape in args.shapes:

@@ -143,6 +143,12 @@ class AttentionPlan:
         return self.form == "attention" and self.degree == 0 and self.score_dot is not None
 
     @property
+    def flash_linear_triton(self) -> bool:
+        """Whether the local-linear Triton kernels (forward; the spec's conjugate-gradient solve) are generated."""
+        return (self.form == "attention" and self.degree == 1 and self.solver_iterations is not None
+                and self.score_dot is not None)
+
+    @property
     def streaming(self) -> bool:
         """Whether a memory-efficient streaming path is generated (moments of degree <= 1)."""
         return self.form == "attention" and self.degree is not None and self.degree <= 1

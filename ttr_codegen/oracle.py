@@ -276,7 +276,7 @@ def _local_polynomial(spec: Spec, q, k, v, inputs, scale):
 def _local_linear_by_cg(spec: Spec, inputs, w, keys, values, query):
     """A local-linear fit whose normal equations are solved as the spec says: the slope's system
     (C + Lambda) x = q - k_bar, C the weighted key covariance and Lambda the ridge, by n conjugate-gradient
-    steps from x = 0, one query row at a time; the fit's value at the query is v_bar + sum_i w_i ((k_i - k_bar) . x)
+    steps from x = 0 (fewer once the residual is at rounding level), one query row at a time; the fit's value at the query is v_bar + sum_i w_i ((k_i - k_bar) . x)
     (v_i - v_bar). w [B, n, H]; keys, values [B, n, H, D]; query [B, 1, H, K]."""
     B, _, H, K = keys.shape
     ridge = _ridge_vector(spec, inputs, H, K, keys)  # [H, K]
@@ -290,8 +290,11 @@ def _local_linear_by_cg(spec: Spec, inputs, w, keys, values, query):
             covariance = centred.T @ (weight[:, None] * centred) + torch.diag(ridge[h])
             x, residual = torch.zeros_like(k_bar), query[b, 0, h] - k_bar
             direction = residual
+            # Steps stop once the residual is at rounding level (the solver's definition: later steps would
+            # only divide rounding errors).
+            converged = torch.finfo(residual.dtype).eps ** 2 * float((residual @ residual).detach())
             for _ in range(spec.optimiser.solver_iterations):
-                if float((residual @ residual).detach()) == 0.0:  # solved exactly: further steps change nothing
+                if float((residual @ residual).detach()) <= converged:
                     break
                 image = covariance @ direction
                 step = (residual @ residual) / (direction @ image)

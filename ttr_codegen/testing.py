@@ -644,23 +644,25 @@ class LayerChecks:
         self._kernel_matches_oracle(self.fused_recurrent, T, K, V, seed=15, device=device, dtype=dtype)
 
     def flash_triton_matches_oracle(self, kernel, T: int = 37, K: int = 16, V: int = 12, group: int = 2,
-                                    device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        """The local-constant Triton kernels (flash_<name>_triton: forward and backward) against the float64
-        oracle: the output and the gradient of every input, with `group` query heads per key head (the oracle
-        sees each key head repeated), for a batch and for packed sequences (batch row 0, then the second
-        half of row 1), and the forward from a cache of earlier tokens."""
+                                    device: str = "cpu", dtype: torch.dtype = torch.float32,
+                                    gradients: bool = True) -> None:
+        """The attention Triton kernels (flash_<name>_triton) against the float64 oracle: the output and, with
+        `gradients` (kernels with a backward), the gradient of every input, with `group` query heads per key
+        head (the oracle sees each key head repeated), for a batch and for packed sequences (batch row 0,
+        then the second half of row 1), and the forward from a cache of earlier tokens."""
         problem = self.problem(T, K, V, H=2 * group, seed=41)
         problem = Problem(problem.q, problem.k[:, :, ::group], problem.v[:, :, ::group], problem.inputs)
         bound = 1e-4 if dtype == torch.float32 else 2e-2
-        self._flash_matches_oracle(kernel, problem, group, None, device, dtype, bound)
+        self._flash_matches_oracle(kernel, problem, group, None, device, dtype, bound, gradients)
         if T > 1:
             half = T // 2
             second = problem.tokens(half, T, 1, set(), self.spec)
             packed, cu_seqlens = pack([problem.row(0, self.spec), second.row(1, self.spec)], self.spec)
-            self._flash_matches_oracle(kernel, packed, group, cu_seqlens.to(device), device, dtype, bound)
+            self._flash_matches_oracle(kernel, packed, group, cu_seqlens.to(device), device, dtype, bound, gradients)
             first = problem.tokens(0, half, 1, set(), self.spec).to(dtype, device)
-            _, cache = kernel(*first.args(), output_final_state=True)
-            o, cache = kernel(*second.to(dtype, device).args(), initial_state=cache, output_final_state=True)
+            with torch.no_grad():
+                _, cache = kernel(*first.args(), output_final_state=True)
+                o, cache = kernel(*second.to(dtype, device).args(), initial_state=cache, output_final_state=True)
             assert_within(o.cpu(), self._grouped_oracle(problem, group, None)[:, half:], bound, "o after a cache")
             for name, part, full in zip(*self._cache_parts(problem.to(dtype, device)), cache, strict=True):
                 torch.testing.assert_close(part, full, msg=lambda m, name=name: f"the cache's {name}: {m}")
@@ -689,6 +691,18 @@ class LayerChecks:
         names = ("k", "v") + tuple(n for n in (self.spec.weights.decay, self.spec.weights.sample_weight) if n)
         return names, (problem.k, problem.v, *(problem.inputs[n] for n in names[2:]))
 
+    def refuses_autograd(self, kernel) -> None:
+        """A forward-only kernel raises (NotImplementedError, naming itself) when autograd would need its
+        backward, rather than returning an output without gradients."""
+        problem = self.problem(5, 4, 3, B=1, seed=44).to(torch.float32)
+        leaves = [x.requires_grad_(True) for x in problem.args()]
+        try:
+            kernel(*leaves)
+        except NotImplementedError as error:
+            assert "backward" in str(error)
+        else:
+            raise AssertionError("the forward-only kernel accepted inputs that require gradients")
+
     def _grouped_oracle(self, problem: Problem, group: int, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         """The oracle's output with every key and value head repeated for its `group` query heads, sequence by
         sequence where cu_seqlens packs several."""
@@ -702,18 +716,25 @@ class LayerChecks:
         return torch.cat(outputs, dim=1)
 
     def _flash_matches_oracle(self, kernel, problem: Problem, group: int, cu_seqlens, device: str,
-                              dtype: torch.dtype, bound: float) -> None:
+                              dtype: torch.dtype, bound: float, gradients: bool) -> None:
         generator = torch.Generator().manual_seed(42)
         d_out = torch.randn(*problem.q.shape[:3], problem.v.shape[-1], dtype=torch.float64, generator=generator)
         names = ["q", "k", "v", *problem.inputs]
 
-        def gradients(run, dtype, device):
+        def differentiate(run, dtype, device):
             leaves = [x.to(device, dtype).requires_grad_(True) for x in problem.args()]
             o = run(Problem(*leaves[:3], dict(zip(problem.inputs, leaves[3:]))))
             return o, torch.autograd.grad((o * d_out.to(device, o.dtype)).sum(), leaves)
 
-        o_ref, expected = gradients(lambda p: self._grouped_oracle(p, group, cu_seqlens), torch.float64, "cpu")
-        o, found = gradients(lambda p: kernel(*p.args(), cu_seqlens=cu_seqlens)[0], dtype, device)
+        if not gradients:  # a forward-only kernel
+            with torch.no_grad():
+                o = kernel(*problem.to(dtype, device).args(), cu_seqlens=cu_seqlens)[0]
+            o_ref = self._grouped_oracle(problem, group, cu_seqlens)
+            assert o.dtype == dtype and o.shape == o_ref.shape
+            assert_within(o.cpu(), o_ref, bound, "o")
+            return
+        o_ref, expected = differentiate(lambda p: self._grouped_oracle(p, group, cu_seqlens), torch.float64, "cpu")
+        o, found = differentiate(lambda p: kernel(*p.args(), cu_seqlens=cu_seqlens)[0], dtype, device)
         assert o.dtype == dtype and o.shape == o_ref.shape
         assert_within(o.cpu(), o_ref, bound, "o")
         for name, g, g_ref in zip(names, found, expected, strict=True):

@@ -134,6 +134,8 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         templates["flash.py"] = "flash.py.j2"
     if isinstance(plan, AttentionPlan) and plan.flash_triton:
         templates["flash_triton.py"] = "flash_triton.py.j2"
+    if isinstance(plan, AttentionPlan) and plan.flash_linear_triton:
+        templates["flash_triton.py"] = "flash_linear_triton.py.j2"
     if fused is not None:
         templates["fused_recurrent.py"] = "fused_recurrent.py.j2"
     if adjoint is not None:
