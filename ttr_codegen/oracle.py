@@ -276,35 +276,33 @@ def _local_polynomial(spec: Spec, q, k, v, inputs, scale):
 def _local_linear_by_cg(spec: Spec, inputs, w, keys, values, query):
     """A local-linear fit whose normal equations are solved as the spec says: the slope's system
     (C + Lambda) x = q - k_bar, C the weighted key covariance and Lambda the ridge, by n conjugate-gradient
-    steps from x = 0 (fewer once the residual is at rounding level), one query row at a time; the fit's value at the query is v_bar + sum_i w_i ((k_i - k_bar) . x)
-    (v_i - v_bar). w [B, n, H]; keys, values [B, n, H, D]; query [B, 1, H, K]."""
+    steps from x = 0 (a row stops once its residual is at rounding level); the fit's value at the query is
+    v_bar + sum_i w_i ((k_i - k_bar) . x) (v_i - v_bar). w [B, n, H]; keys, values [B, n, H, D]; query
+    [B, 1, H, K]; returns [B, H, V]."""
     B, _, H, K = keys.shape
-    ridge = _ridge_vector(spec, inputs, H, K, keys)  # [H, K]
-    out = []
-    for b in range(B):
-        heads = []
-        for h in range(H):
-            weight, k_h, v_h = w[b, :, h], keys[b, :, h], values[b, :, h]
-            k_bar, v_bar = weight @ k_h, weight @ v_h
-            centred = k_h - k_bar
-            covariance = centred.T @ (weight[:, None] * centred) + torch.diag(ridge[h])
-            x, residual = torch.zeros_like(k_bar), query[b, 0, h] - k_bar
-            direction = residual
-            # Steps stop once the residual is at rounding level (the solver's definition: later steps would
-            # only divide rounding errors).
-            converged = torch.finfo(residual.dtype).eps ** 2 * float((residual @ residual).detach())
-            for _ in range(spec.optimiser.solver_iterations):
-                if float((residual @ residual).detach()) <= converged:
-                    break
-                image = covariance @ direction
-                step = (residual @ residual) / (direction @ image)
-                x = x + step * direction
-                new_residual = residual - step * image
-                direction = new_residual + (new_residual @ new_residual) / (residual @ residual) * direction
-                residual = new_residual
-            heads.append(v_bar + (weight * (centred @ x)) @ (v_h - v_bar))
-        out.append(torch.stack(heads))
-    return torch.stack(out)  # [B, H, V]
+    w, keys, values = w.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)  # [B, H, n, ...]
+    k_bar, v_bar = torch.einsum("bhn,bhnk->bhk", w, keys), torch.einsum("bhn,bhnv->bhv", w, values)
+    centred = keys - k_bar[:, :, None]
+    covariance = torch.einsum("bhn,bhnk,bhnl->bhkl", w, centred, centred) + torch.diag_embed(
+        _ridge_vector(spec, inputs, H, K, keys))
+    x, residual = torch.zeros_like(k_bar), query[:, 0] - k_bar
+    direction = residual
+    size = (residual * residual).sum(-1)
+    converged = torch.finfo(residual.dtype).eps ** 2 * size.detach()
+    for _ in range(spec.optimiser.solver_iterations):
+        stepping = size.detach() > converged
+        image = torch.einsum("bhkl,bhl->bhk", covariance, direction)
+        curvature = (direction * image).sum(-1)
+        stepping = stepping & (curvature.detach() > 0)
+        step = torch.where(stepping, size / torch.where(stepping, curvature, torch.ones_like(curvature)), 0.0)
+        x = x + step[..., None] * direction
+        residual = residual - step[..., None] * image
+        new_size = (residual * residual).sum(-1)
+        turn = torch.where(stepping, new_size / torch.where(stepping, size, torch.ones_like(size)), 0.0)
+        direction = residual + turn[..., None] * direction
+        size = new_size
+    coefficients = w * torch.einsum("bhnk,bhk->bhn", centred, x)
+    return v_bar + torch.einsum("bhn,bhnv->bhv", coefficients, values - v_bar[:, :, None])
 
 
 def _kernel_ridge(spec: Spec, q, k, v, scale):

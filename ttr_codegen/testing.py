@@ -412,18 +412,18 @@ class LayerChecks:
     def flash_ops_opcheck(self, flash_op, backward_op) -> None:
         """The local-constant kernels' custom ops (forward with autograd, and backward) pass
         torch.library.opcheck: schema, fake tensors, autograd registration and dispatch, for a batch with
-        grouped query heads and for packed sequences, without biases and with either or both."""
+        grouped query heads without biases, and for packed sequences with both."""
         generator = torch.Generator().manual_seed(28)
-        for B, cu_seqlens in ((2, None), (1, torch.tensor([0, 7, 20]))):
-            q = torch.randn(B, 20, 4, 8, generator=generator)
-            k, v = torch.randn(B, 20, 2, 8, generator=generator), torch.randn(B, 20, 2, 6, generator=generator)
-            G = torch.cumsum(-torch.rand(B, 20, 4, generator=generator), dim=1)
-            for bias_q, bias_k in ((None, None), (G, -G), (None, torch.randn(B, 20, 4, generator=generator))):
-                leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
-                torch.library.opcheck(flash_op, (*leaves, bias_q, bias_k, 0.5, -0.1, cu_seqlens))
-                o, lse = flash_op(q, k, v, bias_q, bias_k, 0.5, -0.1, cu_seqlens)
-                do = torch.randn(o.shape, generator=generator)
-                torch.library.opcheck(backward_op, (q, k, v, bias_q, bias_k, o, lse, do, 0.5, -0.1, cu_seqlens))
+        for B, cu_seqlens, biased in ((2, None, False), (1, torch.tensor([0, 5, 12]), True)):
+            q = torch.randn(B, 12, 4, 8, generator=generator)
+            k, v = torch.randn(B, 12, 2, 8, generator=generator), torch.randn(B, 12, 2, 6, generator=generator)
+            G = torch.cumsum(-torch.rand(B, 12, 4, generator=generator), dim=1)
+            bias_q, bias_k = (G, torch.randn(B, 12, 4, generator=generator)) if biased else (None, None)
+            leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+            torch.library.opcheck(flash_op, (*leaves, bias_q, bias_k, 0.5, -0.1, cu_seqlens))
+            o, lse = flash_op(q, k, v, bias_q, bias_k, 0.5, -0.1, cu_seqlens)
+            do = torch.randn(o.shape, generator=generator)
+            torch.library.opcheck(backward_op, (q, k, v, bias_q, bias_k, o, lse, do, 0.5, -0.1, cu_seqlens))
 
     def flash_triton_compiles(self, kernel) -> None:
         """torch.compile(fullgraph=True) traces flash_<name>_triton, forward and backward (custom ops with fake
