@@ -23,7 +23,6 @@ import importlib
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="ttr-bench-triton-"))
@@ -35,16 +34,10 @@ import triton  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from chunk_gpu import first_call_seconds  # noqa: E402  (this folder is on sys.path when a script here runs)
+
 WINDOW = 512
 H, D = 16, 128
-
-
-def first_call_seconds(run) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    run()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def generated_kernel(layer: str, window: int | None = None):

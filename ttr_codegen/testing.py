@@ -650,8 +650,7 @@ class LayerChecks:
         `gradients` (kernels with a backward), the gradient of every input, with `group` query heads per key
         head (the oracle sees each key head repeated), for a batch and for packed sequences (batch row 0,
         then the second half of row 1), and the forward from a cache of earlier tokens."""
-        problem = self.problem(T, K, V, H=2 * group, seed=41)
-        problem = Problem(problem.q, problem.k[:, :, ::group], problem.v[:, :, ::group], problem.inputs)
+        problem = self._grouped_problem(T, K, V, group, seed=41)
         bound = 1e-4 if dtype == torch.float32 else 2e-2
         self._flash_matches_oracle(kernel, problem, group, None, device, dtype, bound, gradients)
         if T > 1:
@@ -671,8 +670,7 @@ class LayerChecks:
                              device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         """Decoding (one query against a cache of N - 1 earlier tokens, no autograd: the split-key kernel) gives
         the oracle's output for the last token, and the cache grows by that token."""
-        problem = self.problem(N, K, V, H=2 * group, seed=43)
-        problem = Problem(problem.q, problem.k[:, :, ::group], problem.v[:, :, ::group], problem.inputs)
+        problem = self._grouped_problem(N, K, V, group, seed=43)
         o_ref = self._grouped_oracle(problem, group, None)[:, -1:]
         run = problem.to(dtype, device)
         names, parts = self._cache_parts(run)
@@ -702,6 +700,11 @@ class LayerChecks:
             assert "backward" in str(error)
         else:
             raise AssertionError("the forward-only kernel accepted inputs that require gradients")
+
+    def _grouped_problem(self, T: int, K: int, V: int, group: int, seed: int) -> Problem:
+        """A problem with two key and value heads and `group` query heads for each (grouped-query attention)."""
+        problem = self.problem(T, K, V, H=2 * group, seed=seed)
+        return Problem(problem.q, problem.k[:, :, ::group], problem.v[:, :, ::group], problem.inputs)
 
     def _grouped_oracle(self, problem: Problem, group: int, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         """The oracle's output with every key and value head repeated for its `group` query heads, sequence by
