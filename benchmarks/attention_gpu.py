@@ -40,9 +40,10 @@ WINDOW = 512
 H, D = 16, 128
 
 
-def generated_kernel(layer: str, window: int | None = None):
-    """flash_<layer>_triton from the catalogue's spec, regenerated into a temporary folder with `window`."""
-    if window is None:
+def generated_kernel(layer: str, edit: tuple[str, str] | None = None):
+    """flash_<layer>_triton from the catalogue's spec, or from the spec with one text `edit` (old, new: a window,
+    an iteration count) generated into a temporary folder."""
+    if edit is None:
         module = importlib.import_module(f"generated.{layer}.flash_triton")
         return getattr(module, f"flash_{layer}_triton")
     from ttr_codegen.fuzz import _import_package
@@ -50,13 +51,70 @@ def generated_kernel(layer: str, window: int | None = None):
     from ttr_codegen.render.writer import plan_changes, write_atomically
 
     text = (ROOT / "specs" / f"{layer}.yaml").read_text()
+    assert edit[0] in text, f"{layer}.yaml has no {edit[0]!r}"
     folder = Path(tempfile.mkdtemp(prefix="ttr-bench-spec-"))
     spec = folder / f"{layer}.yaml"
-    spec.write_text(text.replace("window: 32", f"window: {window}"))
+    spec.write_text(text.replace(*edit))
     compiled = compile_spec(spec, folder / "out")
     write_atomically(plan_changes(compiled.package_dir, compiled.files), force=True)
     package = _import_package(folder / "out" / layer)
     return getattr(importlib.import_module(f"{package.__name__}.flash_triton"), f"flash_{layer}_triton")
+
+
+def exact_local_linear(q, k, v, rows, scale: float, ridge: float) -> torch.Tensor:
+    """The local-linear fit's output at query positions `rows` of batch row 0, every head, in float64, with its
+    normal equations solved directly: w = softmax(scale q.k) over keys j <= t, (C + ridge I) x = q - k_bar,
+    o = v_bar + sum_j w_j ((k_j - k_bar) . x) (v_j - v_bar). [len(rows), H, V]."""
+    out = []
+    for t in rows:
+        query, keys, values = q[0, t].double(), k[0, :t + 1].double(), v[0, :t + 1].double()
+        w = torch.softmax(scale * torch.einsum("nhk,hk->hn", keys, query), dim=-1)
+        k_bar, v_bar = torch.einsum("hn,nhk->hk", w, keys), torch.einsum("hn,nhv->hv", w, values)
+        centred = keys - k_bar
+        system = torch.einsum("hn,nhk,nhl->hkl", w, centred, centred) + ridge * torch.eye(q.shape[-1], device=q.device,
+                                                                                           dtype=torch.float64)
+        x = torch.linalg.solve(system, query - k_bar)
+        out.append(v_bar + torch.einsum("hn,nhv->hv", w * torch.einsum("nhk,hk->hn", centred, x), values - v_bar))
+    return torch.stack(out)
+
+
+def local_linear_study(iterations: list[int], B: int = 4, T: int = 4096, widths=(64, 128), threshold: float = 1e-5):
+    """Local-linear attention's conjugate-gradient solve: its gap to the exact solve against the step count
+    (float32 and bf16 inputs, sampled query rows), then at the fewest steps that reach `threshold` (float32
+    agreement) its forward time against SDPA's, bf16, at each head width."""
+    layer, ridge = "local_linear_attention_cg", 0.1
+    print(f"\nlocal-linear attention, conjugate-gradient steps against the exact solve (gap: max |o - o_exact| / "
+          f"max |o_exact| over 32 query rows of B=1 T={T}, H={H})")
+    print(f"{'D':>4} {'steps':>6} {'gap fp32':>10} {'gap bf16':>10}")
+    kernels = {n: generated_kernel(layer, ("iterations: 16", f"iterations: {n}")) for n in iterations}
+    needed = {}
+    for D in widths:
+        generator = torch.Generator(device="cuda").manual_seed(1)
+        q, k, v = (torch.randn(1, T, H, D, device="cuda", generator=generator) for _ in range(3))
+        rows = torch.linspace(0, T - 1, 32).long().tolist()
+        exact = exact_local_linear(q, k, v, rows, D ** -0.5, ridge)
+        for n, kernel in kernels.items():
+            gaps = []
+            for dtype in (torch.float32, torch.bfloat16):
+                with torch.no_grad():
+                    o = kernel(q.to(dtype), k.to(dtype), v.to(dtype), scale=D ** -0.5)[0][0, rows].double()
+                gaps.append(((o - exact).abs().max() / exact.abs().max()).item())
+            print(f"{D:>4} {n:>6} {gaps[0]:>10.2e} {gaps[1]:>10.2e}", flush=True)
+            if gaps[0] <= threshold and D not in needed:
+                needed[D] = n
+    print(f"\nforward at the fewest steps with an fp32 gap <= {threshold:g}, bf16, B={B} T={T} H={H}")
+    print(f"{'D':>4} {'steps':>6} {'ours ms':>9} {'SDPA ms':>9} {'ours/SDPA':>10} {'first s':>8}")
+    rows = []
+    for D in widths:
+        n = needed.get(D, max(iterations))
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(3))
+        ms, first = timed(kernels[n], [q, k, v], False)
+        sdpa_ms, _ = timed(sdpa, [q, k, v], False)
+        print(f"{D:>4} {n:>6} {ms:>9.3f} {sdpa_ms:>9.3f} {ms / sdpa_ms:>9.1f}x {first:>8.2f}", flush=True)
+        rows.append(dict(layer=f"local_linear_D{D}_cg{n}", B=B, T=T, what="fwd", ours_ms=ms, peer_ms=sdpa_ms,
+                         peer="SDPA causal (softmax)", gap=float("nan"), first_s=first))
+    return rows
 
 
 def sdpa(q, k, v, g=None):
@@ -104,6 +162,8 @@ def main() -> None:
     parser.add_argument("--layers", nargs="*", default=["softmax", "window", "forgetting", "gaussian", "local_linear"])
     parser.add_argument("--shapes", nargs="*", default=["4x4096", "2x8192", "1x16384"])
     parser.add_argument("--csv", type=Path, default=None)
+    parser.add_argument("--cg-steps", nargs="*", type=int, default=[4, 8, 12, 16, 24, 32],
+                        help="local-linear's conjugate-gradient step counts to compare with the exact solve")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, H={H} D={D}")
     layers = {  # name -> (our layer, window, peer name, peer factory by T, whether it takes the gate)
@@ -120,7 +180,7 @@ def main() -> None:
           f"{'first s':>8}  peer")
     for name in args.layers:
         layer, window, peer_name, peer_for, gated = layers[name]
-        ours = generated_kernel(layer, window)
+        ours = generated_kernel(layer, None if window is None else ("window: 32", f"window: {window}"))
         for shape in args.shapes:
             B, T = (int(x) for x in shape.split("x"))
             generator = torch.Generator(device="cuda").manual_seed(0)
@@ -157,7 +217,7 @@ def main() -> None:
     print(f"{'layer':<12} {'cache':<10} {'pass':<8} {'ours ms':>9} {'SDPA ms':>9} {'SDPA/ours':>9}")
     for name in [n for n in args.layers if n != "local_linear"]:
         layer, window, _, _, gated = layers[name]
-        ours = generated_kernel(layer, window)
+        ours = generated_kernel(layer, None if window is None else ("window: 32", f"window: {window}"))
         for shape in args.shapes:
             B, T = (int(x) for x in shape.split("x"))
             q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -170,6 +230,8 @@ def main() -> None:
             print(f"{name:<12} {shape:<10} {'decode':<8} {ms:>9.3f} {sdpa_ms:>9.3f} {sdpa_ms / ms:>8.2f}x", flush=True)
             rows.append(dict(layer=name, B=B, T=T, what="decode", ours_ms=ms, peer_ms=sdpa_ms, peer="SDPA",
                              gap=float("nan"), first_s=float("nan")))
+    if "local_linear" in args.layers and args.cg_steps:
+        rows += local_linear_study(args.cg_steps)
     if args.csv:
         with args.csv.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

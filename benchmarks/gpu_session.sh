@@ -10,8 +10,9 @@
 # (its guard bypassed where it refuses: time only) and profiles the delta rule's training step at B=2 T=8192;
 # "tune_delta" sweeps the delta rule's backward launch settings at that shape; "tune_gla" GLA's forward ones
 # at both shapes; "tune_kda" KDA's training step's; "kda" profiles KDA's kernels, runs its GPU tests and times
-# it and gated DeltaProduct against fla (forward rows first); "attention" runs the local-constant attention
-# kernels' GPU tests, times them against SDPA, FlexAttention and fla, and sweeps softmax's launch table;
+# it and gated DeltaProduct against fla (forward rows first); "attention" runs the attention kernels' GPU
+# tests and times them against SDPA, FlexAttention and fla (with local-linear's solver study);
+# "tune_attention" sweeps the local-constant kernels' launch table (softmax's training step);
 # "diagnose" finds which backward kernel of the delta family drifts from its float32 run in bf16 at K = 256. One device call has 10 minutes: separate calls.
 set -uo pipefail
 OUT="${OUT:-gpu-logs}"
@@ -68,13 +69,19 @@ if [[ $WHAT == kda ]]; then  # the per-key delta kernels: where the time goes, t
     cat "$OUT/steps.txt"
     exit 0
 fi
-if [[ $WHAT == attention ]]; then  # the local-constant attention kernels: GPU tests, peers, launch sweep
-    step attention_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_flash_gpu.py -q \
+if [[ $WHAT == attention ]]; then  # the attention kernels: GPU tests, then peers (fla's autotuning last)
+    step attention_tests 180 timeout -s INT 170 python3 -m pytest -m gpu tests/gpu/test_flash_gpu.py -q \
         -p no:cacheprovider -n 8 -rfE --tb=short
-    step bench_attention 240 python3 benchmarks/attention_gpu.py --csv "$OUT/attention.csv"
-    step tune_attention 140 python3 benchmarks/tune_gpu.py softmax_attention --B 4 --T 4096 --backward
-    tail -n 15 "$OUT/attention_tests.txt"
-    cat "$OUT/bench_attention.txt" "$OUT/tune_attention.txt" "$OUT/steps.txt"
+    step bench_attention 220 python3 benchmarks/attention_gpu.py --layers softmax window gaussian local_linear \
+        --csv "$OUT/attention.csv"
+    step bench_forgetting 120 python3 benchmarks/attention_gpu.py --layers forgetting --csv "$OUT/forgetting.csv"
+    tail -n 25 "$OUT/attention_tests.txt"
+    cat "$OUT/bench_attention.txt" "$OUT/bench_forgetting.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == tune_attention ]]; then  # the local-constant kernels' launch tables, a training step
+    step tune_attention 270 python3 benchmarks/tune_gpu.py softmax_attention --B 4 --T 4096 --backward
+    cat "$OUT/tune_attention.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == diagnose ]]; then  # per-kernel drift at the largest head, where a Hopper miscompile was found
