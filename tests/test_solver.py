@@ -1,5 +1,6 @@
 """A local-linear fit solved by the spec's iterative solver (`optimiser.solver: {method: cg, iterations: n}`):
-the generated ops compute n conjugate-gradient steps, as the oracle does on its own, and the exact solve is
+the generated ops compute n conjugate-gradient steps, as the oracle does on its own, and differentiate the
+system implicitly (the adjoint system solved by the same n steps); the exact solve, outputs and gradients, is
 the reference they converge to (K steps are exact in exact arithmetic)."""
 
 from pathlib import Path
@@ -46,3 +47,20 @@ def test_k_steps_reach_the_exact_solve_and_fewer_do_not(tmp_path):
     package = _import_package(tmp_path / "out" / "cg_attention")
     o, _ = package.naive_cg_attention(q, k, v)
     torch.testing.assert_close(o, exact, atol=1e-10, rtol=1e-9)
+
+
+def test_implicit_gradients_reach_the_exact_solves():
+    """At K steps the gradients are the exact solve's; at one step they are not (both solves implicit)."""
+    q, k, v = _problem()
+    d_out = torch.randn(2, 12, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def gradients(solver: str):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        o, _ = oracle.solve(parse_spec(SPEC % solver, "x.yaml"), *leaves, {})
+        return torch.autograd.grad((o * d_out).sum(), leaves)
+
+    exact = gradients("")
+    for iterations, close in ((4, True), (1, False)):
+        found = gradients(f", solver: {{method: cg, iterations: {iterations}}}")
+        gap = max((g - e).abs().max().item() for g, e in zip(found, exact))
+        assert (gap < 1e-9) == close, (iterations, gap)

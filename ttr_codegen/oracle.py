@@ -273,10 +273,56 @@ def _local_polynomial(spec: Spec, q, k, v, inputs, scale):
     return torch.stack(outputs, dim=1), state
 
 
+def _cg_steps(A: torch.Tensor, b: torch.Tensor, iterations: int) -> torch.Tensor:
+    """n conjugate-gradient steps on A x = b from x = 0, batched over rows (a row stops once its residual is at
+    rounding level). A [..., K, K], b [..., K]."""
+    x, residual = torch.zeros_like(b), b
+    direction = residual
+    size = (residual * residual).sum(-1)
+    converged = torch.finfo(residual.dtype).eps ** 2 * size
+    for _ in range(iterations):
+        stepping = size > converged
+        image = torch.einsum("...kl,...l->...k", A, direction)
+        curvature = (direction * image).sum(-1)
+        stepping = stepping & (curvature > 0)
+        step = torch.where(stepping, size / torch.where(stepping, curvature, torch.ones_like(curvature)), 0.0)
+        x = x + step[..., None] * direction
+        residual = residual - step[..., None] * image
+        new_size = (residual * residual).sum(-1)
+        turn = torch.where(stepping, new_size / torch.where(stepping, size, torch.ones_like(size)), 0.0)
+        direction = residual + turn[..., None] * direction
+        size = new_size
+    return x
+
+
+class _AdjointByCG(torch.autograd.Function):
+    """Zero in the forward; its backward maps a gradient g to y with A y = g by the spec's n steps. With it,
+    x - S(A x - b) (x held constant) has the value x and the implicit gradient of the system's solution,
+    dx = A^-1 (db - dA x): how the spec's iterative solvers are differentiated."""
+
+    @staticmethod
+    def forward(ctx, A, residual, iterations):
+        ctx.save_for_backward(A)
+        ctx.iterations = iterations
+        return torch.zeros_like(residual)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (A,) = ctx.saved_tensors
+        return None, _cg_steps(A.detach(), grad, ctx.iterations), None
+
+
+def _solve_by_cg(A: torch.Tensor, b: torch.Tensor, iterations: int) -> torch.Tensor:
+    """x from n conjugate-gradient steps on A x = b (A symmetric), differentiated implicitly."""
+    with torch.no_grad():
+        x = _cg_steps(A, b, iterations)
+    return x - _AdjointByCG.apply(A.detach(), torch.einsum("...kl,...l->...k", A, x) - b, iterations)
+
+
 def _local_linear_by_cg(spec: Spec, inputs, w, keys, values, query):
     """A local-linear fit whose normal equations are solved as the spec says: the slope's system
     (C + Lambda) x = q - k_bar, C the weighted key covariance and Lambda the ridge, by n conjugate-gradient
-    steps from x = 0 (a row stops once its residual is at rounding level); the fit's value at the query is
+    steps from x = 0, differentiated implicitly (`_solve_by_cg`); the fit's value at the query is
     v_bar + sum_i w_i ((k_i - k_bar) . x) (v_i - v_bar). w [B, n, H]; keys, values [B, n, H, D]; query
     [B, 1, H, K]; returns [B, H, V]."""
     B, _, H, K = keys.shape
@@ -285,22 +331,7 @@ def _local_linear_by_cg(spec: Spec, inputs, w, keys, values, query):
     centred = keys - k_bar[:, :, None]
     covariance = torch.einsum("bhn,bhnk,bhnl->bhkl", w, centred, centred) + torch.diag_embed(
         _ridge_vector(spec, inputs, H, K, keys))
-    x, residual = torch.zeros_like(k_bar), query[:, 0] - k_bar
-    direction = residual
-    size = (residual * residual).sum(-1)
-    converged = torch.finfo(residual.dtype).eps ** 2 * size.detach()
-    for _ in range(spec.optimiser.solver_iterations):
-        stepping = size.detach() > converged
-        image = torch.einsum("bhkl,bhl->bhk", covariance, direction)
-        curvature = (direction * image).sum(-1)
-        stepping = stepping & (curvature.detach() > 0)
-        step = torch.where(stepping, size / torch.where(stepping, curvature, torch.ones_like(curvature)), 0.0)
-        x = x + step[..., None] * direction
-        residual = residual - step[..., None] * image
-        new_size = (residual * residual).sum(-1)
-        turn = torch.where(stepping, new_size / torch.where(stepping, size, torch.ones_like(size)), 0.0)
-        direction = residual + turn[..., None] * direction
-        size = new_size
+    x = _solve_by_cg(covariance, query[:, 0] - k_bar, spec.optimiser.solver_iterations)
     coefficients = w * torch.einsum("bhnk,bhk->bhn", centred, x)
     return v_bar + torch.einsum("bhn,bhnv->bhv", coefficients, values - v_bar[:, :, None])
 

@@ -409,21 +409,26 @@ class LayerChecks:
                                                 scores if gate == "per_key" else None, 0.5, initial, do, final_grad,
                                                 cu_seqlens, 16))
 
-    def flash_ops_opcheck(self, flash_op, backward_op) -> None:
-        """The local-constant kernels' custom ops (forward with autograd, and backward) pass
-        torch.library.opcheck: schema, fake tensors, autograd registration and dispatch, for a batch with
-        grouped query heads without biases, and for packed sequences with both."""
+    def flash_ops_opcheck(self, flash_op, backward_op, solver_iterations: int | None = None) -> None:
+        """The attention kernels' custom ops (forward with autograd, and backward) pass torch.library.opcheck:
+        schema, fake tensors, autograd registration and dispatch, for a batch with grouped query heads without
+        biases, and for packed sequences with both. With `solver_iterations`, the local-linear ops (which take
+        the ridge and the step count too, and save the forward's means and solution)."""
         generator = torch.Generator().manual_seed(28)
         for B, cu_seqlens, biased in ((2, None, False), (1, torch.tensor([0, 5, 12]), True)):
             q = torch.randn(B, 12, 4, 8, generator=generator)
             k, v = torch.randn(B, 12, 2, 8, generator=generator), torch.randn(B, 12, 2, 6, generator=generator)
             G = torch.cumsum(-torch.rand(B, 12, 4, generator=generator), dim=1)
             bias_q, bias_k = (G, torch.randn(B, 12, 4, generator=generator)) if biased else (None, None)
+            ridge = () if solver_iterations is None else (torch.rand(4, 8, generator=generator) + 0.1,)
+            solver = () if solver_iterations is None else (solver_iterations,)
             leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
-            torch.library.opcheck(flash_op, (*leaves, bias_q, bias_k, 0.5, -0.1, cu_seqlens))
-            o, lse = flash_op(q, k, v, bias_q, bias_k, 0.5, -0.1, cu_seqlens)
-            do = torch.randn(o.shape, generator=generator)
-            torch.library.opcheck(backward_op, (q, k, v, bias_q, bias_k, o, lse, do, 0.5, -0.1, cu_seqlens))
+            torch.library.opcheck(flash_op, (*leaves, bias_q, bias_k, *ridge, 0.5, -0.1, cu_seqlens, *solver))
+            outputs = flash_op(q, k, v, bias_q, bias_k, *ridge, 0.5, -0.1, cu_seqlens, *solver)
+            saved = outputs if solver_iterations is None else outputs[1:]  # local-linear saves no output
+            do = torch.randn(outputs[0].shape, generator=generator)
+            torch.library.opcheck(backward_op, (q, k, v, bias_q, bias_k, *ridge, *saved, do, 0.5, -0.1, cu_seqlens,
+                                                *solver))
 
     def flash_triton_compiles(self, kernel) -> None:
         """torch.compile(fullgraph=True) traces flash_<name>_triton, forward and backward (custom ops with fake
