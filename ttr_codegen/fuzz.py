@@ -294,9 +294,7 @@ def planned_checks(package, spec) -> list[tuple[str, object]]:
     flash_module = _submodule(package, "flash_triton")
     if flash_module is not None:
         flash = getattr(flash_module, f"flash_{op}_triton")
-        backward = hasattr(flash_module, "flash_backward_op")  # the local-linear kernels are forward only
-        plan += [("flash_triton", lambda: checks.flash_triton_matches_oracle(flash, 20, K=K, V=V, group=2,
-                                                                              gradients=backward)),
+        plan += [("flash_triton", lambda: checks.flash_triton_matches_oracle(flash, 20, K=K, V=V, group=2)),
                  ("flash_triton_decode", lambda: checks.flash_triton_decodes(flash, 90, K=K, V=V, group=2))]
     if chunk is not None:
         plan += [("chunk", lambda: checks.chunk_matches_oracle(37, 16, K=6, V=5)),
