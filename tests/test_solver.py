@@ -64,3 +64,22 @@ def test_implicit_gradients_reach_the_exact_solves():
         found = gradients(f", solver: {{method: cg, iterations: {iterations}}}")
         gap = max((g - e).abs().max().item() for g, e in zip(found, exact))
         assert (gap < 1e-9) == close, (iterations, gap)
+
+
+
+@pytest.mark.parametrize("document", [
+    # A Gaussian kernel: a key-norm term in the log-weights.
+    "name: cg_gauss\nregressor: {class: local_polynomial, degree: 1}\nweights: {kernel: gaussian, bandwidth: 2.0}\n"
+    "optimiser: {method: exact, ridge: 0.3, solver: {method: cg, iterations: 3}}\n",
+    # A window, a decay and sample weights: both biases of the log-weights.
+    "name: cg_biased\nregressor: {class: local_polynomial, degree: 1}\n"
+    "weights: {kernel: exp_dot, window: 6, decay: g, sample_weight: c}\n"
+    "optimiser: {method: exact, ridge: 0.2, solver: {method: cg, iterations: 4}}\n"
+    "inputs:\n  g: {shape: [B, T, H], role: log_decay}\n  c: {shape: [B, T, H], role: sample_weight}\n",
+], ids=["gaussian", "window_decay_sample_weight"])
+def test_the_kernels_gradients_reach_every_input(document, tmp_path):
+    """The Triton kernels (under the interpreter on a CPU) against the oracle, outputs and the gradient of every
+    input, with fewer steps than K (unconverged: both differentiate implicitly)."""
+    outcome = check_document(yaml.safe_load(document), tmp_path)
+    assert outcome.status == "passed", f"{outcome.check}: {outcome.error}"
+    assert "flash_triton" in outcome.checks
