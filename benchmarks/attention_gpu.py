@@ -5,7 +5,7 @@ forward + backward.
                                        [--csv times.csv]
 
 H = 16, D = 128, causal. Peers: PyTorch's SDPA (softmax; also the yardstick of the Gaussian kernel and of local-linear
-attention, forward only, 16 conjugate-gradient steps), FlexAttention
+attention, 16 conjugate-gradient steps), FlexAttention
 with the same sliding window (512 keys; the layer is generated from the catalogue's sliding-window spec with
 that window), fla's `parallel_forgetting_attn` (forgetting attention; needs fla-core). Each row: median ms
 (`triton.testing.do_bench`), the ratio peer / ours (> 1: ours is faster), the largest gap between the two
@@ -81,7 +81,7 @@ def exact_local_linear(q, k, v, rows, scale: float, ridge: float) -> torch.Tenso
 def local_linear_study(iterations: list[int], B: int = 4, T: int = 4096, widths=(64, 128), threshold: float = 1e-5):
     """Local-linear attention's conjugate-gradient solve: its gap to the exact solve against the step count
     (float32 and bf16 inputs, sampled query rows), then at the fewest steps that reach `threshold` (float32
-    agreement) its forward time against SDPA's, bf16, at each head width."""
+    agreement) its forward and forward+backward times against SDPA's, bf16, at each head width."""
     layer, ridge = "local_linear_attention_cg", 0.1
     print(f"\nlocal-linear attention, conjugate-gradient steps against the exact solve (gap: max |o - o_exact| / "
           f"max |o_exact| over 32 query rows of B=1 T={T}, H={H})")
@@ -102,18 +102,20 @@ def local_linear_study(iterations: list[int], B: int = 4, T: int = 4096, widths=
             print(f"{D:>4} {n:>6} {gaps[0]:>10.2e} {gaps[1]:>10.2e}", flush=True)
             if gaps[0] <= threshold and D not in needed:
                 needed[D] = n
-    print(f"\nforward at the fewest steps with an fp32 gap <= {threshold:g}, bf16, B={B} T={T} H={H}")
-    print(f"{'D':>4} {'steps':>6} {'ours ms':>9} {'SDPA ms':>9} {'ours/SDPA':>10} {'first s':>8}")
+    print(f"\nat the fewest steps with an fp32 gap <= {threshold:g}, bf16, B={B} T={T} H={H}, against SDPA causal")
+    print(f"{'D':>4} {'steps':>6} {'pass':<8} {'ours ms':>9} {'SDPA ms':>9} {'ours/SDPA':>10} {'first s':>8}")
     rows = []
     for D in widths:
         n = needed.get(D, max(iterations))
         generator = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(3))
-        ms, first = timed(kernels[n], [q, k, v], False)
-        sdpa_ms, _ = timed(sdpa, [q, k, v], False)
-        print(f"{D:>4} {n:>6} {ms:>9.3f} {sdpa_ms:>9.3f} {ms / sdpa_ms:>9.1f}x {first:>8.2f}", flush=True)
-        rows.append(dict(layer=f"local_linear_D{D}_cg{n}", B=B, T=T, what="fwd", ours_ms=ms, peer_ms=sdpa_ms,
-                         peer="SDPA causal (softmax)", gap=float("nan"), first_s=first))
+        for backward in (False, True):
+            ms, first = timed(kernels[n], [q, k, v], backward)
+            sdpa_ms, _ = timed(sdpa, [q, k, v], backward)
+            what = "fwd+bwd" if backward else "fwd"
+            print(f"{D:>4} {n:>6} {what:<8} {ms:>9.3f} {sdpa_ms:>9.3f} {ms / sdpa_ms:>9.1f}x {first:>8.2f}", flush=True)
+            rows.append(dict(layer=f"local_linear_D{D}_cg{n}", B=B, T=T, what=what, ours_ms=ms, peer_ms=sdpa_ms,
+                             peer="SDPA causal (softmax)", gap=float("nan"), first_s=first))
     return rows
 
 
@@ -171,7 +173,7 @@ def main() -> None:
         "window": ("sliding_window_attention", WINDOW, f"FlexAttention window {WINDOW}", flex_window, False),
         "forgetting": ("forgetting_attention", None, "fla parallel_forgetting_attn", lambda T: fla_forgetting, True),
         "gaussian": ("gaussian_kernel_attention", None, "SDPA causal (softmax)", lambda T: sdpa, False),
-        # Local-linear, 16 conjugate-gradient steps, forward only (its backward is not generated yet).
+        # Local-linear, the catalogue's 16 conjugate-gradient steps (the study below finds the steps needed).
         "local_linear": ("local_linear_attention_cg", None, "SDPA causal (softmax)", lambda T: sdpa, False),
     }
     yardsticks = {"gaussian", "local_linear"}  # a different layer timed beside ours: no gap
@@ -193,7 +195,7 @@ def main() -> None:
                 peer = peer_for(T)
             except Exception as error:  # e.g. fla-core missing
                 peer, peer_name = None, f"{peer_name}: {type(error).__name__}"
-            for backward in (False, True) if name != "local_linear" else (False,):
+            for backward in (False, True):
                 ms, first = timed(ours, inputs, backward)
                 peer_ms, gap = float("nan"), float("nan")
                 if peer is not None and name not in yardsticks:
