@@ -40,7 +40,7 @@ class InputPlan:
     per_step: bool  # indexed per sub-step (steps_per_token > 1)
     per_key: bool
     token_code: str  # how one token's (or sub-step's) slice is read
-    layer_kind: str  # "projection", "per_head_decay", "ridge_parameter"
+    layer_kind: str  # "projection", "decay_projection", "per_head_decay", "positive_parameter"
     activation: str
     # Passed once per token but read per sub-step: a decay with several sub-steps acts at its token's first
     # sub-step only (log-decay 0 at the others); the ops spread it over the sub-step rows after their checks.
@@ -365,6 +365,8 @@ def _step_reads(inputs, row: str, vectors=()) -> list[str]:
 
 
 def _layer_kind(i: InputSpec) -> str:
+    if i.per_token and i.role == "log_decay":
+        return "decay_projection"
     if i.per_token:
         return "projection"
     if i.role == "log_decay":

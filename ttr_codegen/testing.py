@@ -810,19 +810,57 @@ class LayerChecks:
         torch.testing.assert_close(by_position, by_name, rtol=0, atol=0)
 
     def layer(self, hidden_size: int = 32, num_heads: int = 2, T: int = 9) -> None:
-        """The module runs, trains (finite gradients) and carries its state across calls."""
-        torch.manual_seed(0)
-        layer = self.layer_class(hidden_size=hidden_size, num_heads=num_heads).double()
+        """The module (fla's layer API) runs and trains, and, with and without short convolutions and the gated
+        output norm: carries its state through a cache (a prefix, then token by token, equals one call), and
+        treats padding as absent (left- and right-padded rows equal their sequences alone, prefill and
+        decoding)."""
+        layer_api_checks(self.layer_class, hidden_size, num_heads, T)
+
+
+def layer_api_checks(layer_class, hidden_size: int, num_heads: int, T: int) -> None:
+    """See LayerChecks.layer: shared by every generated layer."""
+    torch.manual_seed(0)
+    tolerance = _tolerance(torch.float64)
+    for options in ({}, {"use_short_conv": True, "conv_size": 3, "use_output_gate": True}):
+        layer = layer_class(hidden_size=hidden_size, num_heads=num_heads, layer_idx=0, **options).double()
         x = torch.randn(2, T, hidden_size, dtype=torch.float64, requires_grad=True)
-        y, state = layer(x, output_final_state=True)
-        assert y.shape == x.shape and torch.isfinite(y).all()
+        y, attentions, cache = layer(x)
+        assert y.shape == x.shape and torch.isfinite(y).all() and attentions is None and cache is None
         y.square().mean().backward()
-        assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+        for name, parameter in layer.named_parameters():
+            assert parameter.grad is None or torch.isfinite(parameter.grad).all(), name
         assert x.grad is not None and x.grad.abs().sum() > 0
         with torch.no_grad():
-            y_1, state_1 = layer(x[:, :4], output_final_state=True)
-            y_2, _ = layer(x[:, 4:], initial_state=state_1)
-            torch.testing.assert_close(torch.cat([y_1, y_2], dim=1), y, **_tolerance(torch.float64))
+            x = x.detach()
+            # A cache: a prefix, then the rest one token at a time, equals the whole in one call.
+            y_1, _, cache = layer(x[:, :4], use_cache=True)
+            pieces = [y_1]
+            for t in range(4, T):
+                y_t, _, cache = layer(x[:, t:t + 1], past_key_values=cache, use_cache=True)
+                pieces.append(y_t)
+            torch.testing.assert_close(torch.cat(pieces, dim=1), y.detach(), **tolerance,
+                                       msg=lambda m: f"{options}: decoding with the cache: {m}")
+            # Padding: row 0 is left-padded by 3, row 1 right-padded by 2; each equals its sequence alone.
+            lengths, left = (T - 3, T - 2), (3, 0)
+            mask = torch.zeros(2, T, dtype=torch.long)
+            padded = torch.zeros_like(x)
+            for b in range(2):
+                mask[b, left[b]:left[b] + lengths[b]] = 1
+                padded[b, left[b]:left[b] + lengths[b]] = x[b, :lengths[b]]
+            y_padded, _, cache = layer(padded, attention_mask=mask, use_cache=True)
+            for b in range(2):
+                alone, _, _ = layer(x[b:b + 1, :lengths[b]])
+                torch.testing.assert_close(y_padded[b:b + 1, left[b]:left[b] + lengths[b]], alone, **tolerance,
+                                           msg=lambda m, b=b: f"{options}: padded row {b}: {m}")
+                assert (y_padded[b, :left[b]] == 0).all() and (y_padded[b, left[b] + lengths[b]:] == 0).all()
+            # Decoding after a padded prefill: the next token of each row continues its own sequence.
+            step = torch.randn(2, 1, hidden_size, dtype=torch.float64)
+            y_next, _, _ = layer(step, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+                                 past_key_values=cache, use_cache=True)
+            for b in range(2):
+                whole, _, _ = layer(torch.cat([x[b:b + 1, :lengths[b]], step[b:b + 1]], dim=1))
+                torch.testing.assert_close(y_next[b:b + 1], whole[:, -1:], **tolerance,
+                                           msg=lambda m, b=b: f"{options}: decoding row {b} after padding: {m}")
 
 
 class OnlineChecks:
@@ -967,30 +1005,23 @@ class OnlineChecks:
 
     def layer_trains(self, hidden_size: int = 32, num_heads: int = 2) -> None:
         """The layer maps [B, T, D] to [B, T, D] through chunk_<name>, and one backward reaches every
-        parameter (the initial fast weights, the layer norm's, the projections) with finite gradients; its
-        state carries across calls, and packed sequences match separate calls."""
+        parameter (the initial fast weights, the layer norm's, the projections) with finite gradients; fla's
+        layer API (a cache through calls cut inside a mini-batch, then token by token; padding) as every layer
+        (`layer_api_checks`); packed sequences (cu_seqlens) each start from the learned weights, as separate
+        calls do."""
         torch.manual_seed(0)
         layer = self.layer_class(hidden_size=hidden_size, num_heads=num_heads).double()
         x = torch.randn(2, 2 * self.batch + 3, hidden_size, dtype=torch.float64)
-        y, state = layer(x, output_final_state=True)
-        assert y.shape == x.shape and len(state) == len(self.state_names)
+        y, _, cache = layer(x, use_cache=True)
+        assert y.shape == x.shape and len(cache[0]["recurrent_state"]) == len(self.state_names)
         y.square().mean().backward()
         for name, parameter in layer.named_parameters():
             assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
             assert parameter.grad.abs().sum() > 0, f"{name} gets no gradient"
-        # Carrying the state: calls cut inside a mini-batch, then one token per call, equal the whole; packed
-        # sequences (cu_seqlens) each start from the learned weights, as separate calls do.
+        layer_api_checks(self.layer_class, hidden_size, num_heads, T=2 * self.batch + 3)
         half = self.batch
         with torch.no_grad():
-            cut = self.batch // 2 + 1
-            y_1, carried = layer(x[:, :cut], output_final_state=True)
-            pieces = [y_1]
-            for t in range(cut, cut + 3):
-                y_t, carried = layer(x[:, t:t + 1], initial_state=carried, output_final_state=True)
-                pieces.append(y_t)
-            pieces.append(layer(x[:, cut + 3:], initial_state=carried)[0])
-            torch.testing.assert_close(torch.cat(pieces, dim=1), y.detach(), **_tolerance(torch.float64))
             packed = torch.cat([x[:1, :half], x[1:, :half + 3]], dim=1)
-            y_packed, _ = layer(packed, cu_seqlens=torch.tensor([0, half, 2 * half + 3]))
+            y_packed, _, _ = layer(packed, cu_seqlens=torch.tensor([0, half, 2 * half + 3]))
             y_alone = torch.cat([layer(x[:1, :half])[0], layer(x[1:, :half + 3])[0]], dim=1)
             torch.testing.assert_close(y_packed, y_alone, **_tolerance(torch.float64))

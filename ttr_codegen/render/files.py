@@ -129,7 +129,7 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         "adjoint": adjoint,
     }
     templates = {"__init__.py": "init.py.j2", "checks.py": "checks.py.j2", "naive.py": _NAIVE_TEMPLATE[context["form"]],
-                 "layer.py": "layer.py.j2"}
+                 "layer.py": "layer.py.j2", "modules.py": "modules.py.j2"}
     if context["streaming"]:
         templates["flash.py"] = "flash.py.j2"
     if isinstance(plan, AttentionPlan) and plan.flash_triton:
@@ -164,6 +164,7 @@ def render_online_layer(plan: OnlinePlan, spec_path: str, spec_text: str, packag
     context = {"plan": plan, "spec_path": spec_path, "spec_from_package": _spec_from_package(spec_path, package_dir)}
     templates = {"__init__.py": "init_online.py.j2", "checks.py": "checks.py.j2", "naive.py": "naive_online.py.j2",
                  "chunk.py": "chunk_online.py.j2",
-                 "layer.py": "layer_online.py.j2", f"test_{plan.name}.py": "test_online.py.j2"}
+                 "layer.py": "layer_online.py.j2", "modules.py": "modules.py.j2",
+                 f"test_{plan.name}.py": "test_online.py.j2"}
     return [RenderedFile(name, stamp(env.get_template(template).render(context), spec_path, spec_text))
             for name, template in templates.items()]

@@ -40,7 +40,7 @@ ROLES = {
 }
 # Names a generated op's signature or body already uses.
 RESERVED_INPUT_NAMES = ("q", "k", "v", "scale", "initial_state", "output_final_state", "cu_seqlens", "chunk_size",
-                        "torch", "triton", "tl", "dtype")
+                        "torch", "triton", "tl", "dtype", "output_gate")
 # Roles that make the memory forget (or carry) its past: what strongly decaying gates stress.
 GATE_ROLES = ("log_decay", "forget", "momentum")
 
