@@ -1,4 +1,4 @@
-"""The `ttr` command line: generate, explain, list."""
+"""The `ttr` command line: generate, explain, list, eval."""
 
 from __future__ import annotations
 
@@ -139,6 +139,98 @@ def explain(
             typer.echo(f"  {assign.target}_t = {assign.value.latex()}")
         for assign in rule.readout:
             typer.echo(f"  {assign.target} = {assign.value.latex()}")
+
+
+@app.command(name="eval")
+def evaluate(
+    specs: list[Path] = typer.Argument(..., help="Spec files: each is generated into a temporary folder."),
+    task: str = typer.Option("mqar", "--task", help="mqar (associative recall), copy (selective copying) or "
+                             "regression (in-context linear regression)."),
+    sizes: list[int] = typer.Option(None, "--size", help="Key-value pairs (mqar), tokens to copy (copy) or input "
+                                    "dimensions (regression); repeat for a sweep. Default: 4, 8, 16 (mqar), 4, 8."),
+    widths: list[int] = typer.Option([64], "--width", help="Model widths; repeat for a sweep."),
+    seq_len: int = typer.Option(64, "--seq-len"),
+    vocab: int = typer.Option(256, "--vocab"),
+    blocks: int = typer.Option(2, "--blocks", help="Blocks of the spec's layer in each model."),
+    heads: int = typer.Option(2, "--heads"),
+    steps: int = typer.Option(1000, "--steps"),
+    batch: int = typer.Option(64, "--batch"),
+    lr: float = typer.Option(3e-3, "--lr"),
+    short_conv: bool = typer.Option(True, "--short-conv/--no-short-conv", help="Short convolutions on q, k, v."),
+    device: str = typer.Option("auto", "--device", help="auto: the GPU when there is one."),
+    plot: Path = typer.Option(None, "--plot", help="Write a plot of the score against the size (matplotlib)."),
+) -> None:
+    """Train small models of each spec's layer on a synthetic task and print their scores."""
+    from .evaluate import TASKS, Setting, default_folder, load_layer, train
+
+    if task not in TASKS:
+        typer.echo(f"error: --task must be one of {', '.join(TASKS)}, got {task!r}", err=True)
+        raise typer.Exit(2)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        typer.echo("error: `ttr eval` builds transformers models: pip install 'ttr[models]'", err=True)
+        raise typer.Exit(2) from None
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    sizes = sizes or ([4, 8, 16] if task == "mqar" else [4, 8])
+    folder = default_folder()
+    layers = []
+    for spec in specs:
+        try:
+            layers.append(load_layer(spec, folder))
+        except SpecError as error:
+            typer.echo(str(error), err=True)
+            raise typer.Exit(1) from None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # a progress line per run instead
+        tqdm = None
+    score = "accuracy" if task != "regression" else "mse/var"
+    rows = []
+    for package, name in layers:
+        for width in widths:
+            for size in sizes:
+                setting = Setting(task, size, seq_len, vocab)
+                bar = (tqdm(total=steps, desc=f"{name} {task} size={size} width={width}", leave=False)
+                       if tqdm and sys.stderr.isatty() else None)  # a bar where someone watches
+                result = train(package, name, setting, width, blocks, heads, steps, batch, lr,
+                               {"use_short_conv": short_conv}, device,
+                               progress=(lambda loss, bar=bar: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
+                               if bar else None)
+                if bar:
+                    bar.close()
+                rows.append((name, size, width, result))
+                typer.echo(f"{name:<28} {task:<10} size {size:>4} width {width:>5}  {score} {result['score']:.3f}  "
+                           f"loss {result['loss']:.3f}  {result['seconds']:.0f} s")
+    typer.echo(f"\n{'layer':<28} {'size':>5} {'width':>6} {score:>9} {'params':>9}   ({task}, {blocks} blocks, "
+               f"{steps} steps, {'short conv' if short_conv else 'no short conv'}, {device})")
+    for name, size, width, result in rows:
+        typer.echo(f"{name:<28} {size:>5} {width:>6} {result['score']:>9.3f} {result['parameters']:>9}")
+    if plot:
+        _plot_scores(rows, plot, task, score)
+
+
+def _plot_scores(rows, path: Path, task: str, score: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        typer.echo("no plot: matplotlib is not installed (pip install matplotlib)", err=True)
+        return
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for name, width in sorted({(r[0], r[2]) for r in rows}):
+        points = sorted((r[1], r[3]["score"]) for r in rows if r[0] == name and r[2] == width)
+        axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{name} (width {width})")
+    axis.set_xlabel({"mqar": "key-value pairs", "copy": "tokens to copy", "regression": "input dimension"}[task])
+    axis.set_ylabel(score)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    typer.echo(f"wrote {path}")
 
 
 @app.command(name="list")
