@@ -301,7 +301,12 @@ class MatPoly:
         return text
 
     def latex(self) -> str:
-        return sp.latex(self.to_expr())
+        """Term by term, as __str__ joins them (SymPy prints a sum's negative matrix term as "+ -")."""
+        text = ""
+        for term in self.terms:
+            part = sp.latex(MatPoly(self.rows, self.cols, (term,), self.symmetric).to_expr())
+            text += (" - " + part[1:].lstrip() if part.startswith("-") else " + " + part) if text else part
+        return text or "0"
 
 
 def sherman_morrison(a_inverse: MatPoly, u, w, s) -> MatPoly:
