@@ -21,7 +21,6 @@ _SHAPE_CODE = {("B", "T", "H"): "(B, T, H)", ("B", "T", "H", "K"): "(B, T, H, K)
 
 # How the layer module produces each input from the hidden states (or as a parameter).
 _PARAMETERISATION = {
-    ("log_decay", True): "F.logsigmoid",  # gates in (-inf, 0)
     ("step_size", True): "torch.sigmoid",
     ("sample_weight", True): "torch.sigmoid",
     ("forget", True): "torch.sigmoid",
