@@ -6,6 +6,7 @@ themselves in tests/test_harness.py (a deliberately wrong layer must fail them).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -821,7 +822,11 @@ def layer_api_checks(layer_class, hidden_size: int, num_heads: int, T: int) -> N
     """See LayerChecks.layer: shared by every generated layer."""
     torch.manual_seed(0)
     tolerance = _tolerance(torch.float64)
-    for options in ({}, {"use_short_conv": True, "conv_size": 3, "use_output_gate": True}):
+    # The layer's default form, and its token loop with the options on (modes: every one the layer has).
+    modes = getattr(sys.modules[layer_class.__module__], "MODES", ("",))
+    for options in ({}, {"use_short_conv": True, "conv_size": 3, "use_output_gate": True, "mode": "naive"}):
+        if options.get("mode") not in (None, *modes):
+            options.pop("mode")
         layer = layer_class(hidden_size=hidden_size, num_heads=num_heads, layer_idx=0, **options).double()
         x = torch.randn(2, T, hidden_size, dtype=torch.float64, requires_grad=True)
         y, attentions, cache = layer(x)
