@@ -4,7 +4,7 @@ and the model trains."""
 
 import torch
 
-from ttr_codegen.models import TTRConfig, TTRForCausalLM
+from ttr_codegen.models import CACHE_FIELD, TTRConfig, TTRForCausalLM
 
 # A hybrid: three Gated DeltaNet blocks, then softmax attention, with short convolutions and gated norms.
 HYBRID = dict(vocab_size=40, hidden_size=32, num_hidden_layers=4, num_heads=2, pad_token_id=0,
@@ -31,8 +31,19 @@ def test_generate_with_the_cache_equals_full_forwards():
     assert torch.equal(generated, _greedy_without_cache(model, ids, 6))
     # The logits of a cached step equal the full forward's at that position.
     out = model(ids[:, :5], use_cache=True)
-    step = model(ids[:, 5:6], past_key_values=out.past_key_values, use_cache=True)
+    step = model(ids[:, 5:6], past_key_values=getattr(out, CACHE_FIELD), use_cache=True)
     torch.testing.assert_close(step.logits[:, -1], model(ids[:, :6], use_cache=False).logits[:, -1])
+
+
+def test_generation_reads_each_token_once():
+    """After the prompt, every step feeds the model one token: the cache, not the whole sequence again."""
+    model = _model()
+    lengths = []
+    forward = model.model.forward
+    model.model.forward = lambda *a, **k: (lengths.append(k["input_ids"].shape[1]), forward(*a, **k))[1]
+    model.generate(torch.randint(1, 40, (2, 9), generator=torch.Generator().manual_seed(5)), max_new_tokens=4,
+                   do_sample=False)
+    assert lengths == [9, 1, 1, 1], lengths
 
 
 def test_left_padded_prompts_generate_as_alone():

@@ -24,6 +24,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 __all__ = ["TTRCache", "TTRConfig", "TTRForCausalLM", "TTRModel"]
 
+# transformers' outputs name the cache `cache` from some 5.x release on, `past_key_values` before.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class TTRConfig(PretrainedConfig):
     """The model's shape and the generated layers its blocks mix with.
@@ -182,7 +185,8 @@ class TTRModel(TTRPreTrainedModel):
         self.embeddings = value
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None,
-                use_cache=None, return_dict=True, **kwargs) -> BaseModelOutputWithPast:
+                use_cache=None, return_dict=True, cache=None, **kwargs) -> BaseModelOutputWithPast:
+        past_key_values = cache if past_key_values is None else past_key_values  # transformers' two names
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("TTRModel: give input_ids or inputs_embeds, one of them")
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -195,7 +199,7 @@ class TTRModel(TTRPreTrainedModel):
         for block in self.blocks:
             x, past_key_values = block(x, attention_mask, past_key_values, use_cache, **layer_kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x),
-                                       past_key_values=past_key_values if use_cache else None)
+                                       **{CACHE_FIELD: past_key_values if use_cache else None})
 
 
 class TTRForCausalLM(TTRPreTrainedModel, GenerationMixin):
@@ -224,8 +228,9 @@ class TTRForCausalLM(TTRPreTrainedModel, GenerationMixin):
         return False  # the mixers keep recurrent states, not key-value pairs: the model makes its own cache
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      inputs_embeds=None, use_cache=True, **kwargs) -> dict:
+                                      inputs_embeds=None, use_cache=True, cache=None, **kwargs) -> dict:
         """With a cache, only the tokens it has not seen; the whole mask (its last columns are these tokens')."""
+        past_key_values = cache if past_key_values is None else past_key_values
         if past_key_values is not None and len(past_key_values) > 0:
             input_ids = input_ids[:, past_key_values.get_seq_length():]
             inputs_embeds = None
@@ -234,13 +239,14 @@ class TTRForCausalLM(TTRPreTrainedModel, GenerationMixin):
                 "use_cache": use_cache}
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None,
-                labels=None, use_cache=None, return_dict=True, logits_to_keep: int = 0,
+                labels=None, use_cache=None, return_dict=True, logits_to_keep: int = 0, cache=None,
                 **kwargs) -> CausalLMOutputWithPast:
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             past_key_values=cache if past_key_values is None else past_key_values,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = outputs.last_hidden_state
         logits = self.lm_head(hidden if not logits_to_keep else hidden[:, -logits_to_keep:])
         loss = None
         if labels is not None:  # next-token prediction: position t predicts labels[t + 1]
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
