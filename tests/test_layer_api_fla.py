@@ -53,7 +53,8 @@ def _causal_conv1d(x, weight, bias=None, activation=None, **_):
 def _gated_norm(self, x, g, *_, **__):
     """fla's FusedRMSNormGated with the swish gate: RMSNorm(x) * weight * silu(g)."""
     x32 = x.float()
-    return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps) * self.weight * F.silu(g.float())).to(x.dtype)
+    normed = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps) * self.weight
+    return (normed * F.silu(g.float())).to(x.dtype)
 
 
 @pytest.fixture

@@ -66,8 +66,8 @@ def catalogue_pages(specs_dir: Path = ROOT / "specs") -> dict[str, str]:
         rows.append(row)
     table = ["| layer | structure | optimiser | inputs | generated ops |", "|---|---|---|---|---|"]
     table += ["| " + " | ".join(row) + " |" for row in rows]
-    pages["layers/index.md"] = "\n".join(["# The catalogue", "",
-                                          "Every spec in `specs/`, with what `ttr` derives from it.", ""] + table) + "\n"
+    intro = ["# The catalogue", "", "Every spec in `specs/`, with what `ttr` derives from it.", ""]
+    pages["layers/index.md"] = "\n".join(intro + table) + "\n"
     return pages
 
 

@@ -115,7 +115,8 @@ def load_layer(spec: Path, folder: Path) -> tuple[str, str]:
 
     root = folder / "ttr_eval_layers"
     compiled = compile_spec(spec, root)
-    write_atomically(plan_changes(root, [_init_file()]) + plan_changes(compiled.package_dir, compiled.files), force=True)
+    changes = plan_changes(root, [_init_file()]) + plan_changes(compiled.package_dir, compiled.files)
+    write_atomically(changes, force=True)
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
     return "ttr_eval_layers", compiled.spec.name
