@@ -149,6 +149,21 @@ def print_elementwise(function: sp.Expr, argument: str) -> str:
     return _ElementwisePrinter({X.name: argument}).doprint(_numbers_evaluated(function))
 
 
+def elementwise_lines(function: sp.Expr, argument: str) -> tuple[list[str], str]:
+    """(lines naming the subexpressions `function` repeats, the code of function(X) that reads them): a
+    GELU's derivative then takes its tanh once. Each is named after its function and the argument
+    (`tanh_z1`), or numbered (`z1_part0`)."""
+    printer = _ElementwisePrinter({X.name: argument})
+    replacements, (reduced,) = sp.cse(_numbers_evaluated(function), symbols=sp.numbered_symbols("_part"))
+    lines, names = [], {}
+    for index, (symbol, subexpression) in enumerate(replacements):
+        head = type(subexpression).__name__.lower()
+        name = f"{head}_{argument}" if isinstance(subexpression, sp.Function) else f"{argument}_part{index}"
+        names[symbol] = sp.Symbol(name)
+        lines.append(f"{name} = {printer.doprint(subexpression.xreplace(names))}")
+    return lines, printer.doprint(reduced.xreplace(names))
+
+
 def forward_lines(program: Program) -> list[str]:
     """The forward as torch lines, one per operation."""
     lines = []
@@ -216,8 +231,10 @@ def gradient_lines(program: Program, output: Value, target: Value, weight: Value
             accumulate(a, f"({g} / {a.name}.shape[-1]).expand_as({a.name})")
         elif op.fn == "apply":
             (a,) = op.args
-            derivative = sp.diff(op.function, X)
-            accumulate(a, f"{g} * ({print_elementwise(derivative, a.name)})")
+            if a.name in needed:
+                named, derivative = elementwise_lines(sp.diff(op.function, X), a.name)
+                lines.extend(named)
+                accumulate(a, f"{g} * ({derivative})")
     missing = [v.name for v in wrt if v.name not in has_adjoint]
     assert not missing, f"no gradient reached {missing}"
     return lines
