@@ -61,21 +61,26 @@ def generated_kernel(layer: str, edit: tuple[str, str] | None = None):
     return getattr(importlib.import_module(f"{package.__name__}.flash_triton"), f"flash_{layer}_triton")
 
 
-def exact_local_linear(q, k, v, rows, scale: float, ridge: float) -> torch.Tensor:
-    """The local-linear fit's output at query positions `rows` of batch row 0, every head, in float64, with its
-    normal equations solved directly: w = softmax(scale q.k) over keys j <= t, (C + ridge I) x = q - k_bar,
+def local_linear_rows(q, k, v, rows, scale: float, ridge: float, solve) -> torch.Tensor:
+    """The local-linear fit's output at query positions `rows` of batch row 0, every head, in q's dtype:
+    w = softmax(scale q.k) over keys j <= t, x = solve(C + ridge I, q - k_bar) for the slope,
     o = v_bar + sum_j w_j ((k_j - k_bar) . x) (v_j - v_bar). [len(rows), H, V]."""
     out = []
     for t in rows:
-        query, keys, values = q[0, t].double(), k[0, :t + 1].double(), v[0, :t + 1].double()
+        query, keys, values = q[0, t], k[0, :t + 1], v[0, :t + 1]
         w = torch.softmax(scale * torch.einsum("nhk,hk->hn", keys, query), dim=-1)
         k_bar, v_bar = torch.einsum("hn,nhk->hk", w, keys), torch.einsum("hn,nhv->hv", w, values)
         centred = keys - k_bar
         system = torch.einsum("hn,nhk,nhl->hkl", w, centred, centred) + ridge * torch.eye(q.shape[-1], device=q.device,
-                                                                                           dtype=torch.float64)
-        x = torch.linalg.solve(system, query - k_bar)
+                                                                                           dtype=q.dtype)
+        x = solve(system, query - k_bar)
         out.append(v_bar + torch.einsum("hn,nhv->hv", w * torch.einsum("nhk,hk->hn", centred, x), values - v_bar))
     return torch.stack(out)
+
+
+def exact_local_linear(q, k, v, rows, scale: float, ridge: float) -> torch.Tensor:
+    """local_linear_rows in float64 with the normal equations solved directly."""
+    return local_linear_rows(q.double(), k.double(), v.double(), rows, scale, ridge, torch.linalg.solve)
 
 
 def local_linear_study(iterations: list[int], B: int = 4, T: int = 4096, widths=(64, 128), threshold: float = 1e-5):

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .lower import derivation_doc
-from .pipeline import compile_spec
+from .pipeline import compile_spec, explanation, generated_ops
 from .render.files import RenderedFile
 from .render.writer import HandEditedError, PackageOwnedError, plan_changes, plan_package, write_atomically
 from .spec import SpecError
@@ -112,27 +111,12 @@ def explain(
     except SpecError as error:
         typer.echo(str(error), err=True)
         raise typer.Exit(1) from None
-    rule, plan = compiled.rule, compiled.plan
-    if rule is None:  # a nonlinear memory: its objective, optimiser and the derived gradient
-        typer.echo(f"{plan.name}: {compiled.spec.description}")
-        for line in plan.description_lines:
-            typer.echo(f"  {line}")
-        typer.echo("  the gradient of one token's loss, derived (x: the key, target: its fitted value):")
-        for line in plan.weight_gradient_lines:
-            typer.echo(f"    {line}")
-        return
-    typer.echo(f"{rule.name}: {compiled.spec.description}")
-    for line in derivation_doc(rule):
+    rule = compiled.rule
+    typer.echo(f"{compiled.plan.name if rule is None else rule.name}: {compiled.spec.description}")
+    for line in explanation(compiled):
         typer.echo(f"  {line}")
-    if rule.states:
-        typer.echo("  states: " + ", ".join(f"{s.name} {s.shape_text} ({s.meaning})" for s in rule.states))
-    else:
-        typer.echo("  states: none of fixed size; each query reads the cache of the keys and values before it")
-    typer.echo(f"  cost per token (multiply-adds per head): {plan.cost_per_token}")
-    if compiled.adjoint is not None:
-        typer.echo("  adjoint, one token backwards (dS: the gradient of the state after the token; S: the state before it):")
-        for line in compiled.adjoint.doc:
-            typer.echo(f"    {line}")
+    if rule is None:
+        return
     if latex:
         typer.echo(f"  objective (LaTeX): {rule.objective_latex}")
         for assign in rule.update:
@@ -246,9 +230,7 @@ def list_specs(specs_dir: Path = typer.Option(Path("specs"), "--specs-dir")) -> 
             continue
         spec = compiled.spec
         inputs = ", ".join(f"{i.name}[{','.join(i.shape)}]" for i in spec.inputs) or "-"
-        files = {f.relative_path for f in compiled.files}
-        ops = ["naive"] + [op for op in ("chunk", "flash", "flash_triton", "fused_recurrent", "chunk_triton") if f"{op}.py" in files]
-        rows.append((spec.name, compiled.structure, spec.optimiser.method, inputs, " ".join(ops)))
+        rows.append((spec.name, compiled.structure, spec.optimiser.method, inputs, " ".join(generated_ops(compiled))))
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ttr_codegen.lower import derivation_doc  # absolute: mkdocs loads this file by its path
-from ttr_codegen.pipeline import compile_spec
+# absolute imports: mkdocs loads this file by its path
+from ttr_codegen.pipeline import compile_spec, explanation, generated_ops
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS = {  # generated file -> what it holds, for the pages
+OP_DESCRIPTIONS = {  # generated file -> what it holds, for the pages
     "chunk.py": "`chunk_<name>`: the chunked parallel form (PyTorch; Triton on a GPU where kernels exist)",
     "flash.py": "`flash_<name>`: the attention form streamed over key blocks (Triton kernels on a GPU)",
     "chunk_triton.py": "Triton chunked kernels, forward and derived backward",
@@ -25,36 +25,26 @@ OPS = {  # generated file -> what it holds, for the pages
 def layer_page(spec_path: Path) -> tuple[str, list[str]]:
     """(the page's markdown, the catalogue row: name, structure, optimiser, inputs, ops) for one spec."""
     compiled = compile_spec(spec_path, ROOT / "generated")
-    spec, rule, plan = compiled.spec, compiled.rule, compiled.plan
+    spec, rule = compiled.spec, compiled.rule
     files = {f.relative_path for f in compiled.files}
-    ops = ["naive"] + [name.removesuffix(".py") for name in OPS if name in files and name != "naive_backward.py"]
     lines = [f"# {spec.name}", "", spec.description, "", "```yaml", spec_path.read_text().rstrip(), "```", ""]
-    if rule is None:  # a nonlinear memory
-        lines += ["## The memory and its optimiser", "", "```", *plan.description_lines, "```", "",
-                  "## The gradient of one token's loss, derived", "", "```", *plan.weight_gradient_lines, "```", ""]
-    else:
+    if rule is not None:  # a nonlinear memory has no closed-form update to render
         lines += ["## Objective", "", f"$$ {rule.objective_latex} $$", "",
                   f"## Derived update ({'per sub-step' if rule.substeps > 1 else 'per token'}) and read-out", ""]
         lines += [line for a in rule.update for line in (f"$$ {a.target}_t = {a.value.latex()} $$", "")]
         lines += [line for a in rule.readout for line in (f"$$ {a.target} = {a.value.latex()} $$", "")]
-        lines += ["", f"**Structure:** {rule.structure} — {rule.structure_detail}", "",
-                  "## `ttr explain`", "", "```"] + derivation_doc(rule)
-        if rule.states:
-            lines.append("states: " + ", ".join(f"{s.name} {s.shape_text} ({s.meaning})" for s in rule.states))
-        lines.append(f"cost per token (multiply-adds per head): {plan.cost_per_token}")
-        if compiled.adjoint is not None:
-            lines += ["adjoint, one token backwards:"] + [f"  {line}" for line in compiled.adjoint.doc]
-        lines += ["```", ""]
+        lines += ["", f"**Structure:** {rule.structure} — {rule.structure_detail}", ""]
+    lines += ["## `ttr explain`", "", "```", *explanation(compiled), "```", ""]
     lines += ["## Generated", "", f"`ttr generate specs/{spec_path.name}` writes `generated/{spec.name}/`:", "",
               f"- `naive_{spec.name}`: the token-by-token reference; `{spec.camel_name}`: the layer module "
               "([its API](../layer_api.md))"]
-    lines += [f"- {text.replace('<name>', spec.name)}" for name, text in OPS.items() if name in files]
+    lines += [f"- {text.replace('<name>', spec.name)}" for name, text in OP_DESCRIPTIONS.items() if name in files]
     lines += ["", "Speed against fla and SDPA, where measured: [Triton kernels](../triton.md), "
               "[training](../training.md).", ""]
     inputs = ", ".join(f"`{i.name}` [{', '.join(i.shape)}]" for i in spec.inputs) or "—"
     structure = compiled.structure if rule is not None else "nonlinear"
     return "\n".join(lines), [f"[{spec.name}]({spec.name}.md)", structure, spec.optimiser.method, inputs,
-                              " ".join(ops)]
+                              " ".join(generated_ops(compiled))]
 
 
 def catalogue_pages(specs_dir: Path = ROOT / "specs") -> dict[str, str]:

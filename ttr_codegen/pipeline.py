@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .derive import DerivationError, Structure, UpdateRule, derive
-from .lower import (AdjointPlan, AttentionPlan, ChunkPlan, FusedRecurrentPlan, NaivePlan, lower, lower_adjoint, lower_chunk,
-                    lower_fused_recurrent)
+from .lower import (AdjointPlan, AttentionPlan, ChunkPlan, FusedRecurrentPlan, NaivePlan, derivation_doc, lower,
+                    lower_adjoint, lower_chunk, lower_fused_recurrent)
 from .lower_online import OnlinePlan, lower_online
 from .render.files import RenderedFile, render_layer, render_online_layer
 from .spec import Diagnostic, Spec, SpecError, load_spec
@@ -189,3 +189,34 @@ def name_clashes(spec: Spec, probe_files: list[RenderedFile]) -> list[Diagnostic
                        f"the name '{user}' clashes with '{clash}', a name the generated code uses",
                        f"rename the input (e.g. '{user}_in') here and where it is referenced")
             for user, clash in clashes.items()]
+
+
+# The generated ops a package can hold beside naive_<name>, as `ttr list` and the docs name them.
+OPS = ("chunk", "flash", "flash_triton", "fused_recurrent", "chunk_triton")
+
+
+def generated_ops(compiled: Compiled) -> list[str]:
+    """naive, then the other ops the package holds (`OPS`)."""
+    files = {f.relative_path for f in compiled.files}
+    return ["naive"] + [op for op in OPS if f"{op}.py" in files]
+
+
+def explanation(compiled: Compiled) -> list[str]:
+    """The derivation as `ttr explain` prints it (and the docs' layer pages show it): the objective, the
+    per-token update and read-out, structure, equivalences, states, cost and the adjoint; for a nonlinear
+    memory, its network, optimiser and the derived gradient."""
+    rule, plan = compiled.rule, compiled.plan
+    if rule is None:
+        return [*plan.description_lines, "the gradient of one token's loss, derived (x: the key, target: its fitted "
+                "value):", *(f"  {line}" for line in plan.weight_gradient_lines)]
+    lines = derivation_doc(rule)
+    if rule.states:
+        lines.append("states: " + ", ".join(f"{s.name} {s.shape_text} ({s.meaning})" for s in rule.states))
+    else:
+        lines.append("states: none of fixed size; each query reads the cache of the keys and values before it")
+    lines.append(f"cost per token (multiply-adds per head): {plan.cost_per_token}")
+    if compiled.adjoint is not None:
+        lines.append("adjoint, one token backwards (dS: the gradient of the state after the token; S: the state "
+                     "before it):")
+        lines += [f"  {line}" for line in compiled.adjoint.doc]
+    return lines
