@@ -2,7 +2,7 @@
 # Everything the GPU machine is asked to check, in one call, each step bounded so that a slow one leaves
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
-#     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|diagnose|all]
+#     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -13,6 +13,7 @@
 # it and gated DeltaProduct against fla (forward rows first); "attention" runs the attention kernels' GPU
 # tests and times them against SDPA, FlexAttention and fla (with local-linear's solver study);
 # "tune_attention" sweeps the local-constant kernels' launch table (softmax's training step);
+# "mqar" runs examples/mqar.py's sweep (its table: python examples/mqar.py --from-csv mqar*.csv);
 # "diagnose" finds which backward kernel of the delta family drifts from its float32 run in bf16 at K = 256. One device call has 10 minutes: separate calls.
 set -uo pipefail
 OUT="${OUT:-gpu-logs}"
@@ -67,6 +68,19 @@ if [[ $WHAT == kda ]]; then  # the per-key delta kernels: where the time goes, t
     cat "$OUT/profile_kda.txt" "$OUT/bench_kda.txt"
     tail -n 15 "$OUT/kda_tests.txt"
     cat "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == mqar ]]; then  # examples/mqar.py's sweep, three processes sharing the GPU; rows kept as they finish
+    python3 -c "import ttr_codegen.models" > "$OUT/import.txt" 2>&1 ||
+        python3 -m pip install -q --no-index --find-links wheels --no-deps transformers huggingface_hub >> "$OUT/import.txt" 2>&1
+    part=0
+    for specs in "linear_attention mesa" "gated_delta_rule local_linear_attention_cg" "longhorn softmax_attention"; do
+        part=$((part + 1))
+        step "mqar$part" 540 python3 examples/mqar.py --specs $specs --csv "$OUT/mqar$part.csv" --plot "$OUT/mqar$part.png" &
+    done
+    wait
+    tail -n 3 "$OUT"/mqar?.txt
+    cat "$OUT/import.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == attention ]]; then  # the attention kernels: GPU tests, then peers (fla's autotuning last)

@@ -6,6 +6,8 @@ plot.
 
     python examples/mqar.py                 # on a GPU: the full sweep (about 10 minutes on an H100)
     python examples/mqar.py --quick         # a small sweep that runs on a CPU in a few minutes
+    python examples/mqar.py --specs mesa --csv rows.csv      # part of the sweep, its rows kept as they finish
+    python examples/mqar.py --from-csv a.csv b.csv           # the table and plot of saved rows
 
 Writes docs/mqar.md's table to stdout and docs/mqar.png (needs matplotlib).
 """
@@ -13,6 +15,7 @@ Writes docs/mqar.md's table to stdout and docs/mqar.png (needs matplotlib).
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 import tempfile
 import time
@@ -39,9 +42,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="a small sweep for a CPU")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "mqar.png")
+    parser.add_argument("--csv", type=Path, help="append each finished row to this file")
+    parser.add_argument("--from-csv", nargs="*", type=Path, help="print the table and plot of saved rows only")
     args = parser.parse_args()
     if args.quick:
         args.pairs, args.widths, args.seq_len, args.vocab, args.steps, args.batch = [4, 8], [32], 64, 256, 150, 32
+    if args.from_csv:
+        rows = [(r[0], r[1] == "True", int(r[2]), int(r[3]), float(r[4]))
+                for path in args.from_csv for r in csv.reader(path.open())]
+        args.pairs = sorted({r[3] for r in rows})
+        args.widths = sorted({r[2] for r in rows})
+        _report(rows, args)
+        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     folder = Path(tempfile.mkdtemp(prefix="ttr-mqar-"))
     rows = []
@@ -55,18 +67,28 @@ def main() -> None:
                     result = train(package, name, setting, width, blocks=2, heads=2, steps=args.steps,
                                    batch=args.batch, lr=3e-3, layer_kwargs={"use_short_conv": conv}, device=device)
                     rows.append((name, conv, width, pairs, result["score"]))
+                    if args.csv:
+                        with args.csv.open("a", newline="") as file:
+                            csv.writer(file).writerow(rows[-1])
                     print(f"{name:<28} conv={conv!s:<5} width={width:<4} pairs={pairs:<3} accuracy={result['score']:.3f}"
                           f"  ({result['seconds']:.0f} s)", flush=True)
     print(f"\n{device}, {args.steps} steps, batch {args.batch}, seq_len {args.seq_len}, vocab {args.vocab}, "
           f"{time.perf_counter() - start:.0f} s in all\n")
+    _report(rows, args)
+
+
+def _report(rows, args) -> None:
+    """The markdown table (a row per layer, short convolution and width; a column per number of pairs), then
+    the plot."""
     print("| layer | short conv | width | " + " | ".join(f"{p} pairs" for p in args.pairs) + " |")
     print("|---|---|---|" + "---|" * len(args.pairs))
     for name in dict.fromkeys(r[0] for r in rows):
         for conv in (True, False):
             for width in args.widths:
                 scores = {r[3]: r[4] for r in rows if r[0] == name and r[1] == conv and r[2] == width}
-                print(f"| {name} | {'yes' if conv else 'no'} | {width} | "
-                      + " | ".join(f"{scores[p]:.2f}" for p in args.pairs) + " |")
+                if scores:
+                    print(f"| {name} | {'yes' if conv else 'no'} | {width} | "
+                          + " | ".join(f"{scores[p]:.2f}" if p in scores else "–" for p in args.pairs) + " |")
     _plot(rows, args)
 
 
