@@ -1,7 +1,8 @@
-"""A local-linear fit solved by the spec's iterative solver (`optimiser.solver: {method: cg, iterations: n}`):
-the generated ops compute n conjugate-gradient steps, as the oracle does on its own, and differentiate the
-system implicitly (the adjoint system solved by the same n steps); the exact solve, outputs and gradients, is
-the reference they converge to (K steps are exact in exact arithmetic)."""
+"""A per-query K x K system solved by the spec's iterative solver (`optimiser.solver: {method: cg, iterations: n}`):
+a local-linear fit's, or a linear or affine memory's ridge solution (MesaNet as it is computed). The generated
+ops compute n conjugate-gradient steps, as the oracle does on its own, and differentiate the system implicitly
+(the adjoint system solved by the same n steps); the exact solve, outputs and gradients, is the reference they
+converge to (K steps are exact in exact arithmetic)."""
 
 from pathlib import Path
 
@@ -83,3 +84,52 @@ def test_the_kernels_gradients_reach_every_input(document, tmp_path):
     outcome = check_document(yaml.safe_load(document), tmp_path)
     assert outcome.status == "passed", f"{outcome.check}: {outcome.error}"
     assert "flash_triton" in outcome.checks
+
+
+RIDGE_MEMORIES = {
+    # MesaNet's form: a decay, sample weights and a ridge per key channel.
+    "linear": "name: cg_ridge\nregressor: linear\nweights: {decay: g, sample_weight: c}\n"
+              "optimiser: {method: exact, ridge: lam, solver: {method: cg, iterations: 2}}\ninputs:\n"
+              "  g: {shape: [B, T, H], role: log_decay}\n  c: {shape: [B, T, H], role: sample_weight}\n"
+              "  lam: {shape: [H, K], role: ridge}\n",
+    # An intercept: the fit's centred slope system.
+    "affine": "name: cg_affine\nregressor: {class: affine}\nweights: {decay: g}\n"
+              "optimiser: {method: exact, ridge: 0.5, solver: {method: cg, iterations: 2}}\ninputs:\n"
+              "  g: {shape: [B, T, H], role: log_decay}\n",
+}
+
+
+@pytest.mark.parametrize("regressor", RIDGE_MEMORIES)
+def test_ridge_memories_take_the_specs_steps(regressor, tmp_path):
+    """Two steps (unconverged) against the oracle's own: every op, outputs and gradients, the derived backward."""
+    outcome = check_document(yaml.safe_load(RIDGE_MEMORIES[regressor]), tmp_path)
+    assert outcome.status == "passed", f"{outcome.check}: {outcome.error}"
+    expected = {"naive", "naive_gradients", "naive_backward", "layer"} | ({"chunk", "chunk_gradients"}
+                                                                       if regressor == "linear" else set())
+    assert expected <= set(outcome.checks)
+
+
+def test_mesa_cg_converges_to_mesa():
+    """The catalogue's mesa_cg (30 steps) at K = 8 is the exact mesa, outputs and gradients; at 3 steps it is not."""
+    from generated.mesa import naive_mesa
+    from generated.mesa_cg import chunk_mesa_cg, naive_mesa_cg
+
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 20, 2, 8, dtype=torch.float64, generator=generator) for _ in range(3))
+    g = torch.nn.functional.logsigmoid(torch.randn(2, 20, 2, dtype=torch.float64, generator=generator) + 2)
+    beta = torch.rand(2, 20, 2, dtype=torch.float64, generator=generator)
+    lamb = 0.2 + torch.rand(2, 8, dtype=torch.float64, generator=generator)
+    d_out = torch.randn(2, 20, 2, 8, dtype=torch.float64, generator=generator)
+
+    def run(op):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, beta, lamb)]
+        o, _ = op(*leaves, chunk_size=8) if op is chunk_mesa_cg else op(*leaves)
+        return (o, *torch.autograd.grad((o * d_out).sum(), leaves))
+
+    exact = run(naive_mesa)
+    for op in (naive_mesa_cg, chunk_mesa_cg):
+        for found, expected in zip(run(op), exact):
+            torch.testing.assert_close(found, expected, atol=1e-9, rtol=1e-8)
+    spec = parse_spec((Path(__file__).parents[1] / "specs" / "mesa_cg.yaml").read_text().replace("iterations: 30", "iterations: 3"), "x.yaml")
+    three_steps, _ = oracle.solve(spec, q, k, v, {"g": g, "beta": beta, "lamb": lamb})
+    assert (three_steps - exact[0]).abs().max() > 1e-3

@@ -105,14 +105,14 @@ def test_a_bad_solver_is_refused_at_its_field(solver, expected):
     assert [d.format().splitlines()[0] for d in caught.value.diagnostics] == [expected]
 
 
-def test_an_iterative_solver_needs_a_local_linear_fit():
+def test_an_iterative_solver_needs_a_k_by_k_system():
     text = ("name: x\nregressor: {class: local_polynomial, degree: 0}\nweights: {kernel: exp_dot}\n"
             "optimiser: {method: exact, solver: {method: cg, iterations: 4}}\n")
     with pytest.raises(SpecError) as caught:
         parse_spec(text, "x.yaml")
     assert [d.format().splitlines()[0] for d in caught.value.diagnostics] == [
-        "x.yaml:4:36: error: optimiser.solver: an iterative solver applies to the K x K system of a local-linear "
-        "fit only"]
+        "x.yaml:4:36: error: optimiser.solver: an iterative solver applies to a K x K system: a linear or affine "
+        "memory's ridge solution, or a local-linear fit"]
 
 
 def test_a_solver_keeps_the_math_hash_of_specs_without_one():

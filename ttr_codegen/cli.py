@@ -230,7 +230,7 @@ def list_specs(specs_dir: Path = typer.Option(Path("specs"), "--specs-dir")) -> 
             continue
         spec = compiled.spec
         inputs = ", ".join(f"{i.name}[{','.join(i.shape)}]" for i in spec.inputs) or "-"
-        rows.append((spec.name, compiled.structure, spec.optimiser.method, inputs, " ".join(generated_ops(compiled))))
+        rows.append((spec.name, compiled.structure, spec.optimiser.summary, inputs, " ".join(generated_ops(compiled))))
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

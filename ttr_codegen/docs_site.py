@@ -43,7 +43,7 @@ def layer_page(spec_path: Path) -> tuple[str, list[str]]:
               "[training](../training.md).", ""]
     inputs = ", ".join(f"`{i.name}` [{', '.join(i.shape)}]" for i in spec.inputs) or "—"
     structure = compiled.structure if rule is not None else "nonlinear"
-    return "\n".join(lines), [f"[{spec.name}]({spec.name}.md)", structure, spec.optimiser.method, inputs,
+    return "\n".join(lines), [f"[{spec.name}]({spec.name}.md)", structure, spec.optimiser.summary, inputs,
                               " ".join(generated_ops(compiled))]
 
 

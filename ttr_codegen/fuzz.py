@@ -146,6 +146,8 @@ def _linear(draw, inputs: _Inputs) -> dict:
     if method == "exact":
         optimiser["ridge"] = (inputs.add("ridge", [H_, HK]) if _maybe(draw) else
                               draw(st.sampled_from([0.1, 0.5, 1.0])))
+        if _maybe(draw, 0.3):
+            optimiser["solver"] = _cg_solver(draw)
     if method == "recursive_least_squares":
         optimiser["ridge"] = draw(st.sampled_from([0.5, 1.0, 2.0]))
     document = {"regressor": "linear", "optimiser": optimiser, "weights": weights or "uniform"}
@@ -172,7 +174,7 @@ def _nonparametric(draw, inputs: _Inputs, cls: str) -> dict:
         if regressor["degree"] > 0 or _maybe(draw, 0.2):
             optimiser["ridge"] = draw(st.sampled_from([0.1, 0.5, 1.0]))
         if regressor["degree"] == 1 and _maybe(draw, 0.3):
-            optimiser["solver"] = {"method": "cg", "iterations": draw(st.integers(1, 8))}
+            optimiser["solver"] = _cg_solver(draw)
     elif cls == "kernel_ridge":
         regressor["kernel"] = draw(st.sampled_from(["exp_dot", "gaussian"]))
         if regressor["kernel"] == "gaussian":
@@ -184,7 +186,14 @@ def _nonparametric(draw, inputs: _Inputs, cls: str) -> dict:
         if _maybe(draw, 0.3):
             weights["sample_weight"] = inputs.add("sample_weight", [BTH])
         optimiser["ridge"] = inputs.add("ridge", [H_, HK]) if _maybe(draw, 0.3) else draw(st.sampled_from([0.1, 1.0]))
+        if _maybe(draw, 0.3):
+            optimiser["solver"] = _cg_solver(draw)
     return {"regressor": regressor, "weights": weights or "uniform", "optimiser": optimiser}
+
+
+def _cg_solver(draw) -> dict:
+    """A conjugate-gradient solve of the per-query system, often unconverged (fewer steps than K)."""
+    return {"method": "cg", "iterations": draw(st.integers(1, 8))}
 
 
 def _mlp(draw, inputs: _Inputs) -> dict:

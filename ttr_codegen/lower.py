@@ -82,6 +82,7 @@ class NaivePlan:
     chunk_size: int
     block_v: int | None = None
     assign_lines: tuple[tuple[str, ...], ...] = ()  # step_lines after the sub-step's reads, one group per assignment
+    solver_iterations: int | None = None  # the read-out's K x K solve by n conjugate-gradient steps (else exact)
 
 
 def _flash_score(kernel: str) -> tuple[str, str] | None:
@@ -179,10 +180,9 @@ def _lower_attention(spec: Spec, rule: UpdateRule) -> AttentionPlan:
     names = {"q": "q_h", "scale": "scale", "Y": "values", "kern": "kern", "kappa": "kappa", "gram": "gram"}
     for name in ("m_k", "h_kk", "m_v", "h_kv", "sigma", "r_kv", "delta"):
         names[name] = name
-    iterations = spec.optimiser.solver_iterations if spec.optimiser.solver == "cg" else None
+    iterations = _solver_iterations(spec)
     program = TokenProgram(names=names, dims={K: "K", V: "V", N: "N"}, python_scalars=frozenset({"scale"}),
-                           **({"solve_code": f"_conjugate_gradient({{matrix}}, {{rhs}}, {iterations})"}
-                              if iterations else {}))
+                           **_solve_code(spec))
     lines = []
     for assign in rule.readout:
         expression = program.poly(assign.value)
@@ -212,6 +212,17 @@ def _lower_attention(spec: Spec, rule: UpdateRule) -> AttentionPlan:
         **(dict(zip(("score_dot", "score_key_norm"), score)) if (score := _flash_score(kernel)) else {}))
 
 
+def _solver_iterations(spec: Spec) -> int | None:
+    """The spec's conjugate-gradient steps for its K x K solves, or None for an exact solve."""
+    return spec.optimiser.solver_iterations if spec.optimiser.solver == "cg" else None
+
+
+def _solve_code(spec: Spec) -> dict:
+    """How a program prints A^-1 b for this spec: the solver macro's helper for cg, else the default solve."""
+    iterations = _solver_iterations(spec)
+    return {"solve_code": f"_conjugate_gradient({{matrix}}, {{rhs}}, {iterations})"} if iterations else {}
+
+
 def _lower_recurrent(spec: Spec, rule: UpdateRule) -> NaivePlan:
     n = rule.substeps
     per_step, spread = step_inputs(spec)
@@ -225,7 +236,7 @@ def _lower_recurrent(spec: Spec, rule: UpdateRule) -> NaivePlan:
     for assign in rule.readout:
         names[assign.target] = assign.target
     names["P_new"] = "P"
-    program = TokenProgram(names=names, dims={K: "K", V: "V"}, python_scalars=frozenset({"scale"}))
+    program = TokenProgram(names=names, dims={K: "K", V: "V"}, python_scalars=frozenset({"scale"}), **_solve_code(spec))
 
     token_lines = ["q_t = q[:, t]"]
     token_lines += [f"{i.name}_t = {i.token_code}" for i in inputs if i.per_token and not i.per_step]
@@ -260,7 +271,7 @@ def _lower_recurrent(spec: Spec, rule: UpdateRule) -> NaivePlan:
         tuple(token_lines), tuple(step_lines), tuple(readout_lines), rule.structure,
         rule.structure.delta_family,
         tuple(derivation_doc(rule)), str(cost), spec.schedule.chunk_size, spec.schedule.block_v,
-        tuple(assign_lines))
+        tuple(assign_lines), _solver_iterations(spec))
 
 
 @dataclass(frozen=True)
@@ -299,7 +310,7 @@ def lower_adjoint(spec: Spec, rule: UpdateRule, plan: NaivePlan) -> AdjointPlan 
     names |= {a.target: a.target for a in rule.readout[:-1]} | {f"d{a.target}": f"d{a.target}" for a in rule.readout[:-1]}
 
     def new_program() -> TokenProgram:
-        return TokenProgram(names=names, dims={K: "K", V: "V"}, python_scalars=frozenset({"scale"}))
+        return TokenProgram(names=names, dims={K: "K", V: "V"}, python_scalars=frozenset({"scale"}), **_solve_code(spec))
 
     program = new_program()
     # The read-out's intermediates again (mesa's h_reg, from the states after the token), then their adjoints.
@@ -426,8 +437,9 @@ class ChunkPlan:
     gate: Gate
     prep_lines: tuple[str, ...]
     substeps: int
-    variant: str = ""  # second order: "exact" or "rls"
-    ridge: str = ""  # second order: the ridge as code (a matrix to add for "exact", a number for "rls")
+    variant: str = ""  # second order: "exact", "cg" (the spec's conjugate-gradient solve) or "rls"
+    ridge: str = ""  # second order: the ridge as code (a matrix to add for "exact", a vector for "cg", a number for "rls")
+    solver_iterations: int | None = None  # second order, "cg": the steps per query
     error_read: str = "decayed"  # delta family: the state its errors read, "decayed" or "previous"
     # Delta family: the effective step as Triton lines on a block of rows (k a [rows, BK] tile, the step
     # input a [rows] vector; the last line assigns `beta`), so that the prepare kernel computes it from the
@@ -634,6 +646,13 @@ def _lower_second_order_chunk(spec: Spec) -> ChunkPlan:
     ridge = spec.optimiser.ridge
     if spec.optimiser.method == "recursive_least_squares":
         return ChunkPlan(Family.SECOND_ORDER, Gate.SCALAR, tuple(lines), 1, "rls", repr(ridge))
+    if (iterations := _solver_iterations(spec)) is not None:
+        # The ridge's diagonal, [H, 1, 1, K] (or a number): it scales the tokens' [B, H, N, C, K] rows.
+        if isinstance(ridge, str):
+            code = f"{ridge}[:, None, None, :]" if spec.input(ridge).per_key else f"{ridge}[:, None, None, None]"
+        else:
+            code = repr(ridge)
+        return ChunkPlan(Family.SECOND_ORDER, Gate.SCALAR, tuple(lines), 1, "cg", code, solver_iterations=iterations)
     if isinstance(ridge, str):
         per_key = spec.input(ridge).per_key
         # [H, 1, 1, K, K]: broadcast over the batch, the chunks and the tokens of a chunk

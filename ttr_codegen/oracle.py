@@ -204,6 +204,8 @@ def solve(spec: Spec, q, k, v, inputs: dict, scale: float | None = None):
     if spec.regressor.cls == "affine":
         return _affine(spec, q, k, v, inputs, scale)
     history = memories(spec, q, k, v, inputs)
+    if spec.optimiser.solver == "cg":  # the memory is still the ridge solution; each query's solve is the spec's
+        return _ridge_by_cg(spec, q, k, v, inputs, scale), (history[-1] if history else None)
     outputs = []
     for t, S in enumerate(history):
         query = scale * q[:, t]
@@ -214,6 +216,32 @@ def solve(spec: Spec, q, k, v, inputs: dict, scale: float | None = None):
             o = o / (z * query.unsqueeze(-1)).sum(-2)
         outputs.append(o)
     return torch.stack(outputs, dim=1), (history[-1] if history else None)
+
+
+def _sample_weights(spec: Spec, inputs: dict, B: int, H: int, t: int, like: torch.Tensor) -> torch.Tensor:
+    """gamma_i^(t) w_i for i <= t: [B, t + 1, H], the weights of the samples query t's regression sees."""
+    decay = _retention(spec, spec.weights.decay, inputs) if spec.weights.decay else None
+    gamma = _kept(decay, t) if decay is not None else like.new_ones(B, t + 1, H)
+    if spec.weights.sample_weight:
+        gamma = gamma * inputs[spec.weights.sample_weight][:, :t + 1]
+    return gamma
+
+
+def _ridge_by_cg(spec: Spec, q, k, v, inputs, scale):
+    """The ridge solution read out as the spec's solver says: o_t = h_kv^T x with (h_kk + Lambda) x = scale q_t
+    solved by n conjugate-gradient steps from x = 0 (`_solve_by_cg`), where h_kk = sum_i gamma_i w_i k_i k_i^T
+    and h_kv = sum_i gamma_i w_i k_i v_i^T are the normal equations' moments, summed from the samples."""
+    B, T, H, K = q.shape
+    lam = _ridge_vector(spec, inputs, H, K, q)
+    outputs = []
+    for t in range(T):
+        gamma = _sample_weights(spec, inputs, B, H, t, q)
+        keys, values = k[:, :t + 1], v[:, :t + 1]
+        h_kk = torch.einsum("bnh,bnhk,bnhl->bhkl", gamma, keys, keys) + torch.diag_embed(lam)
+        h_kv = torch.einsum("bnh,bnhk,bnhv->bhkv", gamma, keys, values)
+        x = _solve_by_cg(h_kk, scale * q[:, t], spec.optimiser.solver_iterations)
+        outputs.append(torch.einsum("bhkv,bhk->bhv", h_kv, x))
+    return torch.stack(outputs, dim=1)
 
 
 def _ridge_vector(spec: Spec, inputs: dict, H: int, K: int, like: torch.Tensor) -> torch.Tensor:
@@ -327,7 +355,8 @@ def _local_linear_by_cg(spec: Spec, inputs, w, keys, values, query):
     [B, 1, H, K]; returns [B, H, V]."""
     B, _, H, K = keys.shape
     w, keys, values = w.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)  # [B, H, n, ...]
-    k_bar, v_bar = torch.einsum("bhn,bhnk->bhk", w, keys), torch.einsum("bhn,bhnv->bhv", w, values)
+    total = w.sum(-1, keepdim=True)  # 1 for a local fit's normalised weights
+    k_bar, v_bar = torch.einsum("bhn,bhnk->bhk", w, keys) / total, torch.einsum("bhn,bhnv->bhv", w, values) / total
     centred = keys - k_bar[:, :, None]
     covariance = torch.einsum("bhn,bhnk,bhnl->bhkl", w, centred, centred) + torch.diag_embed(
         _ridge_vector(spec, inputs, H, K, keys))
@@ -362,19 +391,18 @@ def _kernel_ridge(spec: Spec, q, k, v, scale):
 def _affine(spec: Spec, q, k, v, inputs, scale):
     """m_t = argmin_(b, W) sum_i gamma_i w_i ||v_i - W^T k_i - b||^2 + ||Lambda^(1/2) W||^2; o_t = m_t(scale q_t)."""
     B, T, H, K = q.shape
-    decay = _retention(spec, spec.weights.decay, inputs) if spec.weights.decay else None
-    weight = inputs[spec.weights.sample_weight] if spec.weights.sample_weight else None
     lam = _ridge_vector(spec, inputs, H, K, q)  # [H, K]
     ridge_rows = torch.cat([q.new_zeros(H, K, 1), torch.diag_embed(lam.sqrt())], dim=-1)  # [H, K, 1 + K]
     outputs, theta = [], None
     for t in range(T):
-        gamma = _kept(decay, t) if decay is not None else q.new_ones(B, t + 1, H)
-        if weight is not None:
-            gamma = gamma * weight[:, :t + 1]
+        gamma = _sample_weights(spec, inputs, B, H, t, q)
         root = gamma.sqrt().transpose(1, 2)[..., None]
         keys = k[:, :t + 1].transpose(1, 2)
         phi = torch.cat([torch.ones_like(keys[..., :1]), keys], dim=-1)
-        theta = _lstsq_with_ridge(root * phi, root * v[:, :t + 1].transpose(1, 2), ridge_rows)
+        theta = _lstsq_with_ridge(root * phi, root * v[:, :t + 1].transpose(1, 2), ridge_rows)  # the memory
+        if spec.optimiser.solver == "cg":  # the fit's slope system solved as the spec says; its value at the query
+            outputs.append(_local_linear_by_cg(spec, inputs, gamma, k[:, :t + 1], v[:, :t + 1], scale * q[:, t:t + 1]))
+            continue
         query = torch.cat([q.new_ones(B, H, 1), scale * q[:, t]], dim=-1)
         outputs.append((query.unsqueeze(-1) * theta).sum(-2))
     return torch.stack(outputs, dim=1), theta

@@ -72,7 +72,7 @@ NONPARAMETRIC = ("local_polynomial", "kernel_ridge")
 # method -> {option: (kind, required)}; kinds: "input:<roles>", "number_or_input:<roles>", "count"
 METHODS: dict[str, dict[str, tuple[str, bool]]] = {
     "gradient_step_from_zero": {},
-    # ridge: required except for local constant regression; solver: how a local-linear fit's K x K system is solved
+    # ridge: required except for local constant regression; solver: how the per-query K x K system is solved
     "exact": {"ridge": ("number_or_input:ridge", False), "solver": ("solver", False)},
     "recursive_least_squares": {"ridge": ("number", True)},
     "online_gradient_step": {
@@ -183,8 +183,13 @@ class Optimiser:
     steps_per_token: int = 1
     batch_size: int | None = None  # minibatch_gd: gradients at the weights of the mini-batch start
     step_size_per: str = "sample"  # minibatch_gd: "row" scales the mini-batch's gradient sum by the reading row's rate
-    solver: str = "exact"  # a local-linear fit's K x K system: "exact", or "cg" (conjugate gradients)
+    solver: str = "exact"  # the per-query K x K system (ridge solution, local-linear fit): "exact" or "cg"
     solver_iterations: int | None = None  # cg: the number of steps from x = 0
+
+    @property
+    def summary(self) -> str:
+        """The method, with an iterative solver's steps: e.g. 'exact' or 'exact, cg x 30'."""
+        return self.method + (f", cg x {self.solver_iterations}" if self.solver == "cg" else "")
 
 
 @dataclass(frozen=True)
@@ -814,10 +819,14 @@ def _check_regressor_combination(check: _Checker, by_name: dict[str, InputSpec],
         check.error(check.positions["weights.kernel"], "weights.kernel",
                     f"query-local weights need class 'local_polynomial', not '{regressor.cls}'",
                     "set 'regressor: {class: local_polynomial, degree: 0}' or remove 'kernel'")
-    if optimiser.solver != "exact" and not (regressor.cls == "local_polynomial" and regressor.degree == 1):
+    # The solver acts on a per-query K x K system: the ridge solution's (linear, affine) or a local-linear fit's.
+    if optimiser.solver != "exact" and not (regressor.cls in ("linear", "affine")
+                                            or (regressor.cls == "local_polynomial" and regressor.degree == 1)):
         check.error(check.positions["optimiser.solver"], "optimiser.solver",
-                    "an iterative solver applies to the K x K system of a local-linear fit only",
-                    "remove 'solver', or set 'regressor: {class: local_polynomial, degree: 1}'")
+                    "an iterative solver applies to a K x K system: a linear or affine memory's ridge solution, "
+                    "or a local-linear fit",
+                    "remove 'solver', or set 'regressor: linear', 'regressor: {class: affine}' or "
+                    "'regressor: {class: local_polynomial, degree: 1}'")
     if regressor.cls == "kernel_ridge" and weights.sample_weight:
         check.error(check.positions["weights.sample_weight"], "weights.sample_weight",
                     f"class '{regressor.cls}' does not take per-sample weights", "remove 'sample_weight'")
