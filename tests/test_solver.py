@@ -101,11 +101,12 @@ RIDGE_MEMORIES = {
 
 @pytest.mark.parametrize("regressor", RIDGE_MEMORIES)
 def test_ridge_memories_take_the_specs_steps(regressor, tmp_path):
-    """Two steps (unconverged) against the oracle's own: every op, outputs and gradients, the derived backward."""
+    """Two steps (unconverged) against the oracle's own: every op, outputs and gradients, the derived backward, the
+    steps in Triton (under the interpreter)."""
     outcome = check_document(yaml.safe_load(RIDGE_MEMORIES[regressor]), tmp_path)
     assert outcome.status == "passed", f"{outcome.check}: {outcome.error}"
-    expected = {"naive", "naive_gradients", "naive_backward", "layer"} | ({"chunk", "chunk_gradients"}
-                                                                       if regressor == "linear" else set())
+    chunked = {"chunk", "chunk_gradients", "chunk_cg_triton"} if regressor == "linear" else set()
+    expected = {"naive", "naive_gradients", "naive_backward", "layer"} | chunked
     assert expected <= set(outcome.checks)
 
 

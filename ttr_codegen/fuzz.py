@@ -313,6 +313,9 @@ def planned_checks(package, spec) -> list[tuple[str, object]]:
         # RLS decays its prior with the data: near-total forgetting makes its own problem singular.
         if any(i.role in GATE_ROLES for i in spec.inputs) and spec.optimiser.method != "recursive_least_squares":
             plan.append(("chunk_strong_gates", lambda: checks.chunk_strong_gates(T=70)))
+        if _submodule(package, "cg_triton") is not None:  # the solver's steps in Triton (the GPU's path)
+            chunk_module = _submodule(package, "chunk")
+            plan.append(("chunk_cg_triton", lambda: checks.triton_steps_match_oracle(chunk_module, T=37, K=6, V=5)))
     if checks.fused_recurrent is not None:
         plan.append(("fused_recurrent", lambda: checks.fused_recurrent_matches_oracle(9, 6, 5)))
     if triton_module is not None:

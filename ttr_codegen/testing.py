@@ -623,6 +623,36 @@ class LayerChecks:
         for name, g, g_ref in zip(["q", "k", "v", *problem.inputs], grads, grads_ref):
             torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-7, msg=lambda m, name=name: f"d/d{name}: {m}")
 
+    def triton_steps_match_oracle(self, chunk_module, T: int = 45, K: int = 12, V: int = 10,
+                                  chunk_size: int = 16) -> None:
+        """The chunked form with its conjugate-gradient steps in Triton (`cg_triton`, which it uses on a GPU; here
+        forced, under the interpreter on a CPU), in float32 against the oracle in float64: outputs from zero and
+        from a carried state, and the gradient of every input (the adjoint solve runs in the kernel too)."""
+        original = chunk_module._steps_in_triton
+        chunk_module._steps_in_triton = lambda q: True
+        try:
+            problem = self.problem(T, K, V, B=1, seed=21)
+            o_ref, _ = self.oracle(problem)
+            half = T // 2
+            first = problem.tokens(0, half, self.steps, self.per_step, self.spec).to(torch.float32)
+            second = problem.tokens(half, T, self.steps, self.per_step, self.spec).to(torch.float32)
+            _, carried = self.chunk(*first.args(), output_final_state=True, chunk_size=chunk_size)
+            o_2, _ = self.chunk(*second.args(), initial_state=carried, chunk_size=chunk_size)
+            assert_within(o_2, o_ref[:, half:], 1e-4, "float32 steps in Triton, carried state")
+
+            weights = torch.randn(o_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(22))
+            leaves = [x.clone().requires_grad_(True) for x in problem.to(torch.float32).args()]
+            o, _ = self.chunk(*leaves, chunk_size=chunk_size)
+            assert_within(o, o_ref, 1e-4, "float32 steps in Triton")
+            grads = torch.autograd.grad((o * weights.float()).sum(), leaves)
+        finally:
+            chunk_module._steps_in_triton = original
+        leaves_ref = [x.clone().requires_grad_(True) for x in problem.args()]
+        o_ref, _ = oracle.solve(self.spec, *leaves_ref[:3], dict(zip(problem.inputs, leaves_ref[3:])))
+        grads_ref = torch.autograd.grad((o_ref * weights).sum(), leaves_ref)
+        for name, g, g_ref in zip(["q", "k", "v", *problem.inputs], grads, grads_ref):
+            assert_within(g, g_ref, 1e-3, f"d/d{name}, float32 steps in Triton")
+
     def chunk_low_precision(self) -> None:
         """bfloat16 inputs: output in bfloat16, state in float32, within 2% of the float64 result."""
         problem = self.problem(200, 32, 32, seed=13).to(torch.bfloat16)

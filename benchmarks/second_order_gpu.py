@@ -1,0 +1,99 @@
+"""MesaNet by conjugate gradients (specs/mesa_cg.yaml) on the GPU against fla-core's `chunk_mesa_net` (the same
+30 steps), and the other second-order layers for the record (mesa exact, rls, affine_mesa's token loop excluded:
+it has no chunked form yet).
+
+    python benchmarks/second_order_gpu.py [--out log.txt] [--layers mesa_cg mesa rls] [--shapes 4x2048 2x8192]
+
+H=16, K=V=64, bf16 inputs (our chunked forms compute in float32); `triton.testing.do_bench` median ms of the
+forward and of forward+backward, the ratio fla / ours (> 1: ours is faster) and the largest gap to fla relative
+to the largest value, of the output and (fwd+bwd rows) of every input's gradient. fla guards its step ratios
+with + 1e-5, which damps its late steps at unit scale (docs/fla_layers.md): gaps of ~1e-3 are that, not an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from delta_family_gpu import gap, outputs, timed  # noqa: E402  (this folder is on sys.path when a script here runs)
+
+
+def inputs(B: int, T: int, H: int = 16, D: int = 64) -> list[torch.Tensor]:
+    """q, k (unit keys, as MesaNet normalises them), v, the log-decay g, the weight beta, the ridge lamb."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", generator=generator)
+
+    q = F.normalize(randn(B, T, H, D), dim=-1).to(torch.bfloat16)
+    k = F.normalize(randn(B, T, H, D), dim=-1).to(torch.bfloat16)
+    v = randn(B, T, H, D).to(torch.bfloat16)
+    g = F.logsigmoid(randn(B, T, H) + 4)
+    beta = torch.sigmoid(randn(B, T, H))
+    lamb = 0.25 + torch.rand(H, D, device="cuda", generator=generator)
+    return [q, k, v, g, beta, lamb]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--layers", nargs="*", default=["mesa_cg", "mesa", "rls"])
+    parser.add_argument("--shapes", nargs="*", default=["4x2048", "2x8192"])
+    args = parser.parse_args()
+    log = open(args.out, "a") if args.out else None
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        if log:
+            print(line, file=log, flush=True)
+
+    try:
+        from fla.ops.mesa_net import chunk_mesa_net
+    except ImportError as error:  # the rows of our own layers still print
+        chunk_mesa_net = None
+        say(f"fla-core not importable ({error}): no peer rows")
+    say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 inputs, H=16 K=V=64")
+    say(f"{'layer':10s} {'shape':>8s} {'pass':>8s} {'ours ms':>9s} {'fla ms':>8s} {'fla/ours':>9s} {'gap':>9s} "
+        f"{'first call s':>12s}")
+    for shape in args.shapes:
+        B, T = (int(x) for x in shape.split("x"))
+        for name in args.layers:
+            module = __import__(f"generated.{name}", fromlist=[f"chunk_{name}"])
+            ours = getattr(module, f"chunk_{name}")
+            leaves = inputs(B, T)
+            if name == "rls":  # one log-decay, no weight or ridge input
+                leaves = leaves[:4]
+            d_out = torch.randn_like(leaves[2])
+            for backward in (False, True):
+                grads = [x.detach().requires_grad_(backward) for x in leaves]
+
+                def run_ours(grads=grads):
+                    return ours(*grads)
+                start = time.perf_counter()
+                found = outputs(run_ours, backward, grads, d_out)
+                torch.cuda.synchronize()
+                first = time.perf_counter() - start
+                ours_ms = timed(run_ours, backward, grads, d_out)
+                fla_ms, gap_text = float("nan"), "-"
+                if chunk_mesa_net is not None and name == "mesa_cg":
+                    q, k, v, g, beta, lamb = grads
+
+                    def run_fla():
+                        return chunk_mesa_net(q, k, v, g, beta, lamb, max_CG_iteration=30)
+                    reference = outputs(run_fla, backward, grads, d_out)
+                    fla_ms = timed(run_fla, backward, grads, d_out)
+                    gap_text = f"{gap(found, reference):.2e}"
+                say(f"{name:10s} {shape:>8s} {'fwd+bwd' if backward else 'fwd':>8s} {ours_ms:9.3f} {fla_ms:8.3f} "
+                    f"{fla_ms / ours_ms:9.2f} {gap_text:>9s} {first:12.1f}")
+
+
+if __name__ == "__main__":
+    main()
