@@ -149,19 +149,34 @@ def print_elementwise(function: sp.Expr, argument: str) -> str:
     return _ElementwisePrinter({X.name: argument}).doprint(_numbers_evaluated(function))
 
 
-def elementwise_lines(function: sp.Expr, argument: str) -> tuple[list[str], str]:
-    """(lines naming the subexpressions `function` repeats, the code of function(X) that reads them): a
-    GELU's derivative then takes its tanh once. Each is named after its function and the argument
-    (`tanh_z1`), or numbered (`z1_part0`)."""
+def activation_lines(function: sp.Expr, argument: str, output: str) -> tuple[list[str], str, list[str], str]:
+    """An activation and its derivative with their common subexpressions named once: (lines the forward
+    needs, the code of function(X) that reads them, lines only the derivative needs, the code of
+    function'(X)). The forward's lines come before the derivative's wherever both are printed, so a GELU's
+    tanh is taken once per forward and reused by the backward, and a derivative that contains the whole
+    activation reads it as `output` (SiLU's: sigmoid_x + output (1 - sigmoid_x)). Each other name is the
+    function's and the argument's (`tanh_z1`), or numbered (`z1_part0`)."""
     printer = _ElementwisePrinter({X.name: argument})
-    replacements, (reduced,) = sp.cse(_numbers_evaluated(function), symbols=sp.numbered_symbols("_part"))
-    lines, names = [], {}
+    replacements, (forward, derivative) = sp.cse(
+        [_numbers_evaluated(function), _numbers_evaluated(sp.diff(function, X))], symbols=sp.numbered_symbols("_part"))
+    names, uses = {}, {}
     for index, (symbol, subexpression) in enumerate(replacements):
         head = type(subexpression).__name__.lower()
-        name = f"{head}_{argument}" if isinstance(subexpression, sp.Function) else f"{argument}_part{index}"
-        names[symbol] = sp.Symbol(name)
-        lines.append(f"{name} = {printer.doprint(subexpression.xreplace(names))}")
-    return lines, printer.doprint(reduced.xreplace(names))
+        names[symbol] = sp.Symbol(output if symbol == forward else f"{head}_{argument}"
+                                  if isinstance(subexpression, sp.Function) else f"{argument}_part{index}")
+        uses[symbol] = subexpression.free_symbols & set(names)
+    if forward in names:  # the activation is itself shared: its own line prints it
+        whole = dict(replacements)[forward]
+        replacements = [(symbol, value) for symbol, value in replacements if symbol != forward]
+        forward = whole
+    in_forward = forward.free_symbols & set(names)
+    for symbol, _ in reversed(replacements):  # what the forward's parts read, transitively
+        if symbol in in_forward:
+            in_forward |= uses[symbol]
+    lines = {symbol: f"{names[symbol]} = {printer.doprint(subexpression.xreplace(names))}"
+             for symbol, subexpression in replacements}
+    return ([lines[s] for s, _ in replacements if s in in_forward], printer.doprint(forward.xreplace(names)),
+            [lines[s] for s, _ in replacements if s not in in_forward], printer.doprint(derivative.xreplace(names)))
 
 
 def forward_lines(program: Program) -> list[str]:
@@ -175,10 +190,17 @@ def forward_lines(program: Program) -> list[str]:
             "sub": lambda: f"{a[0]} - {a[1]}",
             "mul": lambda: f"{a[0]} * {a[1]}",
             "mean": lambda: f"{a[0]}.mean(-1, keepdim=True)",
-            "apply": lambda: print_elementwise(op.function, a[0]),
+            "apply": lambda: _named_activation(op.function, a[0], op.out.name, lines),
         }[op.fn]()
         lines.append(f"{op.out.name} = {expression}")
     return lines
+
+
+def _named_activation(function: sp.Expr, argument: str, output: str, lines: list[str]) -> str:
+    """The code of an activation, after appending the lines of the subexpressions it shares with its derivative."""
+    shared, forward, _, _ = activation_lines(function, argument, output)
+    lines.extend(shared)
+    return forward
 
 
 def gradient_lines(program: Program, output: Value, target: Value, weight: Value | None,
@@ -232,7 +254,7 @@ def gradient_lines(program: Program, output: Value, target: Value, weight: Value
         elif op.fn == "apply":
             (a,) = op.args
             if a.name in needed:
-                named, derivative = elementwise_lines(sp.diff(op.function, X), a.name)
+                _, _, named, derivative = activation_lines(op.function, a.name, op.out.name)  # after the forward's
                 lines.extend(named)
                 accumulate(a, f"{g} * ({derivative})")
     missing = [v.name for v in wrt if v.name not in has_adjoint]
