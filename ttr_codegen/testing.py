@@ -626,8 +626,9 @@ class LayerChecks:
     def triton_steps_match_oracle(self, chunk_module, T: int = 45, K: int = 12, V: int = 10,
                                   chunk_size: int = 16) -> None:
         """The chunked form with its conjugate-gradient steps in Triton (`cg_triton`, which it uses on a GPU; here
-        forced, under the interpreter on a CPU), in float32 against the oracle in float64: outputs from zero and
-        from a carried state, and the gradient of every input (the adjoint solve runs in the kernel too)."""
+        forced, under the interpreter on a CPU), in float32 against the oracle in float64: without gradients
+        (the whole layer in Triton) from zero and from a carried state, and with them (the steps of the forward
+        and of the adjoint solve in Triton) the gradient of every input."""
         original = chunk_module._steps_in_triton
         chunk_module._steps_in_triton = lambda q: True
         try:
