@@ -851,6 +851,38 @@ class LayerChecks:
         layer_api_checks(self.layer_class, hidden_size, num_heads, T)
 
 
+def layer_packed_kernel_checks(layer_module, layer_class, hidden_size: int = 32, num_heads: int = 2, T: int = 21) -> None:
+    """An attention layer on a padded batch without a cache (training) runs all its sequences in one launch of
+    its Triton kernels (as on a GPU; here forced, under the interpreter): in float32, each row equals its
+    sequence alone (the streaming PyTorch form), outputs and input gradients."""
+    torch.manual_seed(0)
+    layer = layer_class(hidden_size=hidden_size, num_heads=num_heads, layer_idx=0)
+    lengths, left = (T - 5, T - 2), (5, 0)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    x = torch.randn(2, T, hidden_size)
+    padded = torch.zeros_like(x)
+    for b in range(2):
+        mask[b, left[b]:left[b] + lengths[b]] = 1
+        padded[b, left[b]:left[b] + lengths[b]] = x[b, :lengths[b]]
+    padded.requires_grad_(True)
+    original = layer_module._packed_in_triton
+    calls = []
+    layer_module._packed_in_triton = lambda q: calls.append(q.shape) or True
+    try:
+        y, _, _ = layer(padded, attention_mask=mask)
+    finally:
+        layer_module._packed_in_triton = original
+    assert calls, "the packed kernel path was not taken"
+    y.square().sum().backward()
+    for b in range(2):
+        row = x[b:b + 1, :lengths[b]].clone().requires_grad_(True)
+        alone, _, _ = layer(row)
+        assert_within(y[b:b + 1, left[b]:left[b] + lengths[b]], alone.double(), 1e-4, f"padded row {b}")
+        alone.square().sum().backward()
+        assert_within(padded.grad[b:b + 1, left[b]:left[b] + lengths[b]], row.grad.double(), 1e-4,
+                      f"padded row {b}'s input gradient")
+
+
 def layer_api_checks(layer_class, hidden_size: int, num_heads: int, T: int) -> None:
     """See LayerChecks.layer: shared by every generated layer."""
     torch.manual_seed(0)
