@@ -110,7 +110,7 @@ def memories(spec: Spec, q, k, v, inputs: dict) -> list[torch.Tensor]:
 
     if method in ("exact", "recursive_least_squares"):
         for t in range(T):
-            out.append(_ridge_solution(spec, k[:, :t + 1], v[:, :t + 1], inputs, decay, weight, t))
+            out.append(_ridge_solution(spec, k[:, :t + 1], v[:, :t + 1], inputs, decay, t))
         return out
     raise NotImplementedError(method)
 
@@ -157,12 +157,10 @@ def _proximal_step(X: torch.Tensor, key, value, beta, tolerance: float = 1e-14, 
     return Y
 
 
-def _ridge_solution(spec: Spec, keys, values, inputs, decay, weight, t) -> torch.Tensor:
+def _ridge_solution(spec: Spec, keys, values, inputs, decay, t) -> torch.Tensor:
     """argmin_S 1/2 sum_i gamma_i w_i ||S^T k_i - v_i||^2 + 1/2 ||Lambda^(1/2) S||^2 by least squares."""
-    B, n_rows, H, K = keys.shape
-    gamma = _kept(decay, t) if decay is not None else keys.new_ones(B, n_rows, H)
-    if weight is not None:
-        gamma = gamma * weight[:, :n_rows]
+    B, _, H, K = keys.shape
+    gamma = _sample_weights(spec, inputs, B, H, t, keys)
     ridge = spec.optimiser.ridge
     if spec.optimiser.method == "recursive_least_squares":
         prior = decay[:, :t + 1].prod(dim=1) if decay is not None else keys.new_ones(B, H)

@@ -629,11 +629,15 @@ class LayerChecks:
         forced, under the interpreter on a CPU), in float32 against the oracle in float64: without gradients
         (the whole layer in Triton) from zero and from a carried state, and with them (the steps of the forward
         and of the adjoint solve in Triton) the gradient of every input."""
+        problem = self.problem(T, K, V, B=1, seed=21)
+        leaves_ref = [x.clone().requires_grad_(True) for x in problem.args()]
+        o_ref, _ = oracle.solve(self.spec, *leaves_ref[:3], dict(zip(problem.inputs, leaves_ref[3:])))
+        weights = torch.randn(o_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(22))
+        grads_ref = torch.autograd.grad((o_ref * weights).sum(), leaves_ref)
+        o_ref = o_ref.detach()
         original = chunk_module._steps_in_triton
         chunk_module._steps_in_triton = lambda q: True
         try:
-            problem = self.problem(T, K, V, B=1, seed=21)
-            o_ref, _ = self.oracle(problem)
             half = T // 2
             first = problem.tokens(0, half, self.steps, self.per_step, self.spec).to(torch.float32)
             second = problem.tokens(half, T, self.steps, self.per_step, self.spec).to(torch.float32)
@@ -641,16 +645,12 @@ class LayerChecks:
             o_2, _ = self.chunk(*second.args(), initial_state=carried, chunk_size=chunk_size)
             assert_within(o_2, o_ref[:, half:], 1e-4, "float32 steps in Triton, carried state")
 
-            weights = torch.randn(o_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(22))
             leaves = [x.clone().requires_grad_(True) for x in problem.to(torch.float32).args()]
             o, _ = self.chunk(*leaves, chunk_size=chunk_size)
             assert_within(o, o_ref, 1e-4, "float32 steps in Triton")
             grads = torch.autograd.grad((o * weights.float()).sum(), leaves)
         finally:
             chunk_module._steps_in_triton = original
-        leaves_ref = [x.clone().requires_grad_(True) for x in problem.args()]
-        o_ref, _ = oracle.solve(self.spec, *leaves_ref[:3], dict(zip(problem.inputs, leaves_ref[3:])))
-        grads_ref = torch.autograd.grad((o_ref * weights).sum(), leaves_ref)
         for name, g, g_ref in zip(["q", "k", "v", *problem.inputs], grads, grads_ref):
             assert_within(g, g_ref, 1e-3, f"d/d{name}, float32 steps in Triton")
 
@@ -851,6 +851,16 @@ class LayerChecks:
         layer_api_checks(self.layer_class, hidden_size, num_heads, T)
 
 
+def _padded_batch(x: torch.Tensor, lengths, left) -> tuple[torch.Tensor, torch.Tensor]:
+    """(padded rows, attention mask): row b holds x[b, :lengths[b]] after left[b] padding positions."""
+    mask = torch.zeros(x.shape[:2], dtype=torch.long)
+    padded = torch.zeros_like(x)
+    for b, (n, start) in enumerate(zip(lengths, left)):
+        mask[b, start:start + n] = 1
+        padded[b, start:start + n] = x[b, :n]
+    return padded, mask
+
+
 def layer_packed_kernel_checks(layer_module, layer_class, hidden_size: int = 32, num_heads: int = 2, T: int = 21) -> None:
     """An attention layer on a padded batch without a cache (training) runs all its sequences in one launch of
     its Triton kernels (as on a GPU; here forced, under the interpreter): in float32, each row equals its
@@ -858,12 +868,8 @@ def layer_packed_kernel_checks(layer_module, layer_class, hidden_size: int = 32,
     torch.manual_seed(0)
     layer = layer_class(hidden_size=hidden_size, num_heads=num_heads, layer_idx=0)
     lengths, left = (T - 5, T - 2), (5, 0)
-    mask = torch.zeros(2, T, dtype=torch.long)
     x = torch.randn(2, T, hidden_size)
-    padded = torch.zeros_like(x)
-    for b in range(2):
-        mask[b, left[b]:left[b] + lengths[b]] = 1
-        padded[b, left[b]:left[b] + lengths[b]] = x[b, :lengths[b]]
+    padded, mask = _padded_batch(x, lengths, left)
     padded.requires_grad_(True)
     original = layer_module._packed_in_triton
     calls = []
@@ -914,11 +920,7 @@ def layer_api_checks(layer_class, hidden_size: int, num_heads: int, T: int) -> N
                                        msg=lambda m: f"{options}: decoding with the cache: {m}")
             # Padding: row 0 is left-padded by 3, row 1 right-padded by 2; each equals its sequence alone.
             lengths, left = (T - 3, T - 2), (3, 0)
-            mask = torch.zeros(2, T, dtype=torch.long)
-            padded = torch.zeros_like(x)
-            for b in range(2):
-                mask[b, left[b]:left[b] + lengths[b]] = 1
-                padded[b, left[b]:left[b] + lengths[b]] = x[b, :lengths[b]]
+            padded, mask = _padded_batch(x, lengths, left)
             y_padded, _, cache = layer(padded, attention_mask=mask, use_cache=True)
             for b in range(2):
                 alone, _, _ = layer(x[b:b + 1, :lengths[b]])

@@ -13,8 +13,8 @@ from .. import __version__
 from ..derive import Structure
 from ..lower import AdjointPlan, AttentionPlan, ChunkPlan, Family, FusedRecurrentPlan, Gate, NaivePlan
 from ..lower_online import OnlinePlan
-from .wrap import wrap_long_lines
 from ..spec.model import GATE_ROLES
+from .wrap import wrap_long_lines
 
 # An installed wheel carries the templates inside the package; a source checkout keeps them at its top.
 _PACKAGED_TEMPLATES = Path(__file__).resolve().parents[1] / "templates"

@@ -156,27 +156,29 @@ def _pack(head: str, items: list[str], tail: str, column: int, width: int) -> li
     that fills a line alone and still overflows is wrapped inside its own brackets."""
     aligned = column + len(head)
     hanging = aligned + max(len(item) for item in items) + len(tail) > width and len(head.strip()) > 1
-    indent = column + 4 if hanging else aligned
+    indent = column + 4 if hanging else aligned  # where every line's items start
     rows: list[list[str]] = [[]]  # the items of each line after the head's
     for item in items:
-        start = indent if (hanging or len(rows) > 1) else aligned
         used = len(" ".join(rows[-1] + [item])) + (len(tail) if item is items[-1] else 0)
-        if rows[-1] and start + used > width:
+        if rows[-1] and indent + used > width:
             rows.append([])
         rows[-1].append(item)
     lines = [head.rstrip()] if hanging else []
     for number, row in enumerate(rows):
         text = " ".join(row)
         last = number == len(rows) - 1
-        start = indent if (hanging or number > 0) else aligned
-        if len(row) == 1 and start + len(text) + (len(tail) if last else 0) > width:
-            deeper = _wrap_expression(text, start, width - (len(tail) if last else 0), bracketed=True)
+        if len(row) == 1 and indent + len(text) + (len(tail) if last else 0) > width:
+            deeper = _wrap_expression(text, indent, width, bracketed=True)
             if deeper is not None:
-                text = "\n".join([deeper[0], *deeper[1:]])
+                text = "\n".join(deeper)
         prefix = head if (not hanging and number == 0) else " " * indent
-        lines.append(prefix + text + (tail if last else ""))
-    out = "\n".join(lines).split("\n")
-    return out
+        if last and hanging and tail.strip() and len((prefix + text).rsplit("\n", 1)[-1]) + len(tail) > width:
+            # On a hanging indent a tail that does not fit after the items closes the bracket on a line of its
+            # own, at the statement's indent: `x = (` / items / `)*rest`.
+            lines += [prefix + text, " " * column + tail]
+        else:
+            lines.append(prefix + text + (tail if last else ""))
+    return "\n".join(lines).split("\n")  # a deeper wrap's lines are lines of their own
 
 
 def _wrap_sum(text: str, tokens, column: int, width: int, bracketed: bool) -> list[str] | None:
