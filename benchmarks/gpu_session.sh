@@ -74,8 +74,8 @@ fi
 if [[ $WHAT == mqar ]]; then  # examples/mqar.py's sweep, three processes sharing the GPU; rows kept as they finish
     python3 -c "import ttr_codegen.models" > "$OUT/import.txt" 2>&1 ||
         python3 -m pip install -q --no-index --find-links wheels --no-deps transformers huggingface_hub >> "$OUT/import.txt" 2>&1
-    part=0
-    for specs in "linear_attention mesa" "gated_delta_rule local_linear_attention_cg" "longhorn softmax_attention"; do
+    part=0  # a process per spec; mesa (the exact solve per query, the slowest) at one width
+    for specs in linear_attention gated_delta_rule longhorn softmax_attention local_linear_attention_cg "mesa --widths 64"; do
         part=$((part + 1))
         step "mqar$part" 540 python3 examples/mqar.py --specs $specs --csv "$OUT/mqar$part.csv" --plot "$OUT/mqar$part.png" &
     done
