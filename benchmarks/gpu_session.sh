@@ -77,10 +77,13 @@ if [[ $WHAT == mqar ]]; then  # examples/mqar.py's sweep, three processes sharin
     part=0  # a process per spec; mesa (the exact solve per query, the slowest) at one width
     for specs in linear_attention gated_delta_rule longhorn softmax_attention local_linear_attention_cg "mesa --widths 64"; do
         part=$((part + 1))
-        step "mqar$part" 540 python3 examples/mqar.py --specs $specs --csv "$OUT/mqar$part.csv" --plot "$OUT/mqar$part.png" &
+        step "mqar$part" 540 python3 examples/mqar.py --specs $specs --csv "$OUT/mqar$part.csv" --plot "/tmp/mqar$part.png" &
     done
     wait
+    # At most 8 files come back from a device call: the rows in one file, the logs in another.
+    cat "$OUT"/mqar?.csv > "$OUT/mqar.csv" && rm "$OUT"/mqar?.csv
     tail -n 3 "$OUT"/mqar?.txt
+    tail -n +1 "$OUT"/mqar?.txt > "$OUT/mqar_logs.txt" && rm "$OUT"/mqar?.txt
     cat "$OUT/import.txt" "$OUT/steps.txt"
     exit 0
 fi

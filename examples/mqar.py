@@ -4,7 +4,8 @@ recall. Trains 2-block models of several specs, with and without short convoluti
 key-value pairs and model widths (Zoology's protocol, `ttr eval`'s task), and writes the accuracy table and a
 plot.
 
-    python examples/mqar.py                 # on a GPU: the full sweep (about 10 minutes on an H100)
+    python examples/mqar.py                 # on a GPU: the full sweep (docs/mqar.md; benchmarks/gpu_session.sh mqar
+                                            # runs it as a process per layer, about 10 minutes on an H100)
     python examples/mqar.py --quick         # a small sweep that runs on a CPU in a few minutes
     python examples/mqar.py --specs mesa --csv rows.csv      # part of the sweep, its rows kept as they finish
     python examples/mqar.py --from-csv a.csv b.csv           # the table and plot of saved rows
