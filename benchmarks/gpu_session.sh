@@ -2,7 +2,7 @@
 # Everything the GPU machine is asked to check, in one call, each step bounded so that a slow one leaves
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
-#     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|diagnose|all]
+#     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -14,6 +14,7 @@
 # tests and times them against SDPA, FlexAttention and fla (with local-linear's solver study);
 # "tune_attention" sweeps the local-constant kernels' launch table (softmax's training step);
 # "mesa" runs MesaNet-by-conjugate-gradients' GPU tests and times it against fla (benchmarks/second_order_gpu.py);
+# "online" the nonlinear memories' inference kernel's GPU tests and benchmarks/online_gpu.py (ttt_linear against fla);
 # "mqar" runs examples/mqar.py's sweep (its table: python examples/mqar.py --from-csv mqar*.csv);
 # "diagnose" finds which backward kernel of the delta family drifts from its float32 run in bf16 at K = 256. One device call has 10 minutes: separate calls.
 set -uo pipefail
@@ -93,6 +94,14 @@ if [[ $WHAT == mesa ]]; then  # MesaNet by conjugate gradients: its GPU tests, t
     step bench_mesa 200 python3 benchmarks/second_order_gpu.py
     tail -n 25 "$OUT/mesa_tests.txt"
     cat "$OUT/bench_mesa.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == online ]]; then  # the nonlinear memories' inference kernel: GPU tests, then against fla and our PyTorch form
+    step online_tests 240 timeout -s INT 230 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -q \
+        -p no:cacheprovider -n 8 -rfE --tb=short
+    step bench_online 240 python3 benchmarks/online_gpu.py
+    tail -n 25 "$OUT/online_tests.txt"
+    cat "$OUT/bench_online.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == attention ]]; then  # the attention kernels: GPU tests, then peers (fla's autotuning last)

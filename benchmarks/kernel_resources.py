@@ -1,6 +1,6 @@
 """What each generated Triton kernel asks of an H100, found without one: registers, local memory and shared
-memory of every kernel a training step launches (and, for attention layers, decoding), compiled for sm_90a by
-the installed Triton.
+memory of every kernel a training step launches (and, for attention layers, decoding; for nonlinear memories, an
+inference call), compiled for sm_90a by the installed Triton.
 
     python benchmarks/kernel_resources.py [layer ...] [--K 128 --V 100] [--dtype float32 bfloat16]
 
@@ -65,6 +65,17 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
                 kernel(*leaves)
             last = [x[:, -1:].detach() for x in leaves]
             kernel(*last, initial_state=tuple(x[:, :-1].detach() for x in leaves[1:]))
+        return launches
+    if (ROOT / "generated" / name / "online_triton.py").exists():  # a nonlinear memory: an inference call
+        from ttr_codegen.testing import OnlineChecks
+
+        chunk = importlib.import_module(f"generated.{name}.chunk")
+        online = OnlineChecks(ROOT / "specs" / f"{name}.yaml", None, getattr(package, f"chunk_{name}"), None)
+        problem, initial = online.problem(T, K, B=1, H=2, seed=0)
+        chunk._in_triton = lambda q, v: True
+        InterpretedFunction.run = record
+        with torch.no_grad():
+            online.chunk(*problem.to(getattr(torch, dtype)).args(), initial_state=tuple(x.float() for x in initial))
         return launches
     parts = checks.state_parts()  # e.g. Titans' (S, Z)
     problem = checks.problem(T, K, V, B=1, H=1, seed=0)
@@ -133,7 +144,8 @@ def main() -> None:
     print(f"{'layer':20s} {'dtype':9s} {'kernel':22s} {'regs':>5s} {'stack B':>8s} {'shared B':>9s} "
           f"{'warps':>5s} {'stages':>6s} {'local MiB':>9s}")
     attention = sorted(p.parent.name for p in (ROOT / "generated").glob("*/flash_triton.py"))
-    for name in args.layers or triton_trained_layers(ROOT / "generated") + attention:
+    online = sorted(p.parent.name for p in (ROOT / "generated").glob("*/online_triton.py"))
+    for name in args.layers or triton_trained_layers(ROOT / "generated") + attention + online:
         for dtype in args.dtype:
             child = subprocess.run([sys.executable, __file__, name, "--record", "--K", str(args.K), "--V", str(args.V),
                                     "--dtype", dtype], capture_output=True, text=True,

@@ -209,7 +209,7 @@ def _mlp(draw, inputs: _Inputs) -> dict:
     if _maybe(draw, 0.4):
         regressor["layer_norm"] = {"weight": inputs.add("norm_weight", [HK]),
                                    "bias": inputs.add("norm_bias", [HK])}
-    optimiser: dict = {"method": "minibatch_gd", "batch_size": draw(st.sampled_from([1, 2, 3, 4, 8])),
+    optimiser: dict = {"method": "minibatch_gd", "batch_size": draw(st.sampled_from([1, 2, 3, 4, 8, 16, 32])),
                        "step_size": inputs.add("step_size", [BTH])}
     plain = True
     if _maybe(draw, 0.3):
@@ -283,7 +283,9 @@ def planned_checks(package, spec) -> list[tuple[str, object]]:
                 ("chunk_split", lambda: checks.split_matches_oracle("chunk", K=4)),
                 ("chunk_packed", lambda: checks.packed_sequences(lengths=(1, 9, 5), K=4)),
                 ("chunk_gradients", lambda: checks.gradients_match_oracle(T=9, K=3)),
-                ("layer", checks.layer_trains)]
+                ("layer", checks.layer_trains)] + (
+            [("chunk_online_triton", lambda: checks.triton_matches_oracle(_submodule(package, "chunk"), T=37, K=16))]
+            if _submodule(package, "online_triton") is not None else [])
     chunk = getattr(package, f"chunk_{op}", None)
     fused_module, triton_module = _submodule(package, "fused_recurrent"), _submodule(package, "chunk_triton")
     checks = LayerChecks(spec_path, getattr(package, f"naive_{op}"), getattr(package, spec.camel_name),

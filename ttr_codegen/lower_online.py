@@ -39,6 +39,20 @@ class FastWeight:
 
 
 @dataclass(frozen=True)
+class OnlineKernel:
+    """The dual form's lines for one sequence and head in a Triton kernel (online_triton.py): `tl.dot` on
+    [rows, D] tiles. A mini-batch of BATCH_SIZE rows is a tile only where BATCH_SIZE is a power of two from 16
+    (tl.dot's least side) to 64 (what registers hold next to the weights)."""
+
+    key_lines: tuple[str, ...]  # the key rows' forward and loss gradients d_<layer product>
+    query_lines: tuple[str, ...]
+    update_lines: tuple[str, ...]
+
+
+KERNEL_BATCH_SIZES = (16, 32, 64)
+
+
+@dataclass(frozen=True)
 class OnlinePlan:
     name: str
     camel_name: str
@@ -65,6 +79,7 @@ class OnlinePlan:
     delta_lines: tuple[str, ...]  # d_<layer product> per row, after forward_lines
     query_lines: tuple[str, ...]  # g at the query rows x_q with per-row weights (the dual form)
     update_lines: tuple[str, ...]  # the weights (and momenta) at the mini-batch's end
+    kernel: OnlineKernel | None  # the same lines on a Triton kernel's register tiles, where the batch fits them
     description_lines: tuple[str, ...]  # the objective and optimiser, for docstrings
     input_binding: tuple[str, ...]  # the spec's inputs under the names the lines above use
     input_lines: tuple[str, ...]  # their conversion to the compute dtype and layout
@@ -117,9 +132,21 @@ def lower_online(spec: Spec) -> OnlinePlan:
         delta_lines=tuple(online.gradient_lines(net.program, net.output, target, None, products)),
         query_lines=tuple(online.query_lines(net, keep, momentum)),
         update_lines=tuple(online.state_update_lines(net, keep, momentum)),
+        kernel=_kernel(net, target, keep, momentum) if optimiser.batch_size in KERNEL_BATCH_SIZES else None,
         description_lines=tuple(_describe(spec, net)),
         input_binding=tuple(binding),
         input_lines=tuple(conversion),
+    )
+
+
+def _kernel(net: online.MemoryNetwork, target: online.Value, keep: bool, momentum: bool) -> OnlineKernel:
+    products = [layer.product for layer in net.layers]
+    triton = online.TRITON
+    return OnlineKernel(
+        key_lines=tuple(online.forward_lines(net.program, triton)
+                        + online.gradient_lines(net.program, net.output, target, None, products, triton)),
+        query_lines=tuple(online.query_lines(net, keep, momentum, triton)),
+        update_lines=tuple(online.state_update_lines(net, keep, momentum, triton)),
     )
 
 

@@ -1099,3 +1099,52 @@ class OnlineChecks:
             y_packed, _, _ = layer(packed, cu_seqlens=torch.tensor([0, half, 2 * half + 3]))
             y_alone = torch.cat([layer(x[:1, :half])[0], layer(x[1:, :half + 3])[0]], dim=1)
             torch.testing.assert_close(y_packed, y_alone, **_tolerance(torch.float64))
+
+    def triton_matches_oracle(self, chunk_module, T: int = 37, K: int = 16) -> None:
+        """chunk_<name> without gradients on its Triton kernel (`online_triton`, the GPU's inference path; here
+        forced, under the interpreter on a CPU), in float32 against the oracle in float64, outputs and every
+        part of the final state: from the weights, through calls cut at and inside mini-batches (the state
+        carried), and packed sequences (cu_seqlens) from their own weights, each at its own length."""
+        original = chunk_module._in_triton
+        chunk_module._in_triton = lambda q, v: True
+        try:
+            self._triton_matches_oracle(T, K)
+        finally:
+            chunk_module._in_triton = original
+
+    def _triton_matches_oracle(self, T: int, K: int) -> None:
+        chunk = torch.no_grad()(self.chunk)  # the kernel's path: no gradient asked for
+        T = max(T, self.batch + 8)  # room for the cuts below
+
+        def close(found, expected, what):
+            (o, final), (o_ref, final_ref) = found, expected
+            assert_within(o, o_ref, 1e-4, f"Triton {what} output")
+            for name, part, part_ref in zip(self.state_names, final, final_ref, strict=True):
+                if part.is_floating_point():
+                    assert_within(part, part_ref, 1e-4, f"Triton {what} final state {name}")
+                else:
+                    assert torch.equal(part.cpu(), part_ref), f"Triton {what} final state {name}: {part} != {part_ref}"
+
+        problem, initial = self.problem(T, K, seed=31)
+        weights = tuple(x.float() for x in initial)
+        close(chunk(*problem.to(torch.float32).args(), initial_state=weights, output_final_state=True),
+              self.oracle(problem, initial), "from the weights")
+        expected = self.oracle(problem, initial)
+        state, outputs = weights, []
+        cuts = [self.batch, self.batch + 5, T]  # the second call starts at a mini-batch's start, the third inside one
+        for start, stop in zip([0, *cuts[:-1]], cuts):
+            o, state = chunk(*problem.tokens(start, stop, 1, set(), self.spec).to(torch.float32).args(),
+                                  initial_state=state, output_final_state=True)
+            outputs.append(o)
+        close((torch.cat(outputs, dim=1), state), expected, f"in calls cut at {cuts}")
+
+        lengths = (1, self.batch + 4, T, self.batch)
+        parts = [self.problem(n, K, B=1, seed=40 + i) for i, n in enumerate(lengths)]
+        problems = share_per_head_inputs([p for p, _ in parts], self.spec)
+        packed, cu_seqlens = pack(problems, self.spec)
+        initial = tuple(torch.cat(states) for states in zip(*(s for _, s in parts)))
+        found = chunk(*packed.to(torch.float32).args(), initial_state=tuple(x.float() for x in initial),
+                           output_final_state=True, cu_seqlens=cu_seqlens)
+        expected = [self.oracle(p, s) for p, (_, s) in zip(problems, parts)]
+        close(found, (torch.cat([e[0] for e in expected], dim=1),
+                      tuple(torch.cat(states) for states in zip(*(e[1] for e in expected)))), "packed")

@@ -1,6 +1,9 @@
 """The nonlinear memories (ttt_linear, ttt_mlp, titans_mlp) on a CUDA device: chunk_<name> in float32 and
 bfloat16 (it computes in float32 either way) against the oracle of the spec (autograd of each token's loss),
-in float64 on the CPU, with gradients through the chunked form.
+in float64 on the CPU, with gradients through the chunked form (PyTorch); then its Triton inference kernel
+(online_triton.py, the path without gradients) in float32, float16 and bfloat16: outputs and every part of the
+final state against the oracle, through calls cut at and inside mini-batches and with packed sequences, and
+at T = 4096 against chunk.py's PyTorch dual form in float64 on the device.
 
 Run on a GPU machine: python -m pytest -m gpu tests/gpu.
 """
@@ -18,6 +21,8 @@ pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
 ONLINE = ["titans_mlp", "ttt_linear", "ttt_mlp"]
 TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 2e-2}  # relative to 1 + max |reference|
+KERNEL_LAYERS = sorted(p.parent.name for p in (ROOT / "generated").glob("*/online_triton.py"))
+KERNEL_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
 def _checks(name: str) -> OnlineChecks:
@@ -56,3 +61,70 @@ def test_chunk_on_cuda_matches_oracle(name, dtype):
     grads_ref = torch.autograd.grad((o_ref * d_out).sum(), ref_leaves)
     for what, g, g_ref in zip(["q", "k", "v", *problem.inputs], grads, grads_ref, strict=True):
         assert_within(g.cpu(), g_ref, TOLERANCE[dtype] * 5, f"d/d{what}")  # gradients sum over T
+
+
+def _layer(name: str):
+    package = importlib.import_module(f"generated.{name}")
+    chunk_module = importlib.import_module(f"generated.{name}.chunk")
+    checks = OnlineChecks(ROOT / "specs" / f"{name}.yaml", getattr(package, f"naive_{name}"),
+                          getattr(package, f"chunk_{name}"), None)
+    return checks, chunk_module
+
+
+def test_kernel_layers_found():
+    assert {"ttt_linear", "ttt_mlp", "titans_mlp"} <= set(KERNEL_LAYERS)
+
+
+@pytest.mark.parametrize("name", KERNEL_LAYERS)
+@pytest.mark.parametrize("T", [1, 63, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_matches_oracle(name, T, dtype):
+    """One launch per call on the device (the kernel is chosen, not forced), against the oracle."""
+    checks, chunk_module = _layer(name)
+    problem, initial = checks.problem(T, 64, B=2, H=2, seed=T)
+    leaves = [x.to("cuda", dtype if i < 3 else torch.float32) for i, x in enumerate(problem.args())]  # q, k, v first
+    assert chunk_module._in_triton(leaves[0], leaves[2]), "the kernel should take this call"
+    with torch.no_grad():
+        o, final = checks.chunk(*leaves, initial_state=tuple(x.float().cuda() for x in initial),
+                                output_final_state=True)
+    o_ref, final_ref = checks.oracle(problem, initial)
+    assert o.dtype == dtype
+    assert_within(o.cpu().double(), o_ref, KERNEL_TOLERANCE[dtype], f"{name} {dtype} output")
+    for part_name, part, part_ref in zip(checks.state_names, final, final_ref):
+        if part.is_floating_point():
+            assert_within(part.cpu().double(), part_ref, KERNEL_TOLERANCE[dtype], f"{name} {dtype} final {part_name}")
+        else:
+            assert torch.equal(part.cpu(), part_ref), part_name
+
+
+@pytest.mark.parametrize("name", KERNEL_LAYERS)
+def test_calls_and_packed_sequences(name):
+    """The interpreter's check (calls cut inside mini-batches, packed sequences) with the compiled kernel, float32."""
+    checks, chunk_module = _layer(name)
+    original_chunk = checks.chunk
+    checks.chunk = lambda *args, **kwargs: _on_device(original_chunk, args, kwargs)
+    checks.triton_matches_oracle(chunk_module, T=63, K=64)
+
+
+def _on_device(op, args, kwargs):
+    """op on CUDA copies of its tensors, its results back on the CPU."""
+    def cuda(x):
+        return x.cuda() if isinstance(x, torch.Tensor) else tuple(map(cuda, x)) if isinstance(x, tuple) else x
+
+    o, final = op(*map(cuda, args), **{k: cuda(v) for k, v in kwargs.items()})
+    return o.cpu(), None if final is None else tuple(x.cpu() for x in final)
+
+
+@pytest.mark.parametrize("name", KERNEL_LAYERS)
+def test_long_sequences(name):
+    """T = 4096 in bfloat16 against the PyTorch dual form in float64 on the device."""
+    checks, chunk_module = _layer(name)
+    problem, initial = checks.problem(4096, 64, B=1, H=4, seed=1)
+    leaves = [x.cuda() for x in problem.args()]
+    state = tuple(x.cuda() for x in initial)
+    with torch.no_grad():
+        o_ref, final_ref = checks.chunk(*leaves, initial_state=state, output_final_state=True)  # float64: PyTorch
+        o, final = checks.chunk(*[x.to(torch.bfloat16 if i < 3 else torch.float32) for i, x in enumerate(leaves)],
+                                initial_state=tuple(x.float() for x in state), output_final_state=True)
+    assert_within(o.double(), o_ref, KERNEL_TOLERANCE[torch.bfloat16], f"{name} T=4096 output")
+    assert_within(final[0].double(), final_ref[0], KERNEL_TOLERANCE[torch.bfloat16], f"{name} T=4096 final weights")

@@ -21,6 +21,7 @@ the backward sums a gradient over the axes its value was broadcast along.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -99,16 +100,28 @@ def _broadcast_kind(a: str, b: str) -> str:
     return a
 
 
-def _reduce(expr: str, kind: str, to: str) -> str:
+def _reduce(expr: str, kind: str, to: str, dialect: "Dialect") -> str:
     """expr (of kind `kind`) summed over the axes along which a value of kind `to` was broadcast."""
     if kind == to:
         return expr
-    expr = expr if expr.isidentifier() else f"({expr})"
     if to == COLUMN:
-        return f"{expr}.sum(-1, keepdim=True)"
+        return dialect.row_sum(expr)
     if to == VECTOR:
-        return f"{expr}.sum(-2, keepdim=True)"
+        return dialect.column_sum(expr)
     raise AssertionError(f"cannot reduce {kind} to {to}")
+
+
+def _grouped(expr: str) -> str:
+    """expr, in parentheses unless it is a name or one call (`x.transpose(-1, -2)`, `tl.dot(a, b)`)."""
+    head = re.match(r"[A-Za-z_][\w.]*", expr)
+    if head is None:
+        return f"({expr})"
+    rest, depth = expr[head.end():], 0
+    for i, char in enumerate(rest):  # a call's parentheses must close at the very end
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0 and (i == 0 or i + 1 < len(rest)):
+            return f"({expr})"
+    return expr
 
 
 class _ElementwisePrinter(_ScalarPrinter):
@@ -135,6 +148,83 @@ class _ElementwisePrinter(_ScalarPrinter):
         return super()._print_Pow(expr)
 
 
+class _TritonElementwisePrinter(_ElementwisePrinter):
+    """An elementwise function of a register tile in a Triton kernel: `tl` has no tanh, log1p or power, so
+    tanh(x) is 2 sigmoid(2x) - 1 and x^n a product (x^(k/2) with rsqrt or sqrt)."""
+
+    def __init__(self, names: dict[str, str]):
+        super().__init__(names, "tl")
+
+    def _print_tanh(self, expr):
+        return f"(2 * tl.sigmoid(2 * ({self._print(expr.args[0])})) - 1)"
+
+    def _print_sigmoid(self, expr):
+        return f"tl.sigmoid({self._print(expr.args[0])})"
+
+    def _print_erf(self, expr):
+        return f"tl.erf({self._print(expr.args[0])})"
+
+    def _print_log(self, expr):
+        return f"tl.log({self._print(expr.args[0])})"
+
+    def _print_Pow(self, expr):
+        base, exponent = expr.args
+        b, power = self.parenthesize(base, 100), float(exponent)  # numbers are floats by now
+        if power.is_integer() and 0 < power <= 4:
+            return "(" + " * ".join([b] * int(power)) + ")"
+        if power.is_integer() and -4 <= power < 0:
+            return "(1 / (" + " * ".join([b] * int(-power)) + "))"
+        if power == -0.5:
+            return f"tl.rsqrt({self._print(base)})"
+        if power == 0.5:
+            return f"tl.sqrt({self._print(base)})"
+        if power == -1.5:
+            return f"(tl.rsqrt({self._print(base)}) / {b})"
+        return f"tl.exp({self._print(exponent)} * tl.log({self._print(base)}))"
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How the lines spell the operations on a mini-batch: torch on tensors `[..., r, c]` (leading batch and
+    head axes), or Triton on one sequence and head's register tiles `[r, c]` inside a kernel, whose products
+    are `tl.dot` at the kernel's `DOT` precision."""
+
+    name: str
+
+    @property
+    def triton(self) -> bool:
+        return self.name == "triton"
+
+    def mm(self, a: str, b: str) -> str:
+        return f"tl.dot({a}, {b}, input_precision=DOT)" if self.triton else f"{_grouped(a)} @ {_grouped(b)}"
+
+    def t(self, a: str) -> str:
+        return f"tl.trans({a})" if self.triton else f"{a}.transpose(-1, -2)"
+
+    def row_sum(self, expr: str) -> str:
+        """The sum over a row's entries, as a column."""
+        return f"tl.sum({expr}, axis=1)[:, None]" if self.triton else f"{_grouped(expr)}.sum(-1, keepdim=True)"
+
+    def column_sum(self, expr: str) -> str:
+        """The sum over the rows, as a vector."""
+        return f"tl.sum({expr}, axis=0)[None, :]" if self.triton else f"{_grouped(expr)}.sum(-2, keepdim=True)"
+
+    def row_mean(self, a: str) -> str:
+        return f"tl.sum({a}, axis=1)[:, None] / {a}.shape[1]" if self.triton else f"{a}.mean(-1, keepdim=True)"
+
+    def spread(self, column: str, like: str) -> str:
+        """A column's gradient of a row mean, spread over the rows' entries."""
+        if self.triton:
+            return f"tl.broadcast_to({column} / {like}.shape[1], {like}.shape)"
+        return f"({column} / {like}.shape[-1]).expand_as({like})"
+
+    def printer(self, names: dict[str, str]) -> _ElementwisePrinter:
+        return _TritonElementwisePrinter(names) if self.triton else _ElementwisePrinter(names)
+
+
+TORCH, TRITON = Dialect("torch"), Dialect("triton")
+
+
 def _numbers_evaluated(expr: sp.Expr) -> sp.Expr:
     """expr with every constant subexpression (sqrt(2 / pi), ...) a float: torch functions take tensors."""
     if expr.is_number and not expr.is_Integer:
@@ -149,14 +239,15 @@ def print_elementwise(function: sp.Expr, argument: str) -> str:
     return _ElementwisePrinter({X.name: argument}).doprint(_numbers_evaluated(function))
 
 
-def activation_lines(function: sp.Expr, argument: str, output: str) -> tuple[list[str], str, list[str], str]:
+def activation_lines(function: sp.Expr, argument: str, output: str,
+                     dialect: Dialect = TORCH) -> tuple[list[str], str, list[str], str]:
     """An activation and its derivative with their common subexpressions named once: (lines the forward
     needs, the code of function(X) that reads them, lines only the derivative needs, the code of
     function'(X)). The forward's lines come before the derivative's wherever both are printed, so a GELU's
     tanh is taken once per forward and reused by the backward, and a derivative that contains the whole
     activation reads it as `output` (SiLU's: sigmoid_x + output (1 - sigmoid_x)). Each other name is the
     function's and the argument's (`tanh_z1`), or numbered (`z1_part0`)."""
-    printer = _ElementwisePrinter({X.name: argument})
+    printer = dialect.printer({X.name: argument})
     replacements, (forward, derivative) = sp.cse(
         [_numbers_evaluated(function), _numbers_evaluated(sp.diff(function, X))], symbols=sp.numbered_symbols("_part"))
     names, uses = {}, {}
@@ -179,33 +270,33 @@ def activation_lines(function: sp.Expr, argument: str, output: str) -> tuple[lis
             [lines[s] for s, _ in replacements if s not in in_forward], printer.doprint(derivative.xreplace(names)))
 
 
-def forward_lines(program: Program) -> list[str]:
-    """The forward as torch lines, one per operation."""
+def forward_lines(program: Program, dialect: Dialect = TORCH) -> list[str]:
+    """The forward as lines, one per operation."""
     lines = []
     for op in program.ops:
         a = [v.name for v in op.args]
         expression = {
-            "linear": lambda: f"{a[0]} @ {a[1]}",
+            "linear": lambda: dialect.mm(a[0], a[1]),
             "add": lambda: f"{a[0]} + {a[1]}",
             "sub": lambda: f"{a[0]} - {a[1]}",
             "mul": lambda: f"{a[0]} * {a[1]}",
-            "mean": lambda: f"{a[0]}.mean(-1, keepdim=True)",
-            "apply": lambda: _named_activation(op.function, a[0], op.out.name, lines),
+            "mean": lambda: dialect.row_mean(a[0]),
+            "apply": lambda: _named_activation(op.function, a[0], op.out.name, lines, dialect),
         }[op.fn]()
         lines.append(f"{op.out.name} = {expression}")
     return lines
 
 
-def _named_activation(function: sp.Expr, argument: str, output: str, lines: list[str]) -> str:
+def _named_activation(function: sp.Expr, argument: str, output: str, lines: list[str], dialect: Dialect) -> str:
     """The code of an activation, after appending the lines of the subexpressions it shares with its derivative."""
-    shared, forward, _, _ = activation_lines(function, argument, output)
+    shared, forward, _, _ = activation_lines(function, argument, output, dialect)
     lines.extend(shared)
     return forward
 
 
 def gradient_lines(program: Program, output: Value, target: Value, weight: Value | None,
-                   wrt: list[Value]) -> list[str]:
-    """Torch lines computing d_<w> for every w in `wrt`: the gradient of 1/2 sum_i weight_i ||output_i -
+                   wrt: list[Value], dialect: Dialect = TORCH) -> list[str]:
+    """Lines computing d_<w> for every w in `wrt`: the gradient of 1/2 sum_i weight_i ||output_i -
     target_i||^2 (weight a column: a per-row learning rate; None: 1) after the forward's lines.
 
     The adjoint of a value is the sum of its uses' vector-Jacobian products, taken last use first; only
@@ -235,26 +326,27 @@ def gradient_lines(program: Program, output: Value, target: Value, weight: Value
         g, kind = f"d_{op.out.name}", op.out.kind
         if op.fn == "linear":
             x, w = op.args
-            accumulate(x, f"{g} @ {w.name}.transpose(-1, -2)")
-            accumulate(w, f"{x.name}.transpose(-1, -2) @ {g}")
+            accumulate(x, dialect.mm(g, dialect.t(w.name)))
+            accumulate(w, dialect.mm(dialect.t(x.name), g))
         elif op.fn in ("add", "sub"):
             a, b = op.args
-            accumulate(a, _reduce(g, kind, a.kind))
-            accumulate(b, f"-{_reduce(g, kind, b.kind)}" if op.fn == "sub" else _reduce(g, kind, b.kind))
+            accumulate(a, _reduce(g, kind, a.kind, dialect))
+            reduced = _reduce(g, kind, b.kind, dialect)
+            accumulate(b, f"-{reduced}" if op.fn == "sub" else reduced)
         elif op.fn == "mul" and op.args[0] == op.args[1]:  # a square
             (a, _) = op.args
             accumulate(a, f"2 * {g} * {a.name}")
         elif op.fn == "mul":
             a, b = op.args
-            accumulate(a, _reduce(f"{g} * {b.name}", kind, a.kind))
-            accumulate(b, _reduce(f"{g} * {a.name}", kind, b.kind))
+            accumulate(a, _reduce(f"{g} * {b.name}", kind, a.kind, dialect))
+            accumulate(b, _reduce(f"{g} * {a.name}", kind, b.kind, dialect))
         elif op.fn == "mean":
             (a,) = op.args
-            accumulate(a, f"({g} / {a.name}.shape[-1]).expand_as({a.name})")
+            accumulate(a, dialect.spread(g, a.name))
         elif op.fn == "apply":
             (a,) = op.args
             if a.name in needed:
-                _, _, named, derivative = activation_lines(op.function, a.name, op.out.name)  # after the forward's
+                _, _, named, derivative = activation_lines(op.function, a.name, op.out.name, dialect)  # after the forward's
                 lines.extend(named)
                 accumulate(a, f"{g} * ({derivative})")
     missing = [v.name for v in wrt if v.name not in has_adjoint]
@@ -353,8 +445,8 @@ def titans_mlp() -> tuple[Program, Value, list[Value]]:
 # S: the momentum at the start; keep, carry, mix: scalars from the optimiser's recurrences). So its output at
 # query row i is keep_i (x_qi W) + carry_i (x_qi S_W) + sum_j mix_ij (x_qi . x_j) delta_j (+ the bias's terms).
 
-def query_lines(net: MemoryNetwork, keep: bool, momentum: bool) -> list[str]:
-    """Torch lines of the network at the query rows `x_q` with per-row weights (names: <value>_q). The key
+def query_lines(net: MemoryNetwork, keep: bool, momentum: bool, dialect: Dialect = TORCH) -> list[str]:
+    """Lines of the network at the query rows `x_q` with per-row weights (names: <value>_q). The key
     side's values and their adjoints d_<layer product> must be computed; `mix` [.., n, n], and with `keep`
     a column `keep`, with `momentum` a column `carry` and the momenta S_<weight>."""
     layer_of = {layer.product.name: layer for layer in net.layers}
@@ -362,11 +454,10 @@ def query_lines(net: MemoryNetwork, keep: bool, momentum: bool) -> list[str]:
     fixed = {v.name for v in net.program.inputs if v is not net.x}
     q = lambda v: v.name if v.name in fixed else f"{v.name}_q"  # noqa: E731
 
-    def start_term(weight: str, product: str) -> str:
-        """product (a format string) at the start weights, scaled by keep, plus at the momentum by carry."""
-        scaled = "({})" if "@" in product else "{}"
-        term = f"keep * {scaled.format(product.format(weight))}" if keep else product.format(weight)
-        return term + (f" + carry * {scaled.format(product.format('S_' + weight))}" if momentum else "")
+    def start_term(weight: str, product) -> str:
+        """product(weight) at the start weights, scaled by keep, plus product(momentum) scaled by carry."""
+        term = f"keep * {_grouped(product(weight))}" if keep else product(weight)
+        return term + (f" + carry * {_grouped(product('S_' + weight))}" if momentum else "")
 
     lines = []
     for op in net.program.ops:
@@ -374,33 +465,34 @@ def query_lines(net: MemoryNetwork, keep: bool, momentum: bool) -> list[str]:
         if name in layer_of:
             layer = layer_of[name]
             x_q = q(layer.x)
-            lines.append(f"{name}_q = {start_term(layer.weight.name, x_q + ' @ {}')} + "
-                         f"(mix * ({x_q} @ {layer.x.name}.transpose(-1, -2))) @ d_{name}")
+            mixed = dialect.mm(f"mix * {_grouped(dialect.mm(x_q, dialect.t(layer.x.name)))}", f"d_{name}")
+            lines.append(f"{name}_q = {start_term(layer.weight.name, lambda w: dialect.mm(x_q, w))} + {mixed}")
         elif name in bias_of:
             layer = bias_of[name]
-            lines.append(f"{name}_q = {layer.product.name}_q + {start_term(layer.bias.name, '{}')} + "
-                         f"mix @ d_{layer.product.name}")
+            lines.append(f"{name}_q = {layer.product.name}_q + {start_term(layer.bias.name, lambda b: b)} + "
+                         f"{dialect.mm('mix', f'd_{layer.product.name}')}")
         else:
             renamed = Program(ops=[Op(Value(q(op.out), op.out.kind), op.fn, tuple(Value(q(a), a.kind) for a in op.args),
                                       op.function)])
-            lines += forward_lines(renamed)
+            lines += forward_lines(renamed, dialect)
     return lines
 
 
-def state_update_lines(net: MemoryNetwork, keep: bool, momentum: bool) -> list[str]:
-    """Torch lines moving every fast weight (and momentum) to the mini-batch's end: `mix_end` [.., n, 1] is
+def state_update_lines(net: MemoryNetwork, keep: bool, momentum: bool, dialect: Dialect = TORCH) -> list[str]:
+    """Lines moving every fast weight (and momentum) to the mini-batch's end: `mix_end` [.., n, 1] is
     the last row of mix as a column; `keep_end`, `carry_end` [.., 1, 1]; with momentum, the momenta's own
     coefficients `decay_end` [.., 1, 1] and `push_end` [.., n, 1] (each row's gradient in the end momentum)."""
     lines = []
     for layer in net.layers:
         delta = f"d_{layer.product.name}"
-        for weight, increment in ((layer.weight.name, f"{layer.x.name}.transpose(-1, -2) @ ({{}} * {delta})"),
-                                  (layer.bias.name if layer.bias else None, f"({{}} * {delta}).sum(-2, keepdim=True)")):
+        increments = ((layer.weight.name, lambda c: dialect.mm(dialect.t(layer.x.name), f"{c} * {delta}")),
+                      (layer.bias.name if layer.bias else None, lambda c: dialect.column_sum(f"{c} * {delta}")))
+        for weight, increment in increments:
             if weight is None:
                 continue
             start = f"keep_end * {weight}" if keep else weight
             start += f" + carry_end * S_{weight}" if momentum else ""
-            lines.append(f"{weight} = {start} + {increment.format('mix_end')}")
+            lines.append(f"{weight} = {start} + {increment('mix_end')}")
             if momentum:  # after the weight, which reads the momentum of the mini-batch start
-                lines.append(f"S_{weight} = decay_end * S_{weight} + {increment.format('push_end')}")
+                lines.append(f"S_{weight} = decay_end * S_{weight} + {increment('push_end')}")
     return lines

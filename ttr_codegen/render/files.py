@@ -171,5 +171,7 @@ def render_online_layer(plan: OnlinePlan, spec_path: str, spec_text: str, packag
                  "chunk.py": "chunk_online.py.j2",
                  "layer.py": "layer_online.py.j2", "modules.py": "modules.py.j2",
                  f"test_{plan.name}.py": "test_online.py.j2"}
+    if plan.kernel is not None:
+        templates["online_triton.py"] = "online_triton.py.j2"
     return [RenderedFile(name, stamp(env.get_template(template).render(context), spec_path, spec_text))
             for name, template in templates.items()]

@@ -1,0 +1,122 @@
+"""The nonlinear memories' inference path on the GPU (online_triton.py: one program per sequence and head, the
+fast weights in registers through every mini-batch) against fla-core's `chunk_ttt_linear` for ttt_linear,
+and against our own PyTorch dual form (chunk.py's loop over mini-batches, what training runs) for every layer.
+
+    python benchmarks/online_gpu.py [--out log.txt] [--layers ttt_linear ttt_mlp titans_mlp] [--shapes 4x2048 2x8192]
+
+H=16, K=V=64, bf16 inputs (our kernels compute in float32), mini-batches of 16 tokens, no gradients;
+`triton.testing.do_bench` median ms; TFLOP/s counts the dual form's matrix products (2 FLOPs per
+multiply-add; `dual_form_flops`); gap: the largest difference from the reference relative to its largest value
+(fla's output for ttt_linear, the PyTorch dual form in float32 otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ttr_codegen.spec import load_spec  # noqa: E402
+
+
+def dual_form_flops(spec, B: int, T: int, H: int, K: int) -> float:
+    """The matrix products of one call: per mini-batch of n rows and layer (a inputs, c outputs), the key
+    rows' forward (n a c), the gradient passed to the layer below (n c a, but the first layer), the query
+    rows at the start weights (n a c, twice with momentum), their scores with the key rows (n n a), the
+    gradients mixed in (n n c, twice with a bias), and the weights' update (a n c, twice with momentum)."""
+    r, o = spec.regressor, spec.optimiser
+    n, widths = o.batch_size, [K] + [(r.hidden or 1) * K] * (r.depth - 1) + [K]
+    momentum = 2 if o.momentum else 1
+    per_batch = 0
+    for layer, (a, c) in enumerate(zip(widths[:-1], widths[1:])):
+        per_batch += n * a * c * (1 + (layer > 0) + momentum + momentum) + n * n * a + n * n * c * (2 if r.bias else 1)
+    return 2.0 * per_batch * (T / n) * B * H
+
+
+def inputs(spec, B: int, T: int, H: int = 16, D: int = 64) -> list[torch.Tensor]:
+    """q, k (unit rows), v, then the spec's inputs at typical values: rates in (0, 0.1), momenta in (0.5, 1),
+    forget fractions near 0, layer norm weights near 1 and biases near 0."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape):
+        return torch.rand(*shape, device="cuda", generator=generator)
+
+    q = F.normalize(torch.randn(B, T, H, D, device="cuda", generator=generator), dim=-1).to(torch.bfloat16)
+    k = F.normalize(torch.randn(B, T, H, D, device="cuda", generator=generator), dim=-1).to(torch.bfloat16)
+    v = torch.randn(B, T, H, D, device="cuda", generator=generator).to(torch.bfloat16)
+    typical = {"step_size": lambda: 0.1 * rand(B, T, H), "momentum": lambda: 0.5 + 0.5 * rand(B, T, H),
+               "forget": lambda: 0.01 * rand(B, T, H), "norm_weight": lambda: 1 + 0.1 * (rand(H, D) - 0.5),
+               "norm_bias": lambda: 0.1 * (rand(H, D) - 0.5)}
+    return [q, k, v, *(typical[i.role]() for i in spec.inputs)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--layers", nargs="*", default=["ttt_linear", "ttt_mlp", "titans_mlp"])
+    parser.add_argument("--shapes", nargs="*", default=["4x2048", "2x8192"])
+    args = parser.parse_args()
+    log = open(args.out, "a") if args.out else None
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        if log:
+            print(line, file=log, flush=True)
+
+    try:
+        from fla.ops.ttt import chunk_ttt_linear as fla_ttt_linear
+    except ImportError as error:
+        fla_ttt_linear = None
+        say(f"fla-core not importable ({error}): no peer rows")
+    say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16 inputs, "
+        "H=16 K=V=64, inference (no gradients)")
+    say(f"{'layer':12s} {'shape':>8s} {'ours ms':>9s} {'TFLOP/s':>8s} {'peer':>12s} {'peer ms':>9s} "
+        f"{'peer/ours':>9s} {'gap':>9s} {'first call s':>12s}")
+    for shape in args.shapes:
+        B, T = (int(x) for x in shape.split("x"))
+        for name in args.layers:
+            spec = load_spec(ROOT / "specs" / f"{name}.yaml")
+            chunk_module = importlib.import_module(f"generated.{name}.chunk")
+            ours = getattr(chunk_module, f"chunk_{name}")
+            leaves = inputs(spec, B, T)
+            with torch.no_grad():
+                start = time.perf_counter()
+                o = ours(*leaves)[0].float()
+                torch.cuda.synchronize()
+                first = time.perf_counter() - start
+                ours_ms = triton.testing.do_bench(lambda: ours(*leaves))
+                tflops = dual_form_flops(spec, B, T, 16, 64) / ours_ms / 1e9
+                if name == "ttt_linear" and fla_ttt_linear is not None:
+                    q, k, v, ln_weight, ln_bias, eta = leaves
+                    peer_name = "fla"
+
+                    def peer():
+                        return fla_ttt_linear(q, k, v, ln_weight, ln_bias, eta[..., None], chunk_size=16)
+                else:  # our own PyTorch dual form (chunk.py without its kernel), in float32
+                    peer_name = "torch dual"
+                    floats = [x.float() for x in leaves]
+
+                    def peer():
+                        kernel, chunk_module._in_triton = chunk_module._in_triton, lambda q, v: False
+                        try:
+                            return ours(*floats)
+                        finally:
+                            chunk_module._in_triton = kernel
+                reference = peer()[0].float()
+                peer_ms = triton.testing.do_bench(peer, rep=200 if peer_name == "fla" else 50)
+            gap = ((o - reference).abs().max() / reference.abs().max()).item()
+            say(f"{name:12s} {shape:>8s} {ours_ms:9.3f} {tflops:8.2f} {peer_name:>12s} {peer_ms:9.3f} "
+                f"{peer_ms / ours_ms:9.2f} {gap:9.2e} {first:12.1f}")
+
+
+if __name__ == "__main__":
+    main()
