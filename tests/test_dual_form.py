@@ -1,0 +1,118 @@
+"""The mini-batch dual form as tile operations (`derive.dual_form`), the base of a backward kernel for the
+nonlinear memories: its reverse mode equals autograd through its own forward for every network the `mlp`
+class offers, and its forward equals the generated chunked layer (itself checked against the oracle) on one
+mini-batch of the catalogue's layers."""
+
+import importlib
+
+import pytest
+import torch
+
+from ttr_codegen.derive import dual_form, online
+from ttr_codegen.derive.online import TORCH
+
+SIZES = {"n": 5, "K": 4, "V": 3, "HIDDEN": 6, "1": 1}
+
+# (depth, activation, bias, layer norm): TTT-Linear's, TTT-MLP's, Titans' memory, and three layers with SiLU.
+NETWORKS = [(1, None, True, True), (2, "gelu_tanh", True, True), (2, "silu", False, False), (3, "silu", True, False),
+            (1, None, False, False)]
+OPTIMISERS = [(False, False), (True, False), (True, True)]  # (keep, momentum): rates per row, per sample, momentum
+
+
+def _run(code: str, values: dict) -> dict:
+    scope = {"torch": torch, **values}
+    exec(code, scope)
+    return scope
+
+
+# A layer norm's width is K (its inputs are [H, K]), so it comes with residual memories (V = K) only.
+CASES = [(*network, *optimiser, residual) for network in NETWORKS for optimiser in OPTIMISERS
+         for residual in (False, True) if residual or not network[3]]
+
+
+@pytest.mark.parametrize(("depth", "activation", "bias", "layer_norm", "keep", "momentum", "residual"), CASES)
+def test_reverse_mode_equals_autograd(depth, activation, bias, layer_norm, keep, momentum, residual):
+    """d(<out, d_out> + sum <end part, d_end part>) / d(every input) of one mini-batch, derived, against
+    autograd through the same forward (float64, batched over two sequences)."""
+    net = online.memory_network(depth, activation, bias, layer_norm)
+    batch = dual_form.minibatch(net, keep, momentum, residual, "pre_norm" if layer_norm else "input")
+    forward_ops = len(batch.program.ops)
+    seeds, adjoints = dual_form.backward(batch)
+    lines = dual_form.print_ops(batch.program.ops, TORCH)
+    forward, backward = "\n".join(lines[:forward_ops]), "\n".join(lines[forward_ops:])
+    generator = torch.Generator().manual_seed(depth + 10 * keep + 100 * momentum)
+    sizes = dict(SIZES, V=SIZES["K"] if residual else SIZES["V"])
+    leaves = {t.name: (0.5 * torch.randn(2, *(sizes[a] for a in t.shape), dtype=torch.float64,
+                                         generator=generator)).requires_grad_(True)
+              for t in batch.program.inputs if t not in seeds}
+    scope = _run(forward, leaves)
+    results = [scope[batch.out.name], *(scope[t.name] for t in batch.end_state)]
+    d = [torch.randn(r.shape, dtype=torch.float64, generator=generator) for r in results]
+    names = list(adjoints)
+    expected = torch.autograd.grad(sum((r * g).sum() for r, g in zip(results, d)), [leaves[n] for n in names],
+                                   allow_unused=True)
+    derived = _run(forward + "\n" + backward, {**{n: x.detach() for n, x in leaves.items()},
+                                                        **{s.name: g for s, g in zip(seeds, d)}})
+    assert set(names) == set(leaves), f"no adjoint for {set(leaves) - set(names)}"
+    for name, g in zip(names, expected):
+        found = derived[adjoints[name].name].expand_as(leaves[name])
+        torch.testing.assert_close(found, g if g is not None else torch.zeros_like(found), rtol=1e-10, atol=1e-12,
+                                   msg=lambda m, name=name: f"d/d{name}: {m}")
+
+
+@pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp", "titans_mlp"])
+def test_forward_equals_the_generated_layer(name):
+    """One whole mini-batch from a given state: the tile program's output rows and end state equal
+    chunk_<name>'s (float64), with the optimiser's coefficients from the generated `mixing`."""
+    package = importlib.import_module(f"generated.{name}")
+    chunk = importlib.import_module(f"generated.{name}.chunk")
+    naive = importlib.import_module(f"generated.{name}.naive")
+    from ttr_codegen.lower_online import lower_online
+    from ttr_codegen.spec import load_spec
+
+    spec = load_spec(f"specs/{name}.yaml")
+    plan = lower_online(spec)
+    r = spec.regressor
+    net = online.memory_network(r.depth, r.activation, r.bias, r.norm_weight is not None)
+    keep, momentum = not plan.rate_per_row, plan.momentum is not None
+    batch = dual_form.minibatch(net, keep, momentum, plan.residual, plan.readout)
+    n, K, H = plan.batch_size, 8, 2
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, n, H, K, dtype=torch.float64, generator=generator) for _ in range(3))
+    rates = {"step_size": lambda: 0.1 * torch.rand(1, n, H, dtype=torch.float64, generator=generator),
+             "momentum": lambda: 0.9 * torch.rand(1, n, H, dtype=torch.float64, generator=generator),
+             "forget": lambda: 0.1 * torch.rand(1, n, H, dtype=torch.float64, generator=generator),
+             "norm_weight": lambda: 1 + 0.1 * torch.randn(H, K, dtype=torch.float64, generator=generator),
+             "norm_bias": lambda: 0.1 * torch.randn(H, K, dtype=torch.float64, generator=generator)}
+    inputs = [rates[i.role]() for i in spec.inputs]
+    hidden = (r.hidden or 1) * K
+    shapes = {"K": K, "V": K, "HIDDEN": hidden, "1": 1}
+    state = tuple(0.3 * torch.randn(1, H, *(shapes[a] for a in t.shape), dtype=torch.float64, generator=generator)
+                  for t in batch.state)
+    o, final = getattr(package, f"chunk_{name}")(q, k, v, *inputs, initial_state=state, output_final_state=True)
+
+    own = dict(zip([i.name for i in spec.inputs], inputs))
+    per_row = [own[spec.optimiser.step_size]] + ([own[spec.optimiser.momentum]] if momentum else []) + (
+        [own[spec.optimiser.weight_decay]] if spec.optimiser.weight_decay else [])
+    coefficients = chunk.mixing(*(chunk.by_mini_batch(x.transpose(1, 2)) for x in per_row))
+    names = ["mix"] if plan.rate_per_row else (["keep", "carry", "mix", "decay", "push"] if momentum else ["keep", "mix"])
+    coefficients = dict(zip(names, coefficients if isinstance(coefficients, tuple) else (coefficients,)))
+    mix = coefficients["mix"][:, :, 0]
+    values = {"x": k.transpose(1, 2), "v": v.transpose(1, 2), "x_q": q.transpose(1, 2) * K ** -0.5,
+              "mix": mix, "mix_end": mix[..., -1, :, None]}
+    if keep:
+        values |= {"keep": coefficients["keep"][:, :, 0], "keep_end": coefficients["keep"][:, :, 0, -1:, :]}
+    if momentum:
+        carry = coefficients["carry"][:, :, 0]
+        values |= {"carry": carry, "carry_end": carry[..., -1:, :],
+                   "decay_end": coefficients["decay"][:, :, 0, -1:, :],
+                   "push_end": coefficients["push"][:, :, 0, -1, :, None]}
+    for t, x in zip(batch.state, state):
+        values[t.name] = x
+    for t, x in zip(batch.fixed, inputs[:2] if batch.fixed else []):
+        values[t.name] = x[None, :, None, :]
+    scope = _run("\n".join(dual_form.print_ops(batch.program.ops, TORCH)), values)
+    torch.testing.assert_close(scope[batch.out.name].transpose(1, 2), o, rtol=1e-10, atol=1e-12)
+    for t, part in zip(batch.end_state, final):
+        torch.testing.assert_close(scope[t.name], part, rtol=1e-10, atol=1e-12)
+    assert naive.BATCH_SIZE == n  # the generated module's mini-batch is the one run here
