@@ -1,6 +1,6 @@
 """What each generated Triton kernel asks of an H100, found without one: registers, local memory and shared
-memory of every kernel a training step launches (and, for attention layers, decoding; for nonlinear memories, an
-inference call), compiled for sm_90a by the installed Triton.
+memory of every kernel a training step launches (and, for attention layers, decoding; for nonlinear memories, a
+training step through their Triton kernels), compiled for sm_90a by the installed Triton.
 
     python benchmarks/kernel_resources.py [layer ...] [--K 128 --V 100] [--dtype float32 bfloat16]
 
@@ -72,10 +72,12 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
         chunk = importlib.import_module(f"generated.{name}.chunk")
         online = OnlineChecks(ROOT / "specs" / f"{name}.yaml", None, getattr(package, f"chunk_{name}"), None)
         problem, initial = online.problem(T, K, B=1, H=2, seed=0)
-        chunk._in_triton = lambda q, v: True
+        chunk._in_triton = lambda q, v, training: True
         InterpretedFunction.run = record
-        with torch.no_grad():
-            online.chunk(*problem.to(getattr(torch, dtype)).args(), initial_state=tuple(x.float() for x in initial))
+        leaves = [x.to(getattr(torch, dtype) if i < 3 else torch.float32).requires_grad_(True)
+                  for i, x in enumerate(problem.args())]
+        o, _ = online.chunk(*leaves, initial_state=tuple(x.float() for x in initial))  # a training step
+        torch.autograd.grad(o.float().sum(), leaves)
         return launches
     parts = checks.state_parts()  # e.g. Titans' (S, Z)
     problem = checks.problem(T, K, V, B=1, H=1, seed=0)

@@ -1,13 +1,16 @@
-"""The nonlinear memories' inference path on the GPU (online_triton.py: one program per sequence and head, the
-fast weights in registers through every mini-batch) against fla-core's `chunk_ttt_linear` for ttt_linear,
-and against our own PyTorch dual form (chunk.py's loop over mini-batches, what training runs) for every layer.
+"""The nonlinear memories on the GPU (online_triton.py: one program per sequence and head walks the mini-batches
+with the fast weights in registers; training adds checkpoints and a backward kernel walking them in reverse)
+against fla-core's `chunk_ttt_linear` for ttt_linear, and against our own PyTorch dual form (chunk.py's loop
+over mini-batches) for every layer: the forward without gradients, then forward+backward.
 
     python benchmarks/online_gpu.py [--out log.txt] [--layers ttt_linear ttt_mlp titans_mlp] [--shapes 4x2048 2x8192]
 
-H=16, K=V=64, bf16 inputs (our kernels compute in float32), mini-batches of 16 tokens, no gradients;
-`triton.testing.do_bench` median ms; TFLOP/s counts the dual form's matrix products (2 FLOPs per
-multiply-add; `dual_form_flops`); gap: the largest difference from the reference relative to its largest value
-(fla's output for ttt_linear, the PyTorch dual form in float32 otherwise).
+H=16, K=V=64, bf16 inputs (our kernels compute in float32), mini-batches of 16 tokens;
+`triton.testing.do_bench` median ms; TFLOP/s counts the dual form's matrix products of the forward (2 FLOPs
+per multiply-add; `dual_form_flops`); gap: the largest difference from the reference relative to its largest
+value, of the output (and of every input's gradient on fwd+bwd rows), against fla for ttt_linear and the
+PyTorch dual form in float32 otherwise. A layer whose state is too large for the training kernel
+(`online_triton.MAX_TRAINING_STATE`, ttt_mlp at K = 64) trains on the PyTorch form on both sides of its row.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import triton
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from delta_family_gpu import gap, outputs, timed  # noqa: E402  (this folder is on sys.path when a script here runs)
 from ttr_codegen.spec import load_spec  # noqa: E402
 
 
@@ -79,7 +83,7 @@ def main() -> None:
         say(f"fla-core not importable ({error}): no peer rows")
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16 inputs, "
         "H=16 K=V=64, inference (no gradients)")
-    say(f"{'layer':12s} {'shape':>8s} {'ours ms':>9s} {'TFLOP/s':>8s} {'peer':>12s} {'peer ms':>9s} "
+    say(f"{'layer':12s} {'shape':>8s} {'pass':>8s} {'ours ms':>9s} {'TFLOP/s':>8s} {'peer':>11s} {'peer ms':>9s} "
         f"{'peer/ours':>9s} {'gap':>9s} {'first call s':>12s}")
     for shape in args.shapes:
         B, T = (int(x) for x in shape.split("x"))
@@ -88,35 +92,34 @@ def main() -> None:
             chunk_module = importlib.import_module(f"generated.{name}.chunk")
             ours = getattr(chunk_module, f"chunk_{name}")
             leaves = inputs(spec, B, T)
-            with torch.no_grad():
+            d_out = torch.randn_like(leaves[2])
+            if name == "ttt_linear" and fla_ttt_linear is not None:
+                peer_name = "fla"
+
+                def peer(q, k, v, ln_weight, ln_bias, eta):
+                    return fla_ttt_linear(q, k, v, ln_weight, ln_bias, eta[..., None], chunk_size=16)
+            else:  # our own PyTorch dual form (chunk.py without its kernels), in float32
+                peer_name = "torch dual"
+
+                def peer(*tensors):
+                    kernel, chunk_module._in_triton = chunk_module._in_triton, lambda q, v, training: False
+                    try:
+                        return ours(*(x.float() for x in tensors))
+                    finally:
+                        chunk_module._in_triton = kernel
+            for backward in (False, True):
+                grads = [x.detach().requires_grad_(backward) for x in leaves]
                 start = time.perf_counter()
-                o = ours(*leaves)[0].float()
+                found = outputs(lambda: ours(*grads), backward, grads, d_out)
                 torch.cuda.synchronize()
                 first = time.perf_counter() - start
-                ours_ms = triton.testing.do_bench(lambda: ours(*leaves))
-                tflops = dual_form_flops(spec, B, T, 16, 64) / ours_ms / 1e9
-                if name == "ttt_linear" and fla_ttt_linear is not None:
-                    q, k, v, ln_weight, ln_bias, eta = leaves
-                    peer_name = "fla"
-
-                    def peer():
-                        return fla_ttt_linear(q, k, v, ln_weight, ln_bias, eta[..., None], chunk_size=16)
-                else:  # our own PyTorch dual form (chunk.py without its kernel), in float32
-                    peer_name = "torch dual"
-                    floats = [x.float() for x in leaves]
-
-                    def peer():
-                        kernel, chunk_module._in_triton = chunk_module._in_triton, lambda q, v: False
-                        try:
-                            return ours(*floats)
-                        finally:
-                            chunk_module._in_triton = kernel
-                reference = peer()[0].float()
-                peer_ms = triton.testing.do_bench(peer, rep=200 if peer_name == "fla" else 50)
-            gap = ((o - reference).abs().max() / reference.abs().max()).item()
-            say(f"{name:12s} {shape:>8s} {ours_ms:9.3f} {tflops:8.2f} {peer_name:>12s} {peer_ms:9.3f} "
-                f"{peer_ms / ours_ms:9.2f} {gap:9.2e} {first:12.1f}")
-
+                ours_ms = timed(lambda: ours(*grads), backward, grads, d_out)
+                reference = outputs(lambda: peer(*grads), backward, grads, d_out)
+                peer_ms = timed(lambda: peer(*grads), backward, grads, d_out)
+                flops = dual_form_flops(spec, B, T, 16, 64) / ours_ms / 1e9 if not backward else float("nan")
+                say(f"{name:12s} {shape:>8s} {'fwd+bwd' if backward else 'fwd':>8s} {ours_ms:9.3f} {flops:8.2f} "
+                    f"{peer_name:>11s} {peer_ms:9.3f} {peer_ms / ours_ms:9.2f} {gap(found, reference):9.2e} "
+                    f"{first:12.1f}")
 
 if __name__ == "__main__":
     main()

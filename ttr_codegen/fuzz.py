@@ -284,7 +284,9 @@ def planned_checks(package, spec) -> list[tuple[str, object]]:
                 ("chunk_packed", lambda: checks.packed_sequences(lengths=(1, 9, 5), K=4)),
                 ("chunk_gradients", lambda: checks.gradients_match_oracle(T=9, K=3)),
                 ("layer", checks.layer_trains)] + (
-            [("chunk_online_triton", lambda: checks.triton_matches_oracle(_submodule(package, "chunk"), T=37, K=16))]
+            [("chunk_online_triton", lambda: checks.triton_matches_oracle(_submodule(package, "chunk"), T=37, K=16)),
+             ("chunk_online_triton_training",
+              lambda: checks.triton_gradients_match_oracle(_submodule(package, "chunk"), T=21, K=16))]
             if _submodule(package, "online_triton") is not None else [])
     chunk = getattr(package, f"chunk_{op}", None)
     fused_module, triton_module = _submodule(package, "fused_recurrent"), _submodule(package, "chunk_triton")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .derive import online
+from .derive import dual_form, online
 from .spec import Spec
 from .spec.model import ROLES
 
@@ -47,9 +47,20 @@ class OnlineKernel:
     key_lines: tuple[str, ...]  # the key rows' forward and loss gradients d_<layer product>
     query_lines: tuple[str, ...]
     update_lines: tuple[str, ...]
+    # The training kernel's mini-batch: the dual form again as tile operations (derive.dual_form), then its
+    # reverse mode from the adjoints d_out (the output rows') and d_<part>_end (the end state's).
+    recompute_lines: tuple[str, ...]
+    backward_lines: tuple[str, ...]
+    adjoints: tuple[tuple[str, str], ...]  # (input, the name of its adjoint): rows, state, layer norm, coefficients
 
 
 KERNEL_BATCH_SIZES = (16, 32, 64)
+# The training kernel's own names around the printed lines (online_triton.py.j2), which no intermediate takes.
+KERNEL_NAMES = frozenset({
+    "rows", "m", "n", "first", "start", "bos", "length", "i", "j", "i_n", "i_h", "i_nh", "t", "last", "step",
+    "retain", "rate", "momentum", "forget", "offset", "at", "at_k", "at_v", "at_c", "batches", "scale", "keep_t",
+    "in_weights", "carry_t", "decay_t", "in_momentum", "momentum_t", "tl", "triton", "H", "K", "V", "HIDDEN",
+    "BS", "T", "TOTAL", "DOT"})
 
 
 @dataclass(frozen=True)
@@ -132,21 +143,30 @@ def lower_online(spec: Spec) -> OnlinePlan:
         delta_lines=tuple(online.gradient_lines(net.program, net.output, target, None, products)),
         query_lines=tuple(online.query_lines(net, keep, momentum)),
         update_lines=tuple(online.state_update_lines(net, keep, momentum)),
-        kernel=_kernel(net, target, keep, momentum) if optimiser.batch_size in KERNEL_BATCH_SIZES else None,
+        kernel=(_kernel(net, target, keep, momentum, regressor.residual, spec.readout.residual)
+                if optimiser.batch_size in KERNEL_BATCH_SIZES else None),
         description_lines=tuple(_describe(spec, net)),
         input_binding=tuple(binding),
         input_lines=tuple(conversion),
     )
 
 
-def _kernel(net: online.MemoryNetwork, target: online.Value, keep: bool, momentum: bool) -> OnlineKernel:
+def _kernel(net: online.MemoryNetwork, target: online.Value, keep: bool, momentum: bool, residual: bool,
+            readout: str) -> OnlineKernel:
     products = [layer.product for layer in net.layers]
     triton = online.TRITON
+    batch = dual_form.minibatch(net, keep, momentum, residual, readout, KERNEL_NAMES)
+    forward_ops = len(batch.program.ops)
+    _, adjoints = dual_form.backward(batch)
+    lines = dual_form.print_ops(batch.program.ops, triton)
     return OnlineKernel(
         key_lines=tuple(online.forward_lines(net.program, triton)
                         + online.gradient_lines(net.program, net.output, target, None, products, triton)),
         query_lines=tuple(online.query_lines(net, keep, momentum, triton)),
         update_lines=tuple(online.state_update_lines(net, keep, momentum, triton)),
+        recompute_lines=tuple(lines[:forward_ops]),
+        backward_lines=tuple(lines[forward_ops:]),
+        adjoints=tuple((name, tile.name) for name, tile in adjoints.items()),
     )
 
 

@@ -1106,7 +1106,7 @@ class OnlineChecks:
         part of the final state: from the weights, through calls cut at and inside mini-batches (the state
         carried), and packed sequences (cu_seqlens) from their own weights, each at its own length."""
         original = chunk_module._in_triton
-        chunk_module._in_triton = lambda q, v: True
+        chunk_module._in_triton = lambda q, v, training: True
         try:
             self._triton_matches_oracle(T, K)
         finally:
@@ -1148,3 +1148,67 @@ class OnlineChecks:
         expected = [self.oracle(p, s) for p, (_, s) in zip(problems, parts)]
         close(found, (torch.cat([e[0] for e in expected], dim=1),
                       tuple(torch.cat(states) for states in zip(*(e[1] for e in expected)))), "packed")
+
+    def triton_gradients_match_oracle(self, chunk_module, T: int = 37, K: int = 16) -> None:
+        """Training on the Triton kernels (`online_triton`: the forward with checkpoints, the backward walking
+        the mini-batches in reverse with the derived reverse mode; here forced, under the interpreter), in
+        float32: the gradient of a loss on the outputs and every part of the final state with respect to q,
+        k, v, every input and every initial-state part equals the oracle's (float64, autograd through
+        autograd's inner gradients), for two sequences ending inside a mini-batch and for packed sequences."""
+        original = chunk_module._in_triton
+        chunk_module._in_triton = lambda q, v, training: True
+        try:
+            T = max(T, self.batch + 5)
+            problem, initial = self.problem(T, K, seed=51)
+            self._triton_gradients(problem, initial, None, "two sequences")
+            lengths = (1, self.batch + 4, T, self.batch)
+            parts = [self.problem(n, K, B=1, seed=60 + i) for i, n in enumerate(lengths)]
+            problems = share_per_head_inputs([p for p, _ in parts], self.spec)
+            packed, cu_seqlens = pack(problems, self.spec)
+            initial = tuple(torch.cat(states) for states in zip(*(s for _, s in parts)))
+            self._triton_gradients(packed, initial, cu_seqlens, "packed", [(p, s) for p, (_, s) in zip(problems, parts)])
+        finally:
+            chunk_module._in_triton = original
+
+    def _triton_gradients(self, problem: Problem, initial, cu_seqlens, what: str, sequences=None) -> None:
+        generator = torch.Generator().manual_seed(52)
+        o_shape = (*problem.q.shape[:3], problem.v.shape[-1])
+        d_out = torch.randn(o_shape, dtype=torch.float64, generator=generator)
+        final_shapes = [x.shape for x in initial]
+        n_parts = len(self.state_names)
+
+        def loss(o, final):
+            value = (o * d_out.to(o.dtype)).sum()
+            for i, part in enumerate(final):
+                if part.is_floating_point():
+                    d = torch.randn(part.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(70 + i))
+                    value = value + (part * d.to(part.dtype)).sum()
+            return value
+
+        def leaves(dtype):
+            args = [x.to(dtype).clone().requires_grad_(True) for x in problem.args()]
+            state = [x.to(dtype).clone().requires_grad_(True) for x in initial]
+            return args, state
+
+        args, state = leaves(torch.float32)
+        o, final = self.chunk(*args, initial_state=tuple(state), output_final_state=True, cu_seqlens=cu_seqlens)
+        assert len(final) == n_parts
+        found = torch.autograd.grad(loss(o, final), [*args, *state])
+        args_ref, state_ref = leaves(torch.float64)
+        p = Problem(*args_ref[:3], dict(zip(problem.inputs, args_ref[3:])))
+        if sequences is None:
+            o_ref, final_ref = oracle.solve_online(self.spec, p.q, p.k, p.v, p.inputs, tuple(state_ref))
+        else:  # each packed sequence alone, from its own rows of the state
+            bounds = cu_seqlens.tolist()
+            runs = []
+            for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+                inputs = {n: (x[:, start:stop] if x.dim() == 3 else x) for n, x in p.inputs.items()}
+                runs.append(oracle.solve_online(self.spec, p.q[:, start:stop], p.k[:, start:stop], p.v[:, start:stop],
+                                                inputs, tuple(s[i:i + 1] for s in state_ref)))
+            o_ref = torch.cat([r[0] for r in runs], dim=1)
+            final_ref = tuple(torch.cat(parts) for parts in zip(*(r[1] for r in runs)))
+        expected = torch.autograd.grad(loss(o_ref, final_ref), [*args_ref, *state_ref])
+        names = ["q", "k", "v", *problem.inputs, *(f"initial {n}" for n in self.state_names)]
+        assert len(final_shapes) == len(initial)
+        for name, g, g_ref in zip(names, found, expected):
+            assert_within(g, g_ref, 1e-3, f"Triton training, {what}: d/d{name}")

@@ -34,10 +34,11 @@ class Tile:
 @dataclass(frozen=True)
 class TileOp:
     out: Tile
-    fn: str  # matmul, add, sub, mul, neg, row_sum, column_sum, row_mean, spread, apply
+    fn: str  # matmul, add, sub, mul, neg, scale, shift, row_sum, column_sum, row_mean, spread, apply
     args: tuple[Tile, ...]
     transpose: tuple[bool, bool] = (False, False)  # matmul: which operand enters transposed
-    function: sp.Expr | None = None  # apply: an expression of online.X
+    function: sp.Expr | None = None  # apply: an elementary function of online.X (tanh, sigmoid, rsqrt, ...)
+    constant: float | None = None  # scale: the factor; shift: the number added
 
 
 def _broadcast(a: tuple[str, str], b: tuple[str, str]) -> tuple[str, str]:
@@ -99,12 +100,68 @@ class TileProgram:
     def row_mean(self, name: str, a: Tile) -> Tile:
         return self.op(name, "row_mean", (a,), (a.shape[0], ONE))
 
+    def scale(self, name: str, a: Tile, factor: float) -> Tile:
+        return self.op(name, "scale", (a,), a.shape, constant=factor)
+
+    def shift(self, name: str, a: Tile, offset: float) -> Tile:
+        return self.op(name, "shift", (a,), a.shape, constant=offset)
+
     def spread(self, name: str, column: Tile, like: Tile) -> Tile:
         """column / (like's width), at every entry of like's rows: a row mean's adjoint."""
         return self.op(name, "spread", (column, like), like.shape)
 
     def apply(self, name: str, function: sp.Expr, a: Tile) -> Tile:
-        return self.op(name, "apply", (a,), a.shape, function=function)
+        """function(a) entrywise, written as primitives (sums, products, numbers) around elementary functions
+        of one argument, so that reverse mode reuses their values (tanh' = 1 - tanh^2 from tanh's tile)."""
+        return self._expression(name, online._numbers_evaluated(function), a, {})
+
+    def _expression(self, name: str, expr: sp.Expr, a: Tile, done: dict) -> Tile:
+        if expr in done:
+            return done[expr]
+        if expr == X:
+            return a
+        part = f"{a.name}_part"  # an intermediate of the expression (numbered by `fresh`)
+        number, rest = expr.as_coeff_Mul() if expr.is_Mul else expr.as_coeff_Add() if expr.is_Add else (None, expr)
+        if expr.is_Mul and number != 1:
+            result = self.scale(name, self._expression(part, rest, a, done), float(number))
+        elif expr.is_Add and number != 0:
+            result = self.shift(name, self._expression(part, rest, a, done), float(number))
+        elif expr.is_Add or expr.is_Mul:
+            combine = self.add if expr.is_Add else self.mul
+            terms = [self._expression(part, term, a, done) for term in expr.args]
+            result = terms[0]
+            for term in terms[1:]:
+                result = combine(name, result, term)
+        elif expr.is_Pow and expr.exp.is_Integer and 1 < expr.exp <= 4:
+            base = self._expression(part, expr.base, a, done)
+            result = base
+            for _ in range(int(expr.exp) - 1):
+                result = self.mul(f"{base.name}_power", result, base)
+        elif len(expr.args) == 1 or expr.is_Pow:  # an elementary function of one expression
+            inner = expr.args[0] if not expr.is_Pow else expr.base
+            argument = self._expression(part, inner, a, done)
+            function = expr.func(X) if not expr.is_Pow else X ** expr.exp
+            label = "power" if expr.is_Pow else type(expr).__name__.lower()
+            result = self.op(f"{label}_{a.name}" if name.startswith(a.name + "_part") else name, "apply",
+                             (argument,), argument.shape, function=function)
+        else:
+            raise NotImplementedError(f"no tile form for {expr}")
+        done[expr] = result
+        return result
+
+    def _slope(self, op: TileOp) -> Tile:
+        """The derivative of an elementary function at op's argument, from its value where that is cheaper."""
+        y, name = op.out, f"{op.out.name}_slope"
+        if op.function.func == sp.tanh:  # 1 - tanh^2
+            return self.shift(name, self.scale(name, self.mul(name, y, y), -1.0), 1.0)
+        if op.function.func == online.sigmoid:  # sigmoid (1 - sigmoid)
+            return self.mul(name, y, self.shift(name, self.scale(name, y, -1.0), 1.0))
+        if op.function.is_Pow and float(op.function.exp) == -0.5:  # -x^(-3/2) / 2 = -y^3 / 2
+            return self.scale(name, self.mul(name, y, self.mul(name, y, y)), -0.5)
+        if op.function.func == sp.exp:
+            return y
+        derivative = sp.diff(op.function, X)
+        return self.op(name, "apply", op.args, y.shape, function=derivative)
 
     def reduce_to(self, name: str, g: Tile, shape: tuple[str, str]) -> Tile:
         """g summed over the axes along which a value of `shape` was broadcast to g's."""
@@ -155,6 +212,10 @@ class TileProgram:
                     accumulate(b, self.neg(name(b), g) if op.fn == "sub" else g)
             elif op.fn == "neg":
                 accumulate(op.args[0], self.neg(name(op.args[0]), g))
+            elif op.fn == "scale":
+                accumulate(op.args[0], self.scale(name(op.args[0]), g, op.constant))
+            elif op.fn == "shift":
+                accumulate(op.args[0], g)
             elif op.fn == "mul":
                 a, b = op.args
                 if a.name in wanted:
@@ -176,15 +237,14 @@ class TileProgram:
             elif op.fn == "apply":
                 (a,) = op.args
                 if a.name in wanted:
-                    slope = self.apply(f"{op.out.name}_slope", sp.diff(op.function, X), a)
-                    accumulate(a, self.mul(name(a), g, slope))
+                    accumulate(a, self.mul(name(a), g, self._slope(op)))
             else:
                 raise AssertionError(op.fn)
         return {t.name: adjoint[t.name] for t in wrt if t.name in adjoint}
 
     def _ones_like(self, a: Tile) -> Tile:
         """A tile of ones of a's shape (a column or vector's adjoint spread over the rows it summed)."""
-        return self.apply(f"ones_{a.name}", sp.Integer(1) + 0 * X, a)
+        return self.op(f"ones_{a.name}", "apply", (a,), a.shape, function=sp.Integer(1))
 
 
 # --- printing ------------------------------------------------------------------------------------------
@@ -201,6 +261,10 @@ def print_ops(ops: list[TileOp], dialect: Dialect) -> list[str]:
             code = f"{a[0]} {dict(add='+', sub='-', mul='*')[op.fn]} {a[1]}"
         elif op.fn == "neg":
             code = f"-{a[0]}"
+        elif op.fn == "scale":
+            code = f"{op.constant!r} * {a[0]}"
+        elif op.fn == "shift":
+            code = f"{a[0]} + {op.constant!r}" if op.constant >= 0 else f"{a[0]} - {-op.constant!r}"
         elif op.fn == "row_sum":
             code = dialect.row_sum(a[0])
         elif op.fn == "column_sum":
@@ -238,10 +302,12 @@ class MiniBatch:
     deltas: list[Tile]  # the loss gradient at each layer's product, key rows
 
 
-def minibatch(net: online.MemoryNetwork, keep: bool, momentum: bool, residual: bool, readout: str) -> MiniBatch:
+def minibatch(net: online.MemoryNetwork, keep: bool, momentum: bool, residual: bool, readout: str,
+              reserved: frozenset[str] = frozenset()) -> MiniBatch:
     """The dual form of chunk.py for one mini-batch: the key rows' forward and loss gradients at the start
-    weights, the query rows read with each row's weights, the read-out, the weights at the end."""
-    p = TileProgram()
+    weights, the query rows read with each row's weights, the read-out, the weights at the end. No
+    intermediate takes a name in `reserved` (the names of the code around the printed lines)."""
+    p = TileProgram(names=set(reserved))
     depth = len(net.layers)
     value = "K" if residual else "V"  # a residual memory fits v - k: V = K
     x, v, x_q = p.input("x", ("n", "K")), p.input("v", ("n", value)), p.input("x_q", ("n", "K"))

@@ -212,8 +212,18 @@ def _wrap_sum(text: str, tokens, column: int, width: int, bracketed: bool) -> li
             current = term
         else:
             current += " " + term
-    lines.append(current + closing)
-    return [lines[0]] + [" " * indent + line for line in lines[1:]]
+    lines.append(current)
+    out = [lines[0]]
+    for number, line in enumerate(lines[1:], start=1):
+        end = closing if number == len(lines) - 1 else ""
+        deeper = (_wrap_expression(line, indent, width - len(end), bracketed=True)
+                  if indent + len(line) + len(end) > width else None)
+        if deeper is None:  # it fits (or cannot be wrapped)
+            out.append(" " * indent + line)
+        else:  # a term too long alone: wrapped inside its own brackets
+            out += [" " * indent + deeper[0], *deeper[1:]]
+    out[-1] += closing
+    return out
 
 
 def _ends_operand(token: tokenize.TokenInfo) -> bool:
