@@ -1104,15 +1104,16 @@ class OnlineChecks:
         """chunk_<name> without gradients on its Triton kernel (`online_triton`, the GPU's inference path; here
         forced, under the interpreter on a CPU), in float32 against the oracle in float64, outputs and every
         part of the final state: from the weights, through calls cut at and inside mini-batches (the state
-        carried), and packed sequences (cu_seqlens) from their own weights, each at its own length."""
+        carried), and packed sequences (cu_seqlens) from their own weights, each at its own length; and with
+        bfloat16 inputs, the float32 state as the PyTorch form computes it (no state rounded to bfloat16)."""
         original = chunk_module._in_triton
         chunk_module._in_triton = lambda q, v, training: True
         try:
-            self._triton_matches_oracle(T, K)
+            self._triton_matches_oracle(chunk_module, T, K)
         finally:
             chunk_module._in_triton = original
 
-    def _triton_matches_oracle(self, T: int, K: int) -> None:
+    def _triton_matches_oracle(self, chunk_module, T: int, K: int) -> None:
         chunk = torch.no_grad()(self.chunk)  # the kernel's path: no gradient asked for
         T = max(T, self.batch + 8)  # room for the cuts below
 
@@ -1137,6 +1138,19 @@ class OnlineChecks:
                                   initial_state=state, output_final_state=True)
             outputs.append(o)
         close((torch.cat(outputs, dim=1), state), expected, f"in calls cut at {cuts}")
+
+        # bfloat16 inputs with a float32 state: the state stays float32, as chunk.py's PyTorch form keeps it.
+        low = problem.to(torch.bfloat16)
+        found = chunk(*low.args(), initial_state=weights, output_final_state=True)
+        forced, chunk_module._in_triton = chunk_module._in_triton, lambda q, v, training: False
+        try:
+            expected_low = chunk(*low.args(), initial_state=weights, output_final_state=True)
+        finally:
+            chunk_module._in_triton = forced
+        assert found[0].dtype == torch.bfloat16 and all(x.dtype == torch.float32 for x in found[1][:-1])
+        for name, part, part_ref in zip(self.state_names, found[1], expected_low[1]):
+            if part.is_floating_point():
+                assert_within(part, part_ref.double(), 1e-5, f"Triton bfloat16 inputs: final state {name}")
 
         lengths = (1, self.batch + 4, T, self.batch)
         parts = [self.problem(n, K, B=1, seed=40 + i) for i, n in enumerate(lengths)]
