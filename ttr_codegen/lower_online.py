@@ -44,12 +44,12 @@ class OnlineKernel:
     [rows, D] tiles. A mini-batch of BATCH_SIZE rows is a tile only where BATCH_SIZE is a power of two from 16
     (tl.dot's least side) to 64 (what registers hold next to the weights)."""
 
-    key_lines: tuple[str, ...]  # the key rows' forward and loss gradients d_<layer product>
-    query_lines: tuple[str, ...]
-    update_lines: tuple[str, ...]
-    # The training kernel's mini-batch: the dual form again as tile operations (derive.dual_form), then its
-    # reverse mode from the adjoints d_out (the output rows') and d_<part>_end (the end state's).
-    recompute_lines: tuple[str, ...]
+    # The mini-batch as tile operations (derive.dual_form): what both kernels run, the forward's output rows
+    # and end state named by `out` and `end_state`; then, for the backward kernel, its reverse mode from the
+    # adjoints d_out (the output rows') and d_<part>_end (the end state's).
+    forward_lines: tuple[str, ...]
+    out: str
+    end_state: tuple[str, ...]  # in the live state's order
     backward_lines: tuple[str, ...]
     adjoints: tuple[tuple[str, str], ...]  # (input, the name of its adjoint): rows, state, layer norm, coefficients
 
@@ -143,7 +143,7 @@ def lower_online(spec: Spec) -> OnlinePlan:
         delta_lines=tuple(online.gradient_lines(net.program, net.output, target, None, products)),
         query_lines=tuple(online.query_lines(net, keep, momentum)),
         update_lines=tuple(online.state_update_lines(net, keep, momentum)),
-        kernel=(_kernel(net, target, keep, momentum, regressor.residual, spec.readout.residual)
+        kernel=(_kernel(net, keep, momentum, regressor.residual, spec.readout.residual)
                 if optimiser.batch_size in KERNEL_BATCH_SIZES else None),
         description_lines=tuple(_describe(spec, net)),
         input_binding=tuple(binding),
@@ -151,20 +151,15 @@ def lower_online(spec: Spec) -> OnlinePlan:
     )
 
 
-def _kernel(net: online.MemoryNetwork, target: online.Value, keep: bool, momentum: bool, residual: bool,
-            readout: str) -> OnlineKernel:
-    products = [layer.product for layer in net.layers]
-    triton = online.TRITON
+def _kernel(net: online.MemoryNetwork, keep: bool, momentum: bool, residual: bool, readout: str) -> OnlineKernel:
     batch = dual_form.minibatch(net, keep, momentum, residual, readout, KERNEL_NAMES)
     forward_ops = len(batch.program.ops)
     _, adjoints = dual_form.backward(batch)
-    lines = dual_form.print_ops(batch.program.ops, triton)
+    lines = dual_form.print_ops(batch.program.ops, online.TRITON)
     return OnlineKernel(
-        key_lines=tuple(online.forward_lines(net.program, triton)
-                        + online.gradient_lines(net.program, net.output, target, None, products, triton)),
-        query_lines=tuple(online.query_lines(net, keep, momentum, triton)),
-        update_lines=tuple(online.state_update_lines(net, keep, momentum, triton)),
-        recompute_lines=tuple(lines[:forward_ops]),
+        forward_lines=tuple(lines[:forward_ops]),
+        out=batch.out.name,
+        end_state=tuple(t.name for t in batch.end_state),
         backward_lines=tuple(lines[forward_ops:]),
         adjoints=tuple((name, tile.name) for name, tile in adjoints.items()),
     )

@@ -1024,15 +1024,29 @@ class OnlineChecks:
     def packed_sequences(self, lengths=(1, 20, 37, 16), K: int = 6) -> None:
         """cu_seqlens: each sequence from its own initial state and with its own mini-batches, against the
         oracle run on each alone."""
-        parts = [self.problem(n, K, B=1, seed=10 + i) for i, n in enumerate(lengths)]
-        problems = share_per_head_inputs([p for p, _ in parts], self.spec)
-        packed, cu_seqlens = pack(problems, self.spec)
-        initial = tuple(torch.cat(states) for states in zip(*(s for _, s in parts)))
+        packed, initial, cu_seqlens = self._packed_problem(lengths, K, seed=10)
         o, final = self.chunk(*packed.args(), initial_state=initial, output_final_state=True, cu_seqlens=cu_seqlens)
-        expected = [self.oracle(p, s) for p, (_, s) in zip(problems, parts)]
-        o_ref = torch.cat([e[0] for e in expected], dim=1)
-        final_ref = tuple(torch.cat(states) for states in zip(*(e[1] for e in expected)))
-        self._compare((o, final), (o_ref, final_ref), _tolerance(torch.float64), "packed")
+        self._compare((o, final), self._oracle_per_sequence(packed, initial, cu_seqlens), _tolerance(torch.float64),
+                      "packed")
+
+    def _packed_problem(self, lengths, K: int, seed: int) -> tuple[Problem, tuple, torch.Tensor]:
+        """Sequences of the given lengths packed along T (per-head inputs shared), each with its own random
+        initial state: (the packed problem, the states a row per sequence, cu_seqlens)."""
+        parts = [self.problem(n, K, B=1, seed=seed + i) for i, n in enumerate(lengths)]
+        packed, cu_seqlens = pack(share_per_head_inputs([p for p, _ in parts], self.spec), self.spec)
+        return packed, tuple(torch.cat(states) for states in zip(*(s for _, s in parts))), cu_seqlens
+
+    def _oracle_per_sequence(self, packed: Problem, initial, cu_seqlens: torch.Tensor):
+        """The oracle run on each packed sequence alone from its own rows of the state, joined as packed
+        (differentiable with respect to the packed inputs and the state)."""
+        bounds = cu_seqlens.tolist()
+        runs = []
+        for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            inputs = {n: (x[:, start:stop] if x.dim() == 3 else x) for n, x in packed.inputs.items()}
+            alone = Problem(packed.q[:, start:stop], packed.k[:, start:stop], packed.v[:, start:stop], inputs)
+            runs.append(self.oracle(alone, tuple(part[i:i + 1] for part in initial)))
+        return (torch.cat([o for o, _ in runs], dim=1),
+                tuple(torch.cat(parts) for parts in zip(*(final for _, final in runs))))
 
     def gradients_match_oracle(self, T: int = 21, K: int = 4) -> None:
         """d(loss)/d(every input and every initial-state part) through chunk_<name> equals the gradient
@@ -1128,14 +1142,14 @@ class OnlineChecks:
 
         problem, initial = self.problem(T, K, seed=31)
         weights = tuple(x.float() for x in initial)
-        close(chunk(*problem.to(torch.float32).args(), initial_state=weights, output_final_state=True),
-              self.oracle(problem, initial), "from the weights")
         expected = self.oracle(problem, initial)
+        close(chunk(*problem.to(torch.float32).args(), initial_state=weights, output_final_state=True), expected,
+              "from the weights")
         state, outputs = weights, []
         cuts = [self.batch, self.batch + 5, T]  # the second call starts at a mini-batch's start, the third inside one
         for start, stop in zip([0, *cuts[:-1]], cuts):
             o, state = chunk(*problem.tokens(start, stop, 1, set(), self.spec).to(torch.float32).args(),
-                                  initial_state=state, output_final_state=True)
+                             initial_state=state, output_final_state=True)
             outputs.append(o)
         close((torch.cat(outputs, dim=1), state), expected, f"in calls cut at {cuts}")
 
@@ -1152,16 +1166,10 @@ class OnlineChecks:
             if part.is_floating_point():
                 assert_within(part, part_ref.double(), 1e-5, f"Triton bfloat16 inputs: final state {name}")
 
-        lengths = (1, self.batch + 4, T, self.batch)
-        parts = [self.problem(n, K, B=1, seed=40 + i) for i, n in enumerate(lengths)]
-        problems = share_per_head_inputs([p for p, _ in parts], self.spec)
-        packed, cu_seqlens = pack(problems, self.spec)
-        initial = tuple(torch.cat(states) for states in zip(*(s for _, s in parts)))
+        packed, initial, cu_seqlens = self._packed_problem((1, self.batch + 4, T, self.batch), K, seed=40)
         found = chunk(*packed.to(torch.float32).args(), initial_state=tuple(x.float() for x in initial),
-                           output_final_state=True, cu_seqlens=cu_seqlens)
-        expected = [self.oracle(p, s) for p, (_, s) in zip(problems, parts)]
-        close(found, (torch.cat([e[0] for e in expected], dim=1),
-                      tuple(torch.cat(states) for states in zip(*(e[1] for e in expected)))), "packed")
+                      output_final_state=True, cu_seqlens=cu_seqlens)
+        close(found, self._oracle_per_sequence(packed, initial, cu_seqlens), "packed")
 
     def triton_gradients_match_oracle(self, chunk_module, T: int = 37, K: int = 16) -> None:
         """Training on the Triton kernels (`online_triton`: the forward with checkpoints, the backward walking
@@ -1175,21 +1183,14 @@ class OnlineChecks:
             T = max(T, self.batch + 5)
             problem, initial = self.problem(T, K, seed=51)
             self._triton_gradients(problem, initial, None, "two sequences")
-            lengths = (1, self.batch + 4, T, self.batch)
-            parts = [self.problem(n, K, B=1, seed=60 + i) for i, n in enumerate(lengths)]
-            problems = share_per_head_inputs([p for p, _ in parts], self.spec)
-            packed, cu_seqlens = pack(problems, self.spec)
-            initial = tuple(torch.cat(states) for states in zip(*(s for _, s in parts)))
-            self._triton_gradients(packed, initial, cu_seqlens, "packed", [(p, s) for p, (_, s) in zip(problems, parts)])
+            packed, initial, cu_seqlens = self._packed_problem((1, self.batch + 4, T, self.batch), K, seed=60)
+            self._triton_gradients(packed, initial, cu_seqlens, "packed")
         finally:
             chunk_module._in_triton = original
 
-    def _triton_gradients(self, problem: Problem, initial, cu_seqlens, what: str, sequences=None) -> None:
+    def _triton_gradients(self, problem: Problem, initial, cu_seqlens, what: str) -> None:
         generator = torch.Generator().manual_seed(52)
-        o_shape = (*problem.q.shape[:3], problem.v.shape[-1])
-        d_out = torch.randn(o_shape, dtype=torch.float64, generator=generator)
-        final_shapes = [x.shape for x in initial]
-        n_parts = len(self.state_names)
+        d_out = torch.randn(*problem.q.shape[:3], problem.v.shape[-1], dtype=torch.float64, generator=generator)
 
         def loss(o, final):
             value = (o * d_out.to(o.dtype)).sum()
@@ -1206,23 +1207,13 @@ class OnlineChecks:
 
         args, state = leaves(torch.float32)
         o, final = self.chunk(*args, initial_state=tuple(state), output_final_state=True, cu_seqlens=cu_seqlens)
-        assert len(final) == n_parts
+        assert len(final) == len(self.state_names)
         found = torch.autograd.grad(loss(o, final), [*args, *state])
         args_ref, state_ref = leaves(torch.float64)
         p = Problem(*args_ref[:3], dict(zip(problem.inputs, args_ref[3:])))
-        if sequences is None:
-            o_ref, final_ref = oracle.solve_online(self.spec, p.q, p.k, p.v, p.inputs, tuple(state_ref))
-        else:  # each packed sequence alone, from its own rows of the state
-            bounds = cu_seqlens.tolist()
-            runs = []
-            for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-                inputs = {n: (x[:, start:stop] if x.dim() == 3 else x) for n, x in p.inputs.items()}
-                runs.append(oracle.solve_online(self.spec, p.q[:, start:stop], p.k[:, start:stop], p.v[:, start:stop],
-                                                inputs, tuple(s[i:i + 1] for s in state_ref)))
-            o_ref = torch.cat([r[0] for r in runs], dim=1)
-            final_ref = tuple(torch.cat(parts) for parts in zip(*(r[1] for r in runs)))
+        o_ref, final_ref = (self.oracle(p, tuple(state_ref)) if cu_seqlens is None
+                            else self._oracle_per_sequence(p, tuple(state_ref), cu_seqlens))
         expected = torch.autograd.grad(loss(o_ref, final_ref), [*args_ref, *state_ref])
         names = ["q", "k", "v", *problem.inputs, *(f"initial {n}" for n in self.state_names)]
-        assert len(final_shapes) == len(initial)
         for name, g, g_ref in zip(names, found, expected):
             assert_within(g, g_ref, 1e-3, f"Triton training, {what}: d/d{name}")

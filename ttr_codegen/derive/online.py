@@ -100,14 +100,14 @@ def _broadcast_kind(a: str, b: str) -> str:
     return a
 
 
-def _reduce(expr: str, kind: str, to: str, dialect: "Dialect") -> str:
+def _reduce(expr: str, kind: str, to: str) -> str:
     """expr (of kind `kind`) summed over the axes along which a value of kind `to` was broadcast."""
     if kind == to:
         return expr
     if to == COLUMN:
-        return dialect.row_sum(expr)
+        return TORCH.row_sum(expr)
     if to == VECTOR:
-        return dialect.column_sum(expr)
+        return TORCH.column_sum(expr)
     raise AssertionError(f"cannot reduce {kind} to {to}")
 
 
@@ -239,15 +239,14 @@ def print_elementwise(function: sp.Expr, argument: str) -> str:
     return _ElementwisePrinter({X.name: argument}).doprint(_numbers_evaluated(function))
 
 
-def activation_lines(function: sp.Expr, argument: str, output: str,
-                     dialect: Dialect = TORCH) -> tuple[list[str], str, list[str], str]:
+def activation_lines(function: sp.Expr, argument: str, output: str) -> tuple[list[str], str, list[str], str]:
     """An activation and its derivative with their common subexpressions named once: (lines the forward
     needs, the code of function(X) that reads them, lines only the derivative needs, the code of
     function'(X)). The forward's lines come before the derivative's wherever both are printed, so a GELU's
     tanh is taken once per forward and reused by the backward, and a derivative that contains the whole
     activation reads it as `output` (SiLU's: sigmoid_x + output (1 - sigmoid_x)). Each other name is the
     function's and the argument's (`tanh_z1`), or numbered (`z1_part0`)."""
-    printer = dialect.printer({X.name: argument})
+    printer = _ElementwisePrinter({X.name: argument})
     replacements, (forward, derivative) = sp.cse(
         [_numbers_evaluated(function), _numbers_evaluated(sp.diff(function, X))], symbols=sp.numbered_symbols("_part"))
     names, uses = {}, {}
@@ -270,32 +269,32 @@ def activation_lines(function: sp.Expr, argument: str, output: str,
             [lines[s] for s, _ in replacements if s not in in_forward], printer.doprint(derivative.xreplace(names)))
 
 
-def forward_lines(program: Program, dialect: Dialect = TORCH) -> list[str]:
+def forward_lines(program: Program) -> list[str]:
     """The forward as lines, one per operation."""
     lines = []
     for op in program.ops:
         a = [v.name for v in op.args]
         expression = {
-            "linear": lambda: dialect.mm(a[0], a[1]),
+            "linear": lambda: TORCH.mm(a[0], a[1]),
             "add": lambda: f"{a[0]} + {a[1]}",
             "sub": lambda: f"{a[0]} - {a[1]}",
             "mul": lambda: f"{a[0]} * {a[1]}",
-            "mean": lambda: dialect.row_mean(a[0]),
-            "apply": lambda: _named_activation(op.function, a[0], op.out.name, lines, dialect),
+            "mean": lambda: TORCH.row_mean(a[0]),
+            "apply": lambda: _named_activation(op.function, a[0], op.out.name, lines),
         }[op.fn]()
         lines.append(f"{op.out.name} = {expression}")
     return lines
 
 
-def _named_activation(function: sp.Expr, argument: str, output: str, lines: list[str], dialect: Dialect) -> str:
+def _named_activation(function: sp.Expr, argument: str, output: str, lines: list[str]) -> str:
     """The code of an activation, after appending the lines of the subexpressions it shares with its derivative."""
-    shared, forward, _, _ = activation_lines(function, argument, output, dialect)
+    shared, forward, _, _ = activation_lines(function, argument, output)
     lines.extend(shared)
     return forward
 
 
 def gradient_lines(program: Program, output: Value, target: Value, weight: Value | None,
-                   wrt: list[Value], dialect: Dialect = TORCH) -> list[str]:
+                   wrt: list[Value]) -> list[str]:
     """Lines computing d_<w> for every w in `wrt`: the gradient of 1/2 sum_i weight_i ||output_i -
     target_i||^2 (weight a column: a per-row learning rate; None: 1) after the forward's lines.
 
@@ -326,27 +325,27 @@ def gradient_lines(program: Program, output: Value, target: Value, weight: Value
         g, kind = f"d_{op.out.name}", op.out.kind
         if op.fn == "linear":
             x, w = op.args
-            accumulate(x, dialect.mm(g, dialect.t(w.name)))
-            accumulate(w, dialect.mm(dialect.t(x.name), g))
+            accumulate(x, TORCH.mm(g, TORCH.t(w.name)))
+            accumulate(w, TORCH.mm(TORCH.t(x.name), g))
         elif op.fn in ("add", "sub"):
             a, b = op.args
-            accumulate(a, _reduce(g, kind, a.kind, dialect))
-            reduced = _reduce(g, kind, b.kind, dialect)
+            accumulate(a, _reduce(g, kind, a.kind))
+            reduced = _reduce(g, kind, b.kind)
             accumulate(b, f"-{reduced}" if op.fn == "sub" else reduced)
         elif op.fn == "mul" and op.args[0] == op.args[1]:  # a square
             (a, _) = op.args
             accumulate(a, f"2 * {g} * {a.name}")
         elif op.fn == "mul":
             a, b = op.args
-            accumulate(a, _reduce(f"{g} * {b.name}", kind, a.kind, dialect))
-            accumulate(b, _reduce(f"{g} * {a.name}", kind, b.kind, dialect))
+            accumulate(a, _reduce(f"{g} * {b.name}", kind, a.kind))
+            accumulate(b, _reduce(f"{g} * {a.name}", kind, b.kind))
         elif op.fn == "mean":
             (a,) = op.args
-            accumulate(a, dialect.spread(g, a.name))
+            accumulate(a, TORCH.spread(g, a.name))
         elif op.fn == "apply":
             (a,) = op.args
             if a.name in needed:
-                _, _, named, derivative = activation_lines(op.function, a.name, op.out.name, dialect)  # after the forward's
+                _, _, named, derivative = activation_lines(op.function, a.name, op.out.name)  # after the forward's
                 lines.extend(named)
                 accumulate(a, f"{g} * ({derivative})")
     missing = [v.name for v in wrt if v.name not in has_adjoint]
@@ -445,7 +444,7 @@ def titans_mlp() -> tuple[Program, Value, list[Value]]:
 # S: the momentum at the start; keep, carry, mix: scalars from the optimiser's recurrences). So its output at
 # query row i is keep_i (x_qi W) + carry_i (x_qi S_W) + sum_j mix_ij (x_qi . x_j) delta_j (+ the bias's terms).
 
-def query_lines(net: MemoryNetwork, keep: bool, momentum: bool, dialect: Dialect = TORCH) -> list[str]:
+def query_lines(net: MemoryNetwork, keep: bool, momentum: bool) -> list[str]:
     """Lines of the network at the query rows `x_q` with per-row weights (names: <value>_q). The key
     side's values and their adjoints d_<layer product> must be computed; `mix` [.., n, n], and with `keep`
     a column `keep`, with `momentum` a column `carry` and the momenta S_<weight>."""
@@ -465,28 +464,28 @@ def query_lines(net: MemoryNetwork, keep: bool, momentum: bool, dialect: Dialect
         if name in layer_of:
             layer = layer_of[name]
             x_q = q(layer.x)
-            mixed = dialect.mm(f"mix * {_grouped(dialect.mm(x_q, dialect.t(layer.x.name)))}", f"d_{name}")
-            lines.append(f"{name}_q = {start_term(layer.weight.name, lambda w: dialect.mm(x_q, w))} + {mixed}")
+            mixed = TORCH.mm(f"mix * {_grouped(TORCH.mm(x_q, TORCH.t(layer.x.name)))}", f"d_{name}")
+            lines.append(f"{name}_q = {start_term(layer.weight.name, lambda w: TORCH.mm(x_q, w))} + {mixed}")
         elif name in bias_of:
             layer = bias_of[name]
             lines.append(f"{name}_q = {layer.product.name}_q + {start_term(layer.bias.name, lambda b: b)} + "
-                         f"{dialect.mm('mix', f'd_{layer.product.name}')}")
+                         f"{TORCH.mm('mix', f'd_{layer.product.name}')}")
         else:
             renamed = Program(ops=[Op(Value(q(op.out), op.out.kind), op.fn, tuple(Value(q(a), a.kind) for a in op.args),
                                       op.function)])
-            lines += forward_lines(renamed, dialect)
+            lines += forward_lines(renamed)
     return lines
 
 
-def state_update_lines(net: MemoryNetwork, keep: bool, momentum: bool, dialect: Dialect = TORCH) -> list[str]:
+def state_update_lines(net: MemoryNetwork, keep: bool, momentum: bool) -> list[str]:
     """Lines moving every fast weight (and momentum) to the mini-batch's end: `mix_end` [.., n, 1] is
     the last row of mix as a column; `keep_end`, `carry_end` [.., 1, 1]; with momentum, the momenta's own
     coefficients `decay_end` [.., 1, 1] and `push_end` [.., n, 1] (each row's gradient in the end momentum)."""
     lines = []
     for layer in net.layers:
         delta = f"d_{layer.product.name}"
-        increments = ((layer.weight.name, lambda c: dialect.mm(dialect.t(layer.x.name), f"{c} * {delta}")),
-                      (layer.bias.name if layer.bias else None, lambda c: dialect.column_sum(f"{c} * {delta}")))
+        increments = ((layer.weight.name, lambda c: TORCH.mm(TORCH.t(layer.x.name), f"{c} * {delta}")),
+                      (layer.bias.name if layer.bias else None, lambda c: TORCH.column_sum(f"{c} * {delta}")))
         for weight, increment in increments:
             if weight is None:
                 continue
