@@ -4,8 +4,8 @@ recall. Trains 2-block models of several specs, with and without short convoluti
 key-value pairs and model widths (Zoology's protocol, `ttr eval`'s task), and writes the accuracy table and a
 plot.
 
-    python examples/mqar.py                 # on a GPU: the full sweep (docs/mqar.md; benchmarks/gpu_session.sh mqar
-                                            # runs it as a process per layer, about 10 minutes on an H100)
+    python examples/mqar.py --processes 12  # on a GPU: the full sweep, a process per layer and convolution
+                                            # (docs/mqar.md: about 8 minutes on an H100)
     python examples/mqar.py --quick         # a small sweep that runs on a CPU in a few minutes
     python examples/mqar.py --specs mesa --csv rows.csv      # part of the sweep, its rows kept as they finish
     python examples/mqar.py --from-csv a.csv b.csv           # the table and plot of saved rows
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +40,8 @@ def main() -> None:
     parser.add_argument("--specs", nargs="*", default=SPECS)
     parser.add_argument("--pairs", nargs="*", type=int, default=[8, 16, 32])
     parser.add_argument("--widths", nargs="*", type=int, default=[64, 128])
+    parser.add_argument("--conv", nargs="*", choices=["yes", "no"], default=["yes", "no"],
+                        help="with the layer's short convolution, without it, or both (a sweep split over processes)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--steps", type=int, default=800)
@@ -48,9 +52,14 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "mqar.png")
     parser.add_argument("--csv", type=Path, help="append each finished row to this file")
     parser.add_argument("--from-csv", nargs="*", type=Path, help="print the table and plot of saved rows only")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="run the sweep as a process per layer and convolution, this many at a time (a GPU "
+                             "trains these small models far below its capacity: 12 fit an H100's 16 cores)")
     args = parser.parse_args()
     if args.quick:
         args.pairs, args.widths, args.seq_len, args.vocab, args.steps, args.batch = [4, 8], [32], 64, 256, 150, 32
+    if args.processes > 1:
+        args.from_csv = _in_processes(args)
     if args.from_csv:
         rows = [(r[0], r[1] == "True", int(r[2]), int(r[3]), float(r[4]))
                 for path in args.from_csv for r in csv.reader(path.open())]
@@ -64,7 +73,7 @@ def main() -> None:
     start = time.perf_counter()
     for spec in args.specs:
         package, name = load_layer(ROOT / "specs" / f"{spec}.yaml", folder)
-        for conv in (True, False):
+        for conv in (choice == "yes" for choice in args.conv):
             for width in args.widths:
                 for pairs in args.pairs:
                     setting = Setting("mqar", pairs, args.seq_len, args.vocab)
@@ -86,12 +95,34 @@ def main() -> None:
     _report(rows, args)
 
 
+def _in_processes(args) -> list[Path]:
+    """Runs this script once per layer and convolution setting, `args.processes` at a time, each on one CPU
+    thread (torch's default of a thread per core oversubscribes the cores); returns the files of rows they
+    wrote."""
+    folder = Path(tempfile.mkdtemp(prefix="ttr-mqar-parts-"))
+    shared = ["--pairs", *map(str, args.pairs), "--widths", *map(str, args.widths), "--seq-len", str(args.seq_len),
+              "--vocab", str(args.vocab), "--steps", str(args.steps), "--batch", str(args.batch),
+              "--lrs", *map(str, args.lrs), "--seeds", *map(str, args.seeds), "--plot", str(folder / "part.png")]
+    parts = [(spec, conv) for conv in args.conv for spec in args.specs]
+    started, files = [], []
+    for i, (spec, conv) in enumerate(parts):
+        if i >= args.processes:
+            started[i - args.processes].wait()  # the oldest part first: parts take similar times
+        files.append(folder / f"{spec}-{conv}.csv")
+        command = [sys.executable, __file__, "--specs", spec, "--conv", conv, "--csv", str(files[-1]), *shared]
+        started.append(subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    failed = [part for part, process in zip(parts, started) if process.wait() != 0]
+    if failed:
+        print(f"parts that failed (layer, convolution): {failed}", file=sys.stderr)
+    return [f for f in files if f.exists()]
+
+
 def _report(rows, args) -> None:
     """The markdown table (a row per layer, short convolution and width; a column per number of pairs), then
     the plot."""
     print("| layer | short conv | width | " + " | ".join(f"{p} pairs" for p in args.pairs) + " |")
     print("|---|---|---|" + "---|" * len(args.pairs))
-    for name in dict.fromkeys(r[0] for r in rows):
+    for name in _names(rows):
         for conv in (True, False):
             for width in args.widths:
                 scores = {r[3]: r[4] for r in rows if r[0] == name and r[1] == conv and r[2] == width}
@@ -99,6 +130,11 @@ def _report(rows, args) -> None:
                     print(f"| {name} | {'yes' if conv else 'no'} | {width} | "
                           + " | ".join(f"{scores[p]:.2f}" if p in scores else "–" for p in args.pairs) + " |")
     _plot(rows, args)
+
+
+def _names(rows) -> list[str]:
+    """The layers of the rows, in SPECS' order (the parts of a sweep finish in any order)."""
+    return sorted(dict.fromkeys(r[0] for r in rows), key=lambda n: SPECS.index(n) if n in SPECS else len(SPECS))
 
 
 def _plot(rows, args) -> None:
@@ -110,7 +146,7 @@ def _plot(rows, args) -> None:
     except ImportError:
         print("no plot: matplotlib is not installed")
         return
-    names = list(dict.fromkeys(r[0] for r in rows))
+    names = _names(rows)
     figure, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False, sharey=True)
     for axis, name in zip(axes[0], names):
         for conv, style in ((True, "-"), (False, ":")):

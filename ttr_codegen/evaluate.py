@@ -43,17 +43,23 @@ def mqar_batch(setting: Setting, batch: int, generator: torch.Generator) -> tupl
     n, L, V = setting.size, setting.seq_len, setting.vocab
     if 4 * n > L or 2 * n > V // 2:
         raise ValueError(f"mqar: {n} pairs need seq_len >= {4 * n} and vocab >= {4 * n}")
-    keys = torch.stack([torch.randperm(V // 2 - 1, generator=generator)[:n] + 1 for _ in range(batch)])
+    keys = _distinct(batch, V // 2 - 1, n, generator) + 1
     values = torch.randint(V // 2, V, (batch, n), generator=generator)
     ids = torch.zeros(batch, L, dtype=torch.long)
     labels = torch.full((batch, L), -100, dtype=torch.long)
     ids[:, 0:2 * n:2], ids[:, 1:2 * n:2] = keys, values
-    for b in range(batch):  # queries: every key once, at distinct positions after the pairs (not the last)
-        positions = torch.randperm(L - 2 * n - 1, generator=generator)[:n] + 2 * n
-        order = torch.randperm(n, generator=generator)
-        ids[b, positions] = keys[b, order]
-        labels[b, positions + 1] = values[b, order]
+    # queries: every key once, in a random order, at distinct positions after the pairs (not the last)
+    positions = _distinct(batch, L - 2 * n - 1, n, generator) + 2 * n
+    order = _distinct(batch, n, n, generator)
+    ids.scatter_(1, positions, keys.gather(1, order))
+    labels.scatter_(1, positions + 1, values.gather(1, order))
     return ids, labels
+
+
+def _distinct(batch: int, high: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """`[batch, n]`: per row, n distinct integers drawn uniformly from 0 .. high - 1 (a random permutation's
+    first n, drawn for the whole batch at once: a loop over rows made data the bottleneck of small models)."""
+    return torch.rand(batch, high, generator=generator).argsort(-1)[:, :n]
 
 
 def copy_batch(setting: Setting, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,8 +72,7 @@ def copy_batch(setting: Setting, batch: int, generator: torch.Generator) -> tupl
         raise ValueError(f"copy: {n} tokens need seq_len >= {2 * n + 1}")
     tokens = torch.randint(2, V, (batch, n), generator=generator)
     ids = torch.zeros(batch, L, dtype=torch.long)
-    for b in range(batch):
-        ids[b, torch.randperm(context, generator=generator)[:n].sort().values] = tokens[b]
+    ids.scatter_(1, _distinct(batch, context, n, generator).sort(-1).values, tokens)
     ids[:, context] = 1
     ids[:, context + 1:] = tokens
     labels = torch.full((batch, L), -100, dtype=torch.long)

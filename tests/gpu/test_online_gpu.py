@@ -38,9 +38,10 @@ def _checks(name: str) -> OnlineChecks:
 def test_chunk_on_cuda_matches_oracle(name, dtype):
     """Outputs, final state and the gradients of q, k, v and every input, at K = 64 over 5 mini-batches and a
     part one, from a state carried into the middle of a mini-batch (two sequences at different points). The
-    reference sees the inputs rounded to dtype, so only the computation's rounding counts."""
+    reference sees the inputs rounded to dtype, so only the computation's rounding counts; bfloat16 at calm
+    rates (at the typical ones Titans' memory grows to 1e23 by token 85, and amplifies every rounding)."""
     checks = _checks(name)
-    problem, initial = checks.problem(85, 64, seed=1, positions=[3, 9])
+    problem, initial = checks.problem(85, 64, seed=1, positions=[3, 9], calm=dtype != torch.float32)
     rounded = problem.to(dtype).to(torch.float64)
     o_ref, final_ref = checks.oracle(rounded, initial)
     leaves = [x.to("cuda", dtype).requires_grad_(True) for x in rounded.args()]
@@ -79,15 +80,18 @@ def test_kernel_layers_found():
 @pytest.mark.parametrize("T", [1, 63, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_matches_oracle(name, T, dtype):
-    """One launch per call on the device (the kernel is chosen, not forced), against the oracle."""
+    """One launch per call on the device (the kernel is chosen, not forced), against the oracle on the inputs
+    the kernel sees (q, k, v rounded to dtype), so that only the computation's rounding counts; half precision
+    at calm rates, where the memory does not diverge (a diverging one amplifies every rounding)."""
     checks, chunk_module = _layer(name)
-    problem, initial = checks.problem(T, 64, B=2, H=2, seed=T)
+    problem, initial = checks.problem(T, 64, B=2, H=2, seed=T, calm=dtype != torch.float32)
     leaves = [x.to("cuda", dtype if i < 3 else torch.float32) for i, x in enumerate(problem.args())]  # q, k, v first
     assert chunk_module._in_triton(leaves[0], leaves[2], False), "the kernel should take this call"
     with torch.no_grad():
         o, final = checks.chunk(*leaves, initial_state=tuple(x.float().cuda() for x in initial),
                                 output_final_state=True)
-    o_ref, final_ref = checks.oracle(problem, initial)
+    seen = [x.cpu().double() for x in leaves]
+    o_ref, final_ref = checks.oracle(Problem(*seen[:3], dict(zip(problem.inputs, seen[3:]))), initial)
     assert o.dtype == dtype
     assert_within(o.cpu().double(), o_ref, KERNEL_TOLERANCE[dtype], f"{name} {dtype} output")
     for part_name, part, part_ref in zip(checks.state_names, final, final_ref):
@@ -103,7 +107,7 @@ def test_calls_and_packed_sequences(name):
     checks, chunk_module = _layer(name)
     original_chunk = checks.chunk
     checks.chunk = lambda *args, **kwargs: _on_device(original_chunk, args, kwargs)
-    checks.triton_matches_oracle(chunk_module, T=63, K=64)
+    checks.triton_matches_oracle(chunk_module, T=63, K=64, tf32=True)
 
 
 def _on_device(op, args, kwargs):
@@ -117,9 +121,10 @@ def _on_device(op, args, kwargs):
 
 @pytest.mark.parametrize("name", KERNEL_LAYERS)
 def test_long_sequences(name):
-    """T = 4096 in bfloat16 against the PyTorch dual form in float64 on the device."""
+    """T = 4096 in bfloat16 against the PyTorch dual form in float64 on the device, at calm rates (at the typical
+    ones Titans' memory diverges within a few hundred tokens, in float64 too)."""
     checks, chunk_module = _layer(name)
-    problem, initial = checks.problem(4096, 64, B=1, H=4, seed=1)
+    problem, initial = checks.problem(4096, 64, B=1, H=4, seed=1, calm=True)
     leaves = [x.cuda() for x in problem.args()]
     state = tuple(x.cuda() for x in initial)
     with torch.no_grad():
