@@ -5,7 +5,7 @@ No SymPy object crosses into the templates: every piece of math is printed here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy as sp
 from sympy import MatrixSymbol
@@ -439,6 +439,10 @@ class ChunkPlan:
     substeps: int
     variant: str = ""  # second order: "exact", "cg" (the spec's conjugate-gradient solve) or "rls"
     ridge: str = ""  # second order: the ridge as code (a matrix to add for "exact", a vector for "cg", a number for "rls")
+    # Second order: an affine memory W^T k + b. "exact" runs it as the linear memory of keys and queries with one
+    # more feature, a constant 1 (b is its weight row), the ridge leaving that feature free; "cg" steps through
+    # its centred system, the linear memory's minus a rank-one term, as its oracle does.
+    intercept: bool = False
     solver_iterations: int | None = None  # second order, "cg": the steps per query
     error_read: str = "decayed"  # delta family: the state its errors read, "decayed" or "previous"
     # Delta family: the effective step as Triton lines on a block of rows (k a [rows, BK] tile, the step
@@ -462,7 +466,8 @@ class ChunkPlan:
 
 
 def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
-    """The chunked plan of a recurrent rule, or None where this version has none (attention forms, affine memories)."""
+    """The chunked plan of a recurrent rule, or None where this version has none (attention forms, affine memories
+    solved by conjugate gradients)."""
     from .derive.derivation import S as S_SYMBOL
     from .derive.derivation import k as k_symbol
     from .derive.derivation import v as v_symbol
@@ -473,6 +478,8 @@ def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
         return _lower_momentum_chunk(spec, rule)
     if rule.structure == Structure.SECOND_ORDER and spec.regressor.cls == "linear":
         return _lower_second_order_chunk(spec)
+    if rule.structure == Structure.SECOND_ORDER and spec.regressor.cls == "affine":
+        return _lower_affine_chunk(spec, rule)
     # A sum-normalised read-out keeps a second state z, S's recurrence with a value of 1 (gradient_step_from_zero).
     normalised = spec.readout.normalise == "sum"
     if len(rule.states) != 1 + normalised or rule.structure not in (
@@ -661,6 +668,26 @@ def _lower_second_order_chunk(spec: Spec) -> ChunkPlan:
     else:
         code = f"{ridge!r} * eye_k"
     return ChunkPlan(Family.SECOND_ORDER, Gate.SCALAR, tuple(lines), 1, "exact", code)
+
+
+# The affine memory's states, whose augmented blocks are a linear memory's moments (`_lower_affine_chunk`).
+AFFINE_STATES = ("omega", "m_k", "h_kk", "m_v", "h_kv")
+
+
+def _lower_affine_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
+    """An exact affine memory as the linear one of keys with a constant feature 1: its moments are the blocks
+    [[h_kk, m_k], [m_k^T, omega]] and [[h_kv], [m_v^T]], and with the ridge's last entry 0 the augmented solve
+    is the centred one (a Schur complement). Solved by conjugate gradients it steps through the centred system
+    itself (the augmented system's iterates differ), applied from the moments as the linear memory's is."""
+    if spec.optimiser.method != "exact" or tuple(s.name for s in rule.states) != AFFINE_STATES:
+        return None
+    plan = _lower_second_order_chunk(spec)
+    if plan.variant == "cg":
+        return replace(plan, intercept=True)
+    ridge = spec.optimiser.ridge
+    if isinstance(ridge, str) and spec.input(ridge).per_key:  # [H, K] -> [H, 1, 1, K + 1, K + 1], the last entry 0
+        plan = replace(plan, ridge=f"torch.diag_embed(torch.nn.functional.pad({ridge}, (0, 1)))[:, None, None]")
+    return replace(plan, intercept=True)  # otherwise the ridge scales eye_k, whose intercept entry is 0
 
 
 @dataclass(frozen=True)
