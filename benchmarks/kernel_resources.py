@@ -1,6 +1,7 @@
 """What each generated Triton kernel asks of an H100, found without one: registers, local memory and shared
 memory of every kernel a training step launches (and, for attention layers, decoding; for nonlinear memories, a
-training step through their Triton kernels), compiled for sm_90a by the installed Triton.
+training step through their Triton kernels; for conjugate-gradient solves, a training step and an inference call),
+compiled for sm_90a by the installed Triton.
 
     python benchmarks/kernel_resources.py [layer ...] [--K 128 --V 100] [--dtype float32 bfloat16]
 
@@ -78,6 +79,18 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
                   for i, x in enumerate(problem.args())]
         o, _ = online.chunk(*leaves, initial_state=tuple(x.float() for x in initial))  # a training step
         torch.autograd.grad(o.float().sum(), leaves)
+        return launches
+    if (ROOT / "generated" / name / "cg_triton.py").exists():  # conjugate-gradient steps: a training step, then inference
+        chunk = importlib.import_module(f"generated.{name}.chunk")
+        chunk._steps_in_triton = lambda q: True
+        problem = checks.problem(T, K, V, B=1, H=2, seed=0)
+        InterpretedFunction.run = record
+        leaves = [x.to(getattr(torch, dtype) if i < 3 else torch.float32).requires_grad_(True)
+                  for i, x in enumerate(problem.args())]
+        o, _ = getattr(chunk, f"chunk_{name}")(*leaves)
+        torch.autograd.grad(o.float().sum(), leaves)
+        with torch.no_grad():
+            getattr(chunk, f"chunk_{name}")(*leaves)
         return launches
     parts = checks.state_parts()  # e.g. Titans' (S, Z)
     problem = checks.problem(T, K, V, B=1, H=1, seed=0)

@@ -145,7 +145,7 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         templates["naive_backward.py"] = "naive_backward.py.j2"
     if context["triton_chunk"]:
         templates["chunk_triton.py"] = triton_template
-    if chunk is not None and chunk.variant == "cg" and not chunk.intercept:  # its kernels step a linear memory's system
+    if chunk is not None and chunk.variant == "cg":
         templates["cg_triton.py"] = "cg_triton.py.j2"
     if chunk is not None:
         templates["chunk.py"] = {Family.MOMENTUM: "chunk_momentum.py.j2",
