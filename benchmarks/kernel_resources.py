@@ -56,8 +56,7 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
         kernel = getattr(importlib.import_module(f"generated.{name}.flash_triton"), f"flash_{name}_triton")
         problem = checks.problem(T, K, V, B=1, H=2, seed=0)
         InterpretedFunction.run = record
-        leaves = [x.to(getattr(torch, dtype) if i < 3 else torch.float32).requires_grad_(True)
-                  for i, x in enumerate(problem.args())]
+        leaves = _leaves(problem, dtype)
         if hasattr(kernel_module := sys.modules[kernel.__module__], "_backward"):
             o, _ = kernel(*leaves)
             torch.autograd.grad(o.float().sum(), leaves)
@@ -75,8 +74,7 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
         problem, initial = online.problem(T, K, B=1, H=2, seed=0)
         chunk._in_triton = lambda q, v, training: True
         InterpretedFunction.run = record
-        leaves = [x.to(getattr(torch, dtype) if i < 3 else torch.float32).requires_grad_(True)
-                  for i, x in enumerate(problem.args())]
+        leaves = _leaves(problem, dtype)
         o, _ = online.chunk(*leaves, initial_state=tuple(x.float() for x in initial))  # a training step
         torch.autograd.grad(o.float().sum(), leaves)
         return launches
@@ -85,24 +83,31 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
         chunk._steps_in_triton = lambda q: True
         problem = checks.problem(T, K, V, B=1, H=2, seed=0)
         InterpretedFunction.run = record
-        leaves = [x.to(getattr(torch, dtype) if i < 3 else torch.float32).requires_grad_(True)
-                  for i, x in enumerate(problem.args())]
-        o, _ = getattr(chunk, f"chunk_{name}")(*leaves)
+        leaves = _leaves(problem, dtype)
+        op = getattr(chunk, f"chunk_{name}")
+        o, _ = op(*leaves)
         torch.autograd.grad(o.float().sum(), leaves)
         with torch.no_grad():
-            getattr(chunk, f"chunk_{name}")(*leaves)
+            op(*leaves)
         return launches
     parts = checks.state_parts()  # e.g. Titans' (S, Z)
     problem = checks.problem(T, K, V, B=1, H=1, seed=0)
     InterpretedFunction.run = record  # the step's values are garbage from here on; only the launches matter
     chunk = importlib.import_module(f"generated.{name}.chunk")
-    leaves = [x.to(getattr(torch, dtype) if i < 3 else torch.float32).requires_grad_(True)
-              for i, x in enumerate(problem.args())]
+    leaves = _leaves(problem, dtype)
     states = [torch.zeros(1, 1, K, V, requires_grad=True) for _ in range(parts)]
     o, final = chunk._triton_train(*leaves, None, tuple(states) if parts > 1 else states[0], True, None, 64)
     final = final if isinstance(final, tuple) else (final,)
     torch.autograd.grad(o.float().sum() + sum(f.sum() for f in final), [*leaves, *states], allow_unused=True)
     return launches
+
+
+def _leaves(problem, dtype: str) -> list:
+    """The problem's tensors as a step's leaves: q, k, v in `dtype`, the spec's inputs in float32."""
+    import torch  # as record_launches: only its child process (the interpreter's) imports torch
+
+    return [x.to(getattr(torch, dtype) if i < 3 else torch.float32).requires_grad_(True)
+            for i, x in enumerate(problem.args())]
 
 
 def cubin_resources(cubin: bytes) -> tuple[int, int]:

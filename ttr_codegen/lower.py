@@ -466,8 +466,7 @@ class ChunkPlan:
 
 
 def lower_chunk(spec: Spec, rule: UpdateRule) -> ChunkPlan | None:
-    """The chunked plan of a recurrent rule, or None where this version has none (attention forms, affine memories
-    solved by conjugate gradients)."""
+    """The chunked plan of a recurrent rule, or None where this version has none (attention forms)."""
     from .derive.derivation import S as S_SYMBOL
     from .derive.derivation import k as k_symbol
     from .derive.derivation import v as v_symbol
