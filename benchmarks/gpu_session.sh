@@ -2,7 +2,7 @@
 # Everything the GPU machine is asked to check, in one call, each step bounded so that a slow one leaves
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
-#     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|diagnose|all]
+#     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -14,7 +14,8 @@
 # tests and times them against SDPA, FlexAttention and fla (with local-linear's solver study);
 # "tune_attention" sweeps the local-constant kernels' launch table (softmax's training step);
 # "mesa" runs MesaNet-by-conjugate-gradients' GPU tests and times it against fla (benchmarks/second_order_gpu.py);
-# "online" the nonlinear memories' inference kernel's GPU tests and benchmarks/online_gpu.py (ttt_linear against fla);
+# "online" benchmarks/online_gpu.py (the nonlinear memories' kernels; ttt_linear against fla), "online_tests" their
+# GPU tests (ONLINE_TESTS: a -k expression);
 # "mqar" runs examples/mqar.py's sweep (its table: python examples/mqar.py --from-csv mqar*.csv);
 # "diagnose" finds which backward kernel of the delta family drifts from its float32 run in bf16 at K = 256. One device call has 10 minutes: separate calls.
 set -uo pipefail
@@ -104,14 +105,18 @@ if [[ $WHAT == mesa ]]; then  # MesaNet by conjugate gradients: its GPU tests, t
     cat "$OUT/bench_mesa.txt" "$OUT/steps.txt"
     exit 0
 fi
-if [[ $WHAT == online ]]; then  # the nonlinear memories' inference kernel: GPU tests, then against fla and our PyTorch form
-    # The benchmark first (the issue's table); the tests print each result as it comes (-v), and stop early
-    # enough for pytest to print its failures' summary.
-    step bench_online 240 python3 benchmarks/online_gpu.py
-    step online_tests 260 timeout -s INT 200 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
+if [[ $WHAT == online ]]; then  # the nonlinear memories' kernels against fla and our PyTorch form; where to read out apart
+    step bench_online 330 python3 benchmarks/online_gpu.py
+    step bench_online_batches 150 python3 benchmarks/online_gpu.py --layers ttt_linear --shapes 16x2048 32x2048 1x512
+    cat "$OUT/bench_online.txt" "$OUT/bench_online_batches.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == online_tests ]]; then  # their GPU tests, each result printed as it comes (-v); stopped early enough
+    # for pytest to print its failures' summary
+    step online_tests 500 timeout -s INT 480 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
         -p no:cacheprovider -n 8 -rfE --tb=short ${ONLINE_TESTS:+-k "$ONLINE_TESTS"}
     grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/online_tests.txt" | tail -n 40
-    cat "$OUT/bench_online.txt" "$OUT/steps.txt"
+    cat "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == attention ]]; then  # the attention kernels: GPU tests, then peers (fla's autotuning last)

@@ -1,7 +1,9 @@
 """The nonlinear memories on the GPU (online_triton.py: one program per sequence and head walks the mini-batches
 with the fast weights in registers; training adds checkpoints and a backward kernel walking them in reverse)
 against fla-core's `chunk_ttt_linear` for ttt_linear, and against our own PyTorch dual form (chunk.py's loop
-over mini-batches) for every layer: the forward without gradients, then forward+backward.
+over mini-batches) for every layer: the forward without gradients (as the kernels choose, then with the
+read-out forced into the walk over mini-batches and apart from it: `online_triton.read_out_apart`), then
+forward+backward.
 
     python benchmarks/online_gpu.py [--out log.txt] [--layers ttt_linear ttt_mlp titans_mlp] [--shapes 4x2048 2x8192]
 
@@ -95,8 +97,8 @@ def main() -> None:
         fla_ttt_linear = None
         say(f"fla-core not importable ({error}): no peer rows")
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16 inputs, "
-        "H=16 K=V=64, inference (no gradients)")
-    say(f"{'layer':12s} {'shape':>8s} {'pass':>8s} {'ours ms':>9s} {'TFLOP/s':>8s} {'peer':>11s} {'peer ms':>9s} "
+        "H=16 K=V=64")
+    say(f"{'layer':12s} {'shape':>8s} {'pass':>9s} {'ours ms':>9s} {'TFLOP/s':>8s} {'peer':>11s} {'peer ms':>9s} "
         f"{'peer/ours':>9s} {'gap':>9s} {'first call s':>12s}")
     for shape in args.shapes:
         B, T = (int(x) for x in shape.split("x"))
@@ -122,23 +124,33 @@ def main() -> None:
                         return ours(*(x.float() for x in tensors))
                     finally:
                         chunk_module._in_triton = kernel
-            for backward in (False, True):
+            kernels = importlib.import_module(f"generated.{name}.online_triton")
+            # The forward as the kernels choose, then with its read-out forced into the walk and apart from it.
+            for backward, apart in ((False, None), (False, False), (False, True), (True, None)):
                 grads = [x.detach().requires_grad_(backward) for x in leaves]
-                start = time.perf_counter()
-                found = outputs(lambda: ours(*grads), backward, grads, d_out)
-                torch.cuda.synchronize()
-                first = time.perf_counter() - start
-                ours_ms = timed(lambda: ours(*grads), backward, grads, d_out)
+                chosen, kernels.read_out_apart = kernels.read_out_apart, (
+                    kernels.read_out_apart if apart is None else lambda *args, apart=apart: apart)
                 try:
-                    reference = outputs(lambda: peer(*grads), backward, grads, d_out)
-                    peer_ms = timed(lambda: peer(*grads), backward, grads, d_out)
-                except Exception as error:  # our row still counts when the peer cannot run it
-                    say(f"{name} {shape}: {peer_name} failed: {type(error).__name__}: {str(error)[:200]}")
-                    reference, peer_ms = found, float("nan")
+                    start = time.perf_counter()
+                    found = outputs(lambda: ours(*grads), backward, grads, d_out)
+                    torch.cuda.synchronize()
+                    first = time.perf_counter() - start
+                    ours_ms = timed(lambda: ours(*grads), backward, grads, d_out)
+                finally:
+                    kernels.read_out_apart = chosen
+                if apart is None:  # the peer once per pass
+                    try:
+                        reference = outputs(lambda: peer(*grads), backward, grads, d_out)
+                        peer_ms = timed(lambda: peer(*grads), backward, grads, d_out)
+                    except Exception as error:  # our row still counts when the peer cannot run it
+                        say(f"{name} {shape}: {peer_name} failed: {type(error).__name__}: {str(error)[:200]}")
+                        reference, peer_ms = found, float("nan")
                 flops = dual_form_flops(spec, B, T, 16, 64) / ours_ms / 1e9 if not backward else float("nan")
-                say(f"{name:12s} {shape:>8s} {'fwd+bwd' if backward else 'fwd':>8s} {ours_ms:9.3f} {flops:8.2f} "
+                label = "fwd+bwd" if backward else {None: "fwd", False: "fwd walk", True: "fwd apart"}[apart]
+                say(f"{name:12s} {shape:>8s} {label:>9s} {ours_ms:9.3f} {flops:8.2f} "
                     f"{peer_name:>11s} {peer_ms:9.3f} {peer_ms / ours_ms:9.2f} {gap(found, reference):9.2e} "
                     f"{first:12.1f}")
+
 
 if __name__ == "__main__":
     main()

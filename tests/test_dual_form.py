@@ -36,10 +36,9 @@ def test_reverse_mode_equals_autograd(depth, activation, bias, layer_norm, keep,
     autograd through the same forward (float64, batched over two sequences)."""
     net = online.memory_network(depth, activation, bias, layer_norm)
     batch = dual_form.minibatch(net, keep, momentum, residual, "pre_norm" if layer_norm else "input")
-    forward_ops = len(batch.program.ops)
-    seeds, adjoints = dual_form.backward(batch)
-    lines = dual_form.print_ops(batch.program.ops, TORCH)
-    forward, backward = "\n".join(lines[:forward_ops]), "\n".join(lines[forward_ops:])
+    forward = "\n".join(dual_form.print_ops(list(batch.program.ops), TORCH))
+    reverse = dual_form.backward(batch)
+    seeds = [reverse.d_out, *reverse.d_ends]
     generator = torch.Generator().manual_seed(depth + 10 * keep + 100 * momentum)
     sizes = dict(SIZES, V=SIZES["K"] if residual else SIZES["V"])
     leaves = {t.name: (0.5 * torch.randn(2, *(sizes[a] for a in t.shape), dtype=torch.float64,
@@ -48,14 +47,18 @@ def test_reverse_mode_equals_autograd(depth, activation, bias, layer_norm, keep,
     scope = _run(forward, leaves)
     results = [scope[batch.out.name], *(scope[t.name] for t in batch.end_state)]
     d = [torch.randn(r.shape, dtype=torch.float64, generator=generator) for r in results]
-    names = list(adjoints)
+    names = sorted(set(reverse.read_out) | set(reverse.walk))
     expected = torch.autograd.grad(sum((r * g).sum() for r, g in zip(results, d)), [leaves[n] for n in names],
                                    allow_unused=True)
-    derived = _run(forward + "\n" + backward, {**{n: x.detach() for n, x in leaves.items()},
-                                                        **{s.name: g for s, g in zip(seeds, d)}})
     assert set(names) == set(leaves), f"no adjoint for {set(leaves) - set(names)}"
+    # Each share runs on the forward and its own seeds alone (as the kernels run them apart); their sum is
+    # the adjoint.
+    given = {**{n: x.detach() for n, x in leaves.items()}, **{s.name: g for s, g in zip(seeds, d)}}
+    shares = [(_run(forward + "\n" + "\n".join(dual_form.print_ops(ops, TORCH)), given), adjoints)
+              for ops, adjoints in ((reverse.read_out_ops, reverse.read_out), (reverse.walk_ops, reverse.walk))]
     for name, g in zip(names, expected):
-        found = derived[adjoints[name].name].expand_as(leaves[name])
+        found = sum(scope[adjoints[name].name].expand_as(leaves[name]) for scope, adjoints in shares
+                    if name in adjoints)
         torch.testing.assert_close(found, g if g is not None else torch.zeros_like(found), rtol=1e-10, atol=1e-12,
                                    msg=lambda m, name=name: f"d/d{name}: {m}")
 

@@ -44,14 +44,18 @@ class OnlineKernel:
     [rows, D] tiles. A mini-batch of BATCH_SIZE rows is a tile only where BATCH_SIZE is a power of two from 16
     (tl.dot's least side) to 64 (what registers hold next to the weights)."""
 
-    # The mini-batch as tile operations (derive.dual_form): what both kernels run, the forward's output rows
-    # and end state named by `out` and `end_state`; then, for the backward kernel, its reverse mode from the
-    # adjoints d_out (the output rows') and d_<part>_end (the end state's).
+    # The mini-batch as tile operations (derive.dual_form): what every kernel runs, the forward's output rows
+    # and end state named by `out` and `end_state`; then, for the backward kernels, its reverse mode in two
+    # shares that run apart (dual_form.ReverseMode): the output rows' from their adjoints d_out, and the end
+    # state's from d_<part>_end.
     forward_lines: tuple[str, ...]
     out: str
     end_state: tuple[str, ...]  # in the live state's order
-    backward_lines: tuple[str, ...]
-    adjoints: tuple[tuple[str, str], ...]  # (input, the name of its adjoint): rows, state, layer norm, coefficients
+    walk_forward_lines: tuple[str, ...]  # the forward lines the end state's share reads (no query rows)
+    read_out_lines: tuple[str, ...]
+    read_out_adjoints: tuple[tuple[str, str], ...]  # (input, the name of its share): rows, state, norm, coefficients
+    walk_lines: tuple[str, ...]
+    walk_adjoints: tuple[tuple[str, str], ...]
 
 
 KERNEL_BATCH_SIZES = (16, 32, 64)
@@ -153,15 +157,17 @@ def lower_online(spec: Spec) -> OnlinePlan:
 
 def _kernel(net: online.MemoryNetwork, keep: bool, momentum: bool, residual: bool, readout: str) -> OnlineKernel:
     batch = dual_form.minibatch(net, keep, momentum, residual, readout, KERNEL_NAMES)
-    forward_ops = len(batch.program.ops)
-    _, adjoints = dual_form.backward(batch)
-    lines = dual_form.print_ops(batch.program.ops, online.TRITON)
+    forward_ops = list(batch.program.ops)
+    reverse = dual_form.backward(batch)
     return OnlineKernel(
-        forward_lines=tuple(lines[:forward_ops]),
+        forward_lines=tuple(dual_form.print_ops(forward_ops, online.TRITON)),
         out=batch.out.name,
         end_state=tuple(t.name for t in batch.end_state),
-        backward_lines=tuple(lines[forward_ops:]),
-        adjoints=tuple((name, tile.name) for name, tile in adjoints.items()),
+        walk_forward_lines=tuple(dual_form.print_ops(dual_form.needed(forward_ops, reverse.walk_ops), online.TRITON)),
+        read_out_lines=tuple(dual_form.print_ops(reverse.read_out_ops, online.TRITON)),
+        read_out_adjoints=tuple((name, tile.name) for name, tile in reverse.read_out.items()),
+        walk_lines=tuple(dual_form.print_ops(reverse.walk_ops, online.TRITON)),
+        walk_adjoints=tuple((name, tile.name) for name, tile in reverse.walk.items()),
     )
 
 

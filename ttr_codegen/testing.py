@@ -6,6 +6,8 @@ themselves in tests/test_harness.py (a deliberately wrong layer must fail them).
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -1123,20 +1125,33 @@ class OnlineChecks:
             y_alone = torch.cat([layer(x[:1, :half])[0], layer(x[1:, :half + 3])[0]], dim=1)
             torch.testing.assert_close(y_packed, y_alone, **_tolerance(torch.float64))
 
-    def triton_matches_oracle(self, chunk_module, T: int = 37, K: int = 16, tf32: bool = False) -> None:
+    def triton_matches_oracle(self, chunk_module, T: int = 37, K: int = 16, tf32: bool = False,
+                              read_out_apart: bool | None = None) -> None:
         """chunk_<name> without gradients on its Triton kernel (`online_triton`, the GPU's inference path; here
         forced, under the interpreter on a CPU), in float32 against the oracle in float64, outputs and every
         part of the final state: from the weights, through calls cut at and inside mini-batches (the state
         carried), and packed sequences (cu_seqlens) from their own weights, each at its own length; and with
         bfloat16 inputs, the float32 state as the PyTorch form computes it (no state rounded to bfloat16).
         `tf32`: the kernel runs compiled, where its products of half-precision inputs take TensorFloat-32
-        operands (the interpreter's are float32): that check then runs at calm rates, to tf32's rounding."""
-        original = chunk_module._in_triton
-        chunk_module._in_triton = lambda q, v, training: True
-        try:
+        operands (the interpreter's are float32): that check then runs at calm rates, to tf32's rounding.
+        `read_out_apart`: the read-out in its own launch from checkpoints (True) or in the walk (False), forced;
+        None leaves the choice to the kernels."""
+        with self._forced_triton(chunk_module, read_out_apart):
             self._triton_matches_oracle(chunk_module, T, K, tf32)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _forced_triton(chunk_module, read_out_apart: bool | None):
+        """chunk_module's calls on its Triton kernels (and their read-out apart or not, where given)."""
+        kernels = importlib.import_module(chunk_module.__package__ + ".online_triton")
+        originals = chunk_module._in_triton, kernels.read_out_apart
+        chunk_module._in_triton = lambda q, v, training: True
+        if read_out_apart is not None:
+            kernels.read_out_apart = lambda *args: read_out_apart
+        try:
+            yield
         finally:
-            chunk_module._in_triton = original
+            chunk_module._in_triton, kernels.read_out_apart = originals
 
     def _triton_matches_oracle(self, chunk_module, T: int, K: int, tf32: bool) -> None:
         chunk = torch.no_grad()(self.chunk)  # the kernel's path: no gradient asked for
@@ -1188,22 +1203,19 @@ class OnlineChecks:
                       output_final_state=True, cu_seqlens=cu_seqlens)
         close(found, self._oracle_per_sequence(packed, initial, cu_seqlens), "packed")
 
-    def triton_gradients_match_oracle(self, chunk_module, T: int = 37, K: int = 16) -> None:
+    def triton_gradients_match_oracle(self, chunk_module, T: int = 37, K: int = 16,
+                                      read_out_apart: bool | None = None) -> None:
         """Training on the Triton kernels (`online_triton`: the forward with checkpoints, the backward walking
         the mini-batches in reverse with the derived reverse mode; here forced, under the interpreter), in
         float32: the gradient of a loss on the outputs and every part of the final state with respect to q,
         k, v, every input and every initial-state part equals the oracle's (float64, autograd through
         autograd's inner gradients), for two sequences ending inside a mini-batch and for packed sequences."""
-        original = chunk_module._in_triton
-        chunk_module._in_triton = lambda q, v, training: True
-        try:
+        with self._forced_triton(chunk_module, read_out_apart):
             T = max(T, self.batch + 5)
             problem, initial = self.problem(T, K, seed=51)
             self._triton_gradients(problem, initial, None, "two sequences")
             packed, initial, cu_seqlens = self._packed_problem((1, self.batch + 4, T, self.batch), K, seed=60)
             self._triton_gradients(packed, initial, cu_seqlens, "packed")
-        finally:
-            chunk_module._in_triton = original
 
     def _triton_gradients(self, problem: Problem, initial, cu_seqlens, what: str) -> None:
         generator = torch.Generator().manual_seed(52)

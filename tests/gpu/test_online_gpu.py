@@ -101,13 +101,15 @@ def test_matches_oracle(name, T, dtype):
             assert torch.equal(part.cpu(), part_ref), part_name
 
 
+@pytest.mark.parametrize("apart", [False, True], ids=["read_out_in_walk", "read_out_apart"])
 @pytest.mark.parametrize("name", KERNEL_LAYERS)
-def test_calls_and_packed_sequences(name):
-    """The interpreter's check (calls cut inside mini-batches, packed sequences) with the compiled kernel, float32."""
+def test_calls_and_packed_sequences(name, apart):
+    """The interpreter's check (calls cut inside mini-batches, packed sequences) with the compiled kernels,
+    float32, the read-out in the walk and in its own launch."""
     checks, chunk_module = _layer(name)
     original_chunk = checks.chunk
     checks.chunk = lambda *args, **kwargs: _on_device(original_chunk, args, kwargs)
-    checks.triton_matches_oracle(chunk_module, T=63, K=64, tf32=True)
+    checks.triton_matches_oracle(chunk_module, T=63, K=64, tf32=True, read_out_apart=apart)
 
 
 def _on_device(op, args, kwargs):

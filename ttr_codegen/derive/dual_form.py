@@ -52,6 +52,7 @@ class TileProgram:
     inputs: list[Tile] = field(default_factory=list)
     ops: list[TileOp] = field(default_factory=list)
     names: set[str] = field(default_factory=set)
+    computed: dict[tuple, Tile] = field(default_factory=dict)  # an operation and its arguments -> its tile
 
     def input(self, name: str, shape: tuple[str, str]) -> Tile:
         tile = Tile(name, shape)
@@ -68,8 +69,14 @@ class TileProgram:
         return candidate
 
     def op(self, name: str, fn: str, args: tuple[Tile, ...], shape: tuple[str, str], **options) -> Tile:
+        """The tile of fn(args): the one already computed where the same operation ran before (each common
+        subexpression once, in the forward and in its reverse mode), else a new one named after name."""
+        key = (fn, args, shape, tuple(sorted(options.items(), key=lambda item: item[0])))
+        if key in self.computed:
+            return self.computed[key]
         out = Tile(self.fresh(name), shape)
         self.ops.append(TileOp(out, fn, args, **options))
+        self.computed[key] = out
         return out
 
     # --- operations --------------------------------------------------------------------------------
@@ -172,11 +179,13 @@ class TileProgram:
         return g
 
     # --- reverse mode ------------------------------------------------------------------------------
-    def adjoints(self, seeds: dict[str, Tile], wrt: list[Tile], prefix: str = "d_") -> dict[str, Tile]:
+    def adjoints(self, seeds: dict[str, Tile], wrt: list[Tile], prefix: str = "d_",
+                 forward: list[TileOp] | None = None) -> dict[str, Tile]:
         """Append the ops of every adjoint asked for: seeds maps a value's name to its adjoint; the result
         maps each of `wrt`'s names to its adjoint (absent where no seed depends on it). The adjoint of a value
-        is the sum of its uses' vector-Jacobian products, taken last use first."""
-        forward = list(self.ops)
+        is the sum of its uses' vector-Jacobian products, taken last use first. forward: the operations
+        differentiated (all so far where None)."""
+        forward = list(self.ops) if forward is None else forward
         wanted = {t.name for t in wrt}
         for op in forward:  # forward order: a value matters if it depends on one asked for
             if any(a.name in wanted for a in op.args):
@@ -415,12 +424,49 @@ def minibatch(net: online.MemoryNetwork, keep: bool, momentum: bool, residual: b
     return MiniBatch(p, {"x": x, "v": v, "x_q": x_q}, state, fixed, coefficients, out, end_state, deltas)
 
 
-def backward(batch: MiniBatch) -> tuple[list[Tile], dict[str, Tile]]:
-    """Append the mini-batch's reverse mode: (the adjoint inputs: d_out, then d_<part>_end for every live state
-    part; the adjoint of every input by name: rows, state, layer norm and coefficients)."""
+@dataclass
+class ReverseMode:
+    """A mini-batch's reverse mode in two shares, the output rows' (from d_out) and the end state's (from
+    d_<part>_end): an input's adjoint is the sum of its two shares. Each share's operations read only the
+    forward's tiles and its own seeds, so one kernel can run the first for every mini-batch at once while
+    another walks the mini-batches in reverse with the second alone (the only share that carries an adjoint
+    from one mini-batch to the one before)."""
+
+    d_out: Tile
+    d_ends: list[Tile]  # in the live state's order
+    read_out: dict[str, Tile]  # each input's share from d_out, by name (absent: none)
+    walk: dict[str, Tile]  # each input's share from d_ends
+    read_out_ops: list[TileOp]
+    walk_ops: list[TileOp]
+
+
+def needed(forward: list[TileOp], users: list[TileOp]) -> list[TileOp]:
+    """The operations of forward that users read, directly or through others, in forward's order (a kernel
+    that runs only users prints only these)."""
+    wanted = {a.name for op in users for a in op.args}
+    kept = []
+    for op in reversed(forward):
+        if op.out.name in wanted:
+            kept.append(op)
+            wanted.update(a.name for a in op.args)
+    return kept[::-1]
+
+
+def backward(batch: MiniBatch) -> ReverseMode:
+    """Append the mini-batch's reverse mode, as two independent shares (`ReverseMode`); the adjoints are of
+    every input: rows, state, layer norm and coefficients."""
     p = batch.program
     d_out = p.input("d_out", batch.out.shape)
     d_ends = [p.input(f"d_{t.name}_end", t.shape) for t in batch.state]
-    seeds = {batch.out.name: d_out, **{end.name: d for end, d in zip(batch.end_state, d_ends)}}
     wrt = [*batch.rows.values(), *batch.state, *batch.fixed, *batch.coefficients]
-    return [d_out, *d_ends], p.adjoints(seeds, wrt, prefix="b_")
+    forward, forward_computed = list(p.ops), dict(p.computed)
+
+    def share(seeds: dict[str, Tile], prefix: str) -> tuple[dict[str, Tile], list[TileOp]]:
+        p.computed = dict(forward_computed)  # no tile of the other share is reused: each runs alone
+        first = len(p.ops)
+        adjoints = p.adjoints(seeds, wrt, prefix=prefix, forward=forward)
+        return adjoints, p.ops[first:]
+
+    read_out, read_out_ops = share({batch.out.name: d_out}, "r_")
+    walk, walk_ops = share({end.name: d for end, d in zip(batch.end_state, d_ends)}, "b_")
+    return ReverseMode(d_out, d_ends, read_out, walk, read_out_ops, walk_ops)
