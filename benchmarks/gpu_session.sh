@@ -15,7 +15,7 @@
 # "tune_attention" sweeps the local-constant kernels' launch table (softmax's training step);
 # "mesa" runs MesaNet-by-conjugate-gradients' GPU tests and times it against fla (benchmarks/second_order_gpu.py);
 # "online" benchmarks/online_gpu.py (the nonlinear memories' kernels; ttt_linear against fla), "online_tests" their
-# GPU tests (ONLINE_TESTS: a -k expression);
+# GPU tests (ONLINE_TESTS: a -k expression; ONLINE_TESTS_SECONDS: their time limit);
 # "mqar" runs examples/mqar.py's sweep (its table: python examples/mqar.py --from-csv mqar*.csv);
 # "diagnose" finds which backward kernel of the delta family drifts from its float32 run in bf16 at K = 256. One device call has 10 minutes: separate calls.
 set -uo pipefail
@@ -113,7 +113,8 @@ if [[ $WHAT == online ]]; then  # the nonlinear memories' kernels against fla an
 fi
 if [[ $WHAT == online_tests ]]; then  # their GPU tests, each result printed as it comes (-v); stopped early enough
     # for pytest to print its failures' summary
-    step online_tests 500 timeout -s INT 480 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
+    seconds=${ONLINE_TESTS_SECONDS:-480}
+    step online_tests $((seconds + 20)) timeout -s INT "$seconds" python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
         -p no:cacheprovider -n 8 -rfE --tb=short ${ONLINE_TESTS:+-k "$ONLINE_TESTS"}
     grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/online_tests.txt" | tail -n 40
     cat "$OUT/steps.txt"

@@ -66,7 +66,7 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
             last = [x[:, -1:].detach() for x in leaves]
             kernel(*last, initial_state=tuple(x[:, :-1].detach() for x in leaves[1:]))
         return launches
-    if (ROOT / "generated" / name / "online_triton.py").exists():  # a nonlinear memory: an inference call
+    if (ROOT / "generated" / name / "online_triton.py").exists():  # a nonlinear memory: training, then inference
         from ttr_codegen.testing import OnlineChecks
 
         chunk = importlib.import_module(f"generated.{name}.chunk")
@@ -75,8 +75,12 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
         chunk._in_triton = lambda q, v, training: True
         InterpretedFunction.run = record
         leaves = _leaves(problem, dtype)
-        o, _ = online.chunk(*leaves, initial_state=tuple(x.float() for x in initial))  # a training step
+        state = tuple(x.float() for x in initial)
+        o, _ = online.chunk(*leaves, initial_state=state)  # a training step
         torch.autograd.grad(o.float().sum(), leaves)
+        importlib.import_module(f"generated.{name}.online_triton").read_out_apart = lambda *args: True
+        with torch.no_grad():  # inference with the read-out apart (the walk without it, then the read-out)
+            online.chunk(*leaves, initial_state=state)
         return launches
     if (ROOT / "generated" / name / "cg_triton.py").exists():  # conjugate-gradient steps: a training step, then inference
         chunk = importlib.import_module(f"generated.{name}.chunk")

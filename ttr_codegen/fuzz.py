@@ -209,7 +209,8 @@ def _mlp(draw, inputs: _Inputs) -> dict:
     if _maybe(draw, 0.4):
         regressor["layer_norm"] = {"weight": inputs.add("norm_weight", [HK]),
                                    "bias": inputs.add("norm_bias", [HK])}
-    optimiser: dict = {"method": "minibatch_gd", "batch_size": draw(st.sampled_from([1, 2, 3, 4, 8, 16, 32])),
+    # 16 first: hypothesis's early, simplest draws then reach the Triton kernels (mini-batches of 16 to 64).
+    optimiser: dict = {"method": "minibatch_gd", "batch_size": draw(st.sampled_from([16, 1, 2, 3, 4, 8, 32])),
                        "step_size": inputs.add("step_size", [BTH])}
     plain = True
     if _maybe(draw, 0.3):

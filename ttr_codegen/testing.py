@@ -1180,8 +1180,10 @@ class OnlineChecks:
         close((torch.cat(outputs, dim=1), state), expected, f"in calls cut at {cuts}")
 
         # bfloat16 inputs with a float32 state: the state stays float32, as chunk.py's PyTorch form keeps it (a
-        # state rounded to bfloat16 is off by 2e-2). tf32's operands carry 11 bits: a diverging memory (Titans'
-        # at typical rates) amplifies their rounding past 1e-2, a calm one keeps it near 2^-11.
+        # state rounded to bfloat16 is off by 2e-2). Both sides round in float32, in other orders: through a
+        # deep memory (three layers with GELU and a layer norm) that reaches 2e-5, so the bound is the float32
+        # checks' 1e-4. tf32's operands carry 11 bits: a diverging memory (Titans' at typical rates) amplifies
+        # their rounding past 1e-2, a calm one keeps it near 2^-11.
         if tf32:
             problem, initial = self.problem(T, K, seed=31, calm=True)
             weights = tuple(x.float() for x in initial)
@@ -1195,7 +1197,7 @@ class OnlineChecks:
         assert found[0].dtype == torch.bfloat16 and all(x.dtype == torch.float32 for x in found[1][:-1])
         for name, part, part_ref in zip(self.state_names, found[1], expected_low[1]):
             if part.is_floating_point():
-                assert_within(part, part_ref.double(), 2e-3 if tf32 else 1e-5,
+                assert_within(part, part_ref.double(), 2e-3 if tf32 else 1e-4,
                               f"Triton bfloat16 inputs: final state {name}")
 
         packed, initial, cu_seqlens = self._packed_problem((1, self.batch + 4, T, self.batch), K, seed=40)
