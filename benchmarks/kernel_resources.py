@@ -67,19 +67,19 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
             kernel(*last, initial_state=tuple(x[:, :-1].detach() for x in leaves[1:]))
         return launches
     if (ROOT / "generated" / name / "online_triton.py").exists():  # a nonlinear memory: training, then inference
-        from ttr_codegen.testing import OnlineChecks
+        from ttr_codegen.testing import OnlineChecks, online_kernels_forced
 
         chunk = importlib.import_module(f"generated.{name}.chunk")
         online = OnlineChecks(ROOT / "specs" / f"{name}.yaml", None, getattr(package, f"chunk_{name}"), None)
         problem, initial = online.problem(T, K, B=1, H=2, seed=0)
-        chunk._in_triton = lambda q, v, training: True
         InterpretedFunction.run = record
         leaves = _leaves(problem, dtype)
         state = tuple(x.float() for x in initial)
-        o, _ = online.chunk(*leaves, initial_state=state)  # a training step
-        torch.autograd.grad(o.float().sum(), leaves)
-        importlib.import_module(f"generated.{name}.online_triton").read_out_apart = lambda *args: True
-        with torch.no_grad():  # inference with the read-out apart (the walk without it, then the read-out)
+        with online_kernels_forced(chunk):
+            o, _ = online.chunk(*leaves, initial_state=state)  # a training step
+            torch.autograd.grad(o.float().sum(), leaves)
+        # Inference with the read-out apart (the walk without it, then the read-out).
+        with online_kernels_forced(chunk, read_out_apart=True), torch.no_grad():
             online.chunk(*leaves, initial_state=state)
         return launches
     if (ROOT / "generated" / name / "cg_triton.py").exists():  # conjugate-gradient steps: a training step, then inference

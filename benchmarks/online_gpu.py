@@ -18,6 +18,7 @@ PyTorch dual form in float32 otherwise. A layer whose state is too large for the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import sys
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from delta_family_gpu import gap, outputs, timed  # noqa: E402  (this folder is on sys.path when a script here runs)
 from ttr_codegen.spec import load_spec  # noqa: E402
-from ttr_codegen.testing import OnlineChecks  # noqa: E402
+from ttr_codegen.testing import OnlineChecks, online_kernels_forced  # noqa: E402
 
 
 def dual_form_flops(spec, B: int, T: int, H: int, K: int) -> float:
@@ -124,20 +125,15 @@ def main() -> None:
                         return ours(*(x.float() for x in tensors))
                     finally:
                         chunk_module._in_triton = kernel
-            kernels = importlib.import_module(f"generated.{name}.online_triton")
             # The forward as the kernels choose, then with its read-out forced into the walk and apart from it.
             for backward, apart in ((False, None), (False, False), (False, True), (True, None)):
                 grads = [x.detach().requires_grad_(backward) for x in leaves]
-                chosen, kernels.read_out_apart = kernels.read_out_apart, (
-                    kernels.read_out_apart if apart is None else lambda *args, apart=apart: apart)
-                try:
+                with contextlib.nullcontext() if apart is None else online_kernels_forced(chunk_module, apart):
                     start = time.perf_counter()
                     found = outputs(lambda: ours(*grads), backward, grads, d_out)
                     torch.cuda.synchronize()
                     first = time.perf_counter() - start
                     ours_ms = timed(lambda: ours(*grads), backward, grads, d_out)
-                finally:
-                    kernels.read_out_apart = chosen
                 if apart is None:  # the peer once per pass
                     try:
                         reference = outputs(lambda: peer(*grads), backward, grads, d_out)

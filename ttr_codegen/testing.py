@@ -943,6 +943,21 @@ def layer_api_checks(layer_class, hidden_size: int, num_heads: int, T: int) -> N
                                            msg=lambda m, b=b: f"{options}: decoding row {b} after padding: {m}")
 
 
+@contextlib.contextmanager
+def online_kernels_forced(chunk_module, read_out_apart: bool | None = None):
+    """A nonlinear memory's chunk_module calls its Triton kernels (`online_triton`) whatever the device, with
+    their read-out apart from the walk or in it where read_out_apart says (None: as the kernels choose)."""
+    kernels = importlib.import_module(chunk_module.__package__ + ".online_triton")
+    originals = chunk_module._in_triton, kernels.read_out_apart
+    chunk_module._in_triton = lambda q, v, training: True
+    if read_out_apart is not None:
+        kernels.read_out_apart = lambda *args: read_out_apart
+    try:
+        yield
+    finally:
+        chunk_module._in_triton, kernels.read_out_apart = originals
+
+
 class OnlineChecks:
     """Checks one generated nonlinear memory (regressor class `mlp`) against `oracle.solve_online`: the spec's
     mini-batch optimiser run token by token with autograd gradients of each token's loss."""
@@ -1136,22 +1151,8 @@ class OnlineChecks:
         operands (the interpreter's are float32): that check then runs at calm rates, to tf32's rounding.
         `read_out_apart`: the read-out in its own launch from checkpoints (True) or in the walk (False), forced;
         None leaves the choice to the kernels."""
-        with self._forced_triton(chunk_module, read_out_apart):
+        with online_kernels_forced(chunk_module, read_out_apart):
             self._triton_matches_oracle(chunk_module, T, K, tf32)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _forced_triton(chunk_module, read_out_apart: bool | None):
-        """chunk_module's calls on its Triton kernels (and their read-out apart or not, where given)."""
-        kernels = importlib.import_module(chunk_module.__package__ + ".online_triton")
-        originals = chunk_module._in_triton, kernels.read_out_apart
-        chunk_module._in_triton = lambda q, v, training: True
-        if read_out_apart is not None:
-            kernels.read_out_apart = lambda *args: read_out_apart
-        try:
-            yield
-        finally:
-            chunk_module._in_triton, kernels.read_out_apart = originals
 
     def _triton_matches_oracle(self, chunk_module, T: int, K: int, tf32: bool) -> None:
         chunk = torch.no_grad()(self.chunk)  # the kernel's path: no gradient asked for
@@ -1212,7 +1213,7 @@ class OnlineChecks:
         float32: the gradient of a loss on the outputs and every part of the final state with respect to q,
         k, v, every input and every initial-state part equals the oracle's (float64, autograd through
         autograd's inner gradients), for two sequences ending inside a mini-batch and for packed sequences."""
-        with self._forced_triton(chunk_module, read_out_apart):
+        with online_kernels_forced(chunk_module, read_out_apart):
             T = max(T, self.batch + 5)
             problem, initial = self.problem(T, K, seed=51)
             self._triton_gradients(problem, initial, None, "two sequences")
