@@ -3,7 +3,8 @@
 by conjugate gradients; the issue's goal for rls and the affine memory is 2x mesa's time).
 
     python benchmarks/second_order_gpu.py [--out log.txt] [--layers mesa_cg mesa rls affine_mesa affine_mesa_cg]
-                                          [--shapes 4x2048 2x8192]
+                                          [--shapes 4x2048 2x8192] [--cg-warps 4 8]
+                                          [--profile mesa_cg]
 
 H=16, K=V=64, bf16 inputs (our chunked forms compute in float32); `triton.testing.do_bench` median ms of the
 forward and of forward+backward, the ratio fla / ours (> 1: ours is faster) and the largest gap to fla relative
@@ -14,6 +15,7 @@ with + 1e-5, which damps its late steps at unit scale (docs/fla_layers.md): gaps
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -48,6 +50,12 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--layers", nargs="*", default=["mesa_cg", "mesa", "rls", "affine_mesa_cg", "affine_mesa"])
     parser.add_argument("--shapes", nargs="*", default=["4x2048", "2x8192"])
+    parser.add_argument("--cg-warps", nargs="*", type=int, default=[],
+                        help="also time the conjugate-gradient layers' forward with the steps kernel at these warps")
+    parser.add_argument("--cg-precisions", nargs="*", default=[],
+                        help="and the steps' products in these precisions (tf32x3, tf32, bf16, fp16); gap: to float32's")
+    parser.add_argument("--profile", nargs="*", default=[],
+                        help="then these layers' kernels by GPU time (torch.profiler), forward and forward+backward")
     args = parser.parse_args()
     log = open(args.out, "a") if args.out else None
 
@@ -94,6 +102,41 @@ def main() -> None:
                     gap_text = f"{gap(found, reference):.2e}"
                 say(f"{name:14s} {shape:>8s} {'fwd+bwd' if backward else 'fwd':>8s} {ours_ms:9.3f} {fla_ms:8.3f} "
                     f"{fla_ms / ours_ms:9.2f} {gap_text:>9s} {first:12.1f}")
+            if name.endswith("_cg") and (args.cg_warps or args.cg_precisions):  # the steps kernel's settings
+                cg_triton = importlib.import_module(f"generated.{name}.cg_triton")
+                launch, chosen = cg_triton.LAUNCH["cg"], cg_triton.precision
+                default = launch["num_warps"]
+                exact = outputs(lambda: ours(*[x.detach().float() for x in leaves]), False, leaves, d_out)  # tf32x3
+                for warps in args.cg_warps or [default]:
+                    for precision in args.cg_precisions or [chosen(torch.bfloat16)]:
+                        launch["num_warps"] = warps
+                        cg_triton.precision = lambda dtype, precision=precision: precision
+                        grads = [x.detach() for x in leaves]
+                        found = outputs(lambda: ours(*grads), False, grads, d_out)
+                        say(f"{name:14s} {shape:>8s} {f'w{warps} {precision}':>8s} "
+                            f"{timed(lambda: ours(*grads), False, grads, d_out):9.3f} {'':8s} {'':9s} "
+                            f"{gap(found, exact):9.2e}")
+                launch["num_warps"], cg_triton.precision = default, chosen
+    B, T = (int(x) for x in args.shapes[0].split("x"))
+    for name in args.profile:
+        profile_layer(name, B, T, say)
+
+
+def profile_layer(name: str, B: int, T: int, say) -> None:
+    """Where a layer's forward and training step spend their GPU time, kernel by kernel (the ten largest)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ours = getattr(importlib.import_module(f"generated.{name}"), f"chunk_{name}")
+    leaves = inputs(B, T)[:4] if name == "rls" else inputs(B, T)
+    d_out = torch.randn_like(leaves[2])
+    for backward in (False, True):
+        grads = [x.detach().requires_grad_(backward) for x in leaves]
+        outputs(lambda: ours(*grads), backward, grads, d_out)  # compiled before the profile
+        with profile(activities=[ProfilerActivity.CUDA]) as trace:
+            outputs(lambda: ours(*grads), backward, grads, d_out)
+            torch.cuda.synchronize()
+        say(f"{name} {B}x{T} {'fwd+bwd' if backward else 'fwd'}:")
+        say(trace.key_averages().table(sort_by="device_time_total", row_limit=10, max_name_column_width=60))
 
 
 if __name__ == "__main__":
