@@ -634,7 +634,7 @@ class LayerChecks:
         """The chunked form with its conjugate-gradient steps in Triton (`cg_triton`, which it uses on a GPU; here
         forced, under the interpreter on a CPU), in float32 against the oracle in float64: without gradients
         (the whole layer in Triton) from zero and from a carried state, and with them (the steps of the forward
-        and of the adjoint solve in Triton) the gradient of every input."""
+        and of the adjoint solve in Triton) the gradient of every input; then bfloat16 inputs."""
         problem = self.problem(T, K, V, B=1, seed=21)
         leaves_ref = [x.clone().requires_grad_(True) for x in problem.args()]
         o_ref, _ = oracle.solve(self.spec, *leaves_ref[:3], dict(zip(problem.inputs, leaves_ref[3:])))
@@ -655,6 +655,12 @@ class LayerChecks:
             o, _ = self.chunk(*leaves, chunk_size=chunk_size)
             assert_within(o, o_ref, 1e-4, "float32 steps in Triton")
             grads = torch.autograd.grad((o * weights.float()).sum(), leaves)
+
+            low = problem.to(torch.bfloat16)  # 16-bit inputs take the steps' 16-bit products (cg_triton.precision)
+            o_low, _ = self.chunk(*low.args(), chunk_size=chunk_size)
+            o_low_ref, _ = self.naive(*low.to(torch.float64).args())
+            assert o_low.dtype == torch.bfloat16
+            assert_within(o_low, o_low_ref, 2e-2, "bfloat16 inputs, steps in Triton")
         finally:
             chunk_module._steps_in_triton = original
         for name, g, g_ref in zip(["q", "k", "v", *problem.inputs], grads, grads_ref):
