@@ -1,21 +1,22 @@
-"""Generated code reads like hand-written code: code lines of at most 120 characters, wrapped inside their
-brackets or at a sum's signs (`ttr_codegen/render/wrap.py`) without changing what the code means."""
+"""Generated code reads like hand-written code: lines of at most 120 characters, code wrapped inside its
+brackets or at a sum's signs (`ttr_codegen/render/wrap.py`) without changing what it means, prose (docstrings,
+comments) at its spaces."""
 
 import ast
 from pathlib import Path
 
 import pytest
 
-from ttr_codegen.render.wrap import long_code_lines, wrap_long_lines
+from ttr_codegen.render.wrap import long_code_lines, long_lines, wrap_long_lines, wrap_long_prose
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATED = sorted((ROOT / "generated").glob("*/*.py"))
 
 
 @pytest.mark.parametrize("path", GENERATED, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_catalogue_code_lines_fit(path):
+def test_catalogue_lines_fit(path):
     text = path.read_text()
-    assert long_code_lines(text) == [], f"{path.name}: code lines over 120 characters"
+    assert long_lines(text) == [], f"{path.name}: lines over 120 characters"
 
 
 @pytest.mark.parametrize("path", GENERATED[::3], ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -44,3 +45,26 @@ def test_rewrapping_narrower_keeps_the_code(path):
 def test_wrapping_examples(source, expected):
     assert wrap_long_lines(source, width=32) == expected
     assert ast.dump(ast.parse(source)) == ast.dump(ast.parse(expected))
+
+
+def test_prose_wrapping():
+    """A long docstring line breaks at its spaces (after a label, on a hanging indent), a comment alone on its
+    line continues as a comment; code, and a string that is not a docstring, stay as they are."""
+    source = ('def f():\n'
+              '    """Returns the thing.\n\n'
+              '    objective: alpha beta gamma delta epsilon\n'
+              '    """\n'
+              '    # one two three four five six\n'
+              '    s = "a string that is long enough to pass"  # trailing\n'
+              '    return s\n')
+    expected = ('def f():\n'
+                '    """Returns the thing.\n\n'
+                '    objective: alpha beta\n'
+                '        gamma delta epsilon\n'
+                '    """\n'
+                '    # one two three four\n'
+                '    # five six\n'
+                '    s = "a string that is long enough to pass"  # trailing\n'
+                '    return s\n')
+    assert wrap_long_prose(source, width=28) == expected
+    assert ast.parse(expected)

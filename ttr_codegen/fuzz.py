@@ -355,7 +355,7 @@ def missing_fast_paths(compiled) -> str:
 def check_document(document: dict, workdir: Path) -> Outcome:
     """Compile one spec document in `workdir` and run every check of its generated package."""
     from .pipeline import compile_spec
-    from .render.wrap import long_code_lines
+    from .render.wrap import long_lines
     from .render.writer import plan_changes, write_atomically
     from .spec import SpecError, load_spec
 
@@ -372,8 +372,8 @@ def check_document(document: dict, workdir: Path) -> Outcome:
     if missing:
         return Outcome("failed", str(compiled.structure), check="fast_path", error=missing)
     long = [f"{f.relative_path}:{n}" for f in compiled.files if f.relative_path.endswith(".py")
-            for n in long_code_lines(f.text)]
-    if long:  # generated code reads like hand-written code: wrapped at 120 characters
+            for n in long_lines(f.text)]
+    if long:  # generated code reads like hand-written code: code and prose wrapped at 120 characters
         return Outcome("failed", str(compiled.structure), check="line_length", error=", ".join(long[:5]))
     try:
         write_atomically(plan_changes(compiled.package_dir, compiled.files), force=True)

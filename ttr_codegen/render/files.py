@@ -14,7 +14,7 @@ from ..derive import Structure
 from ..lower import AdjointPlan, AttentionPlan, ChunkPlan, Family, FusedRecurrentPlan, Gate, NaivePlan
 from ..lower_online import OnlinePlan
 from ..spec.model import GATE_ROLES
-from .wrap import wrap_long_lines
+from .wrap import wrap_long_lines, wrap_long_prose
 
 # An installed wheel carries the templates inside the package; a source checkout keeps them at its top.
 _PACKAGED_TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
@@ -57,8 +57,8 @@ def body_hash(body: str) -> str:
 
 def stamp(body: str, spec_path: str, spec_text: str) -> str:
     """Prefix a header: tool version, how to regenerate, and hashes of spec, templates and body (whose long code
-    lines are wrapped first, see `wrap`)."""
-    body = wrap_long_lines(body)
+    and prose lines are wrapped first, see `wrap`)."""
+    body = wrap_long_prose(wrap_long_lines(body))
     header = (
         f"{HEADER_MARK} {__version__} from {spec_path}. Do not edit: regenerate with\n"
         f"#     ttr generate {spec_path}\n"

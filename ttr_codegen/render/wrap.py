@@ -4,12 +4,16 @@ WIDTH characters wherever a bracket or a sum allows; strings, comments and docst
 
 Only single-line statements are rewrapped, and only at places where Python joins lines implicitly (inside
 brackets), so the code's meaning is unchanged: a sum gains parentheses around it, nothing else is added.
+
+Prose is wrapped apart (`wrap_long_prose`): a docstring's long line breaks at its last space that fits, and a
+comment alone on its line continues as a comment; a docstring's text gains line breaks, nothing else.
 """
 
 from __future__ import annotations
 
 import io
 import keyword
+import re
 import tokenize
 
 WIDTH = 120
@@ -253,3 +257,99 @@ def long_code_lines(text: str, width: int = WIDTH) -> list[int]:
         statement = []
     return [number for number, line in enumerate(text.split("\n"), start=1)
             if len(line) > width and number not in prose]
+
+
+# A docstring line that opens with a label ("objective: ...", "[S] dk += ...", "- item") hangs its continuation.
+_LABELLED = re.compile(r"(\[\w+\] |[\w ,()-]{1,30}: |- )")
+
+
+def wrap_long_prose(text: str, width: int = WIDTH) -> str:
+    """`text` (Python source) with each long line of prose broken at spaces: a docstring's line (continued at
+    its indentation, or four spaces past it after a label) and a comment alone on its line (continued as a
+    comment). What runs over joins the next line where that line goes on the same paragraph, as one would
+    reflow it by hand. A line with no space to break at stays as it is; anything that does not tokenize too."""
+    try:
+        docstrings, comments = _prose_rows(text)
+    except (tokenize.TokenError, SyntaxError):
+        return text
+    lines = text.split("\n")
+    out, carry = [], ""  # carry: words run over from the line before, for this line's paragraph
+    for number, line in enumerate(lines, start=1):
+        kind = "comment" if number in comments else "docstring" if number in docstrings else None
+        if kind is None or (not carry and len(line) <= width):
+            out.append(line)
+            continue
+        indent = line[:len(line) - len(line.lstrip())]
+        body = line.strip()
+        if kind == "comment":  # "#", one space, then the comment's own indentation (kept) and words
+            words = body[1:].removeprefix(" ")
+            indent += "# " + words[:len(words) - len(words.lstrip())]
+            body = words.strip()
+        if carry:
+            body = carry + " " + body
+            carry = ""
+        if len(indent) + len(body) <= width:
+            out.append(indent + body)
+            continue
+        opening = '"""' if body.startswith('"""') else ""
+        hanging = "    " if kind == "docstring" and _LABELLED.match(body.removeprefix(opening)) else ""
+        parts = _break_words(body, width - len(indent), len(hanging))
+        if len(parts) > 1 and not hanging and _goes_on(lines, number, kind, line[:len(line) - len(line.lstrip())],
+                                                       docstrings, comments):
+            parts, carry = parts[:-1], parts[-1]
+        out.extend([indent + parts[0]] + [indent + hanging + part for part in parts[1:]])
+    wrapped = "\n".join(out)
+    try:  # a break right after a backslash would escape the line's end: keep such text as it was
+        compile(wrapped, "<generated>", "exec", dont_inherit=True)
+    except SyntaxError:
+        return text
+    return wrapped
+
+
+def _goes_on(lines: list[str], number: int, kind: str, indent: str, docstrings: set[int], comments: set[int]) -> bool:
+    """Whether line `number + 1` goes on with line `number`'s sentence: prose of the same kind at the same
+    indentation that starts in lower case and is neither a label's line nor a formula (no =, += or <-)."""
+    if number >= len(lines) or (number + 1) not in (comments if kind == "comment" else docstrings):
+        return False
+    following = lines[number]
+    body = following.strip().removeprefix("#").strip() if kind == "comment" else following.strip()
+    return (following[:len(following) - len(following.lstrip())] == indent and body[:1].islower()
+            and not _LABELLED.match(body) and not any(sign in body for sign in (" = ", " += ", " <- ")))
+
+
+def _prose_rows(text: str) -> tuple[set[int], set[int]]:
+    """(rows of docstrings -- a statement that is a string alone, (rows of comments alone on their line)."""
+    docstrings, comments, statement = set(), set(), []
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        if token.type == tokenize.COMMENT and token.line.strip().startswith("#"):
+            comments.add(token.start[0])
+        if token.type in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
+            continue
+        if token.type not in (tokenize.NEWLINE, tokenize.ENDMARKER):
+            statement.append(token)
+            continue
+        if len(statement) == 1 and statement[0].type == tokenize.STRING:
+            docstrings.update(range(statement[0].start[0], statement[0].end[0] + 1))
+        statement = []
+    return docstrings, comments
+
+
+def _break_words(words: str, width: int, hanging: int = 0) -> list[str]:
+    """`words` in pieces of at most `width` characters (after the first, `width - hanging`), broken at spaces;
+    a piece without a space to break at runs over."""
+    pieces = []
+    while len(words) > width - (hanging if pieces else 0):
+        room = width - (hanging if pieces else 0)
+        cut = words.rfind(" ", 0, room + 1)
+        if cut <= 0:
+            cut = words.find(" ", room)
+            if cut < 0:
+                break
+        pieces.append(words[:cut].rstrip())
+        words = words[cut:].lstrip()
+    return pieces + [words]
+
+
+def long_lines(text: str, width: int = WIDTH) -> list[int]:
+    """The numbers of the lines of `text` longer than `width`, code or prose."""
+    return [number for number, line in enumerate(text.split("\n"), start=1) if len(line) > width]
