@@ -351,5 +351,7 @@ def _break_words(words: str, width: int, hanging: int = 0) -> list[str]:
 
 
 def long_lines(text: str, width: int = WIDTH) -> list[int]:
-    """The numbers of the lines of `text` longer than `width`, code or prose."""
-    return [number for number, line in enumerate(text.split("\n"), start=1) if len(line) > width]
+    """The numbers of the lines of `text` longer than `width`, code or prose, that had a place to break (a
+    space after their first word: one long word, a user's URL say, cannot be wrapped)."""
+    return [number for number, line in enumerate(text.split("\n"), start=1)
+            if len(line) > width and " " in line.strip()[:width]]
