@@ -126,8 +126,8 @@ fi
 if [[ $WHAT == second_order_quick ]]; then  # both of the above in one call: what changed, timed and tested
     step bench_mesa 140 python3 benchmarks/second_order_gpu.py --layers mesa_cg affine_mesa_cg --cg-warps 4 8 \
         --cg-precisions tf32 bf16 --profile mesa_cg
-    step bench_online 150 python3 benchmarks/online_gpu.py --layers ttt_linear --shapes 4x2048 2x8192
-    step second_order_tests 250 timeout -s INT 240 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py \
+    step bench_online 130 python3 benchmarks/online_gpu.py --layers ttt_linear --shapes 4x2048 2x8192
+    step second_order_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py \
         tests/gpu/test_second_order_gpu.py -q -p no:cacheprovider -n 8 -rfE --tb=short -k "not 1000 and not 4096"
     cat "$OUT/bench_mesa.txt" "$OUT/bench_online.txt"
     grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/second_order_tests.txt" | tail -n 30
