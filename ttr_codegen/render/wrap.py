@@ -241,20 +241,8 @@ def long_code_lines(text: str, width: int = WIDTH) -> list[int]:
     """The numbers of the lines of `text` (Python source) longer than `width` that hold code: a docstring (a
     statement that is a string alone), a multi-line string's lines and a line holding only a comment are
     prose, and not counted."""
-    prose, statement = set(), []
-    for token in tokenize.generate_tokens(io.StringIO(text).readline):
-        if token.type == tokenize.STRING and token.end[0] > token.start[0]:
-            prose.update(range(token.start[0], token.end[0] + 1))
-        elif token.type == tokenize.COMMENT and token.line.strip().startswith("#"):
-            prose.add(token.start[0])
-        if token.type in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
-            continue
-        if token.type not in (tokenize.NEWLINE, tokenize.ENDMARKER):
-            statement.append(token)
-            continue
-        if len(statement) == 1 and statement[0].type == tokenize.STRING:
-            prose.update(range(statement[0].start[0], statement[0].end[0] + 1))
-        statement = []
+    docstrings, comments, strings = _prose_rows(text)
+    prose = docstrings | comments | strings
     return [number for number, line in enumerate(text.split("\n"), start=1)
             if len(line) > width and number not in prose]
 
@@ -269,7 +257,7 @@ def wrap_long_prose(text: str, width: int = WIDTH) -> str:
     comment). What runs over joins the next line where that line goes on the same paragraph, as one would
     reflow it by hand. A line with no space to break at stays as it is; anything that does not tokenize too."""
     try:
-        docstrings, comments = _prose_rows(text)
+        docstrings, comments, _ = _prose_rows(text)
     except (tokenize.TokenError, SyntaxError):
         return text
     lines = text.split("\n")
@@ -317,11 +305,14 @@ def _goes_on(lines: list[str], number: int, kind: str, indent: str, docstrings: 
             and not _LABELLED.match(body) and not any(sign in body for sign in (" = ", " += ", " <- ")))
 
 
-def _prose_rows(text: str) -> tuple[set[int], set[int]]:
-    """(rows of docstrings -- a statement that is a string alone, (rows of comments alone on their line)."""
-    docstrings, comments, statement = set(), set(), []
+def _prose_rows(text: str) -> tuple[set[int], set[int], set[int]]:
+    """The rows of docstrings (a statement that is a string alone), of comments alone on their line, and of
+    multi-line strings."""
+    docstrings, comments, strings, statement = set(), set(), set(), []
     for token in tokenize.generate_tokens(io.StringIO(text).readline):
-        if token.type == tokenize.COMMENT and token.line.strip().startswith("#"):
+        if token.type == tokenize.STRING and token.end[0] > token.start[0]:
+            strings.update(range(token.start[0], token.end[0] + 1))
+        elif token.type == tokenize.COMMENT and token.line.strip().startswith("#"):
             comments.add(token.start[0])
         if token.type in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
             continue
@@ -331,7 +322,7 @@ def _prose_rows(text: str) -> tuple[set[int], set[int]]:
         if len(statement) == 1 and statement[0].type == tokenize.STRING:
             docstrings.update(range(statement[0].start[0], statement[0].end[0] + 1))
         statement = []
-    return docstrings, comments
+    return docstrings, comments, strings
 
 
 def _break_words(words: str, width: int, hanging: int = 0) -> list[str]:
