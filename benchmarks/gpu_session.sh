@@ -119,13 +119,13 @@ if [[ $WHAT == second_order_bench ]]; then  # one call for #21's peers: ttt_line
     # apart: the 16x2048 and 32x2048 rows), then the conjugate-gradient layers with their steps kernel's warps swept
     step bench_online 310 python3 benchmarks/online_gpu.py --layers ttt_linear --shapes 4x2048 2x8192 16x2048 32x2048
     step bench_mesa 230 python3 benchmarks/second_order_gpu.py --layers mesa_cg affine_mesa_cg rls affine_mesa mesa \
-        --cg-warps 4 8 --cg-precisions tf32 bf16 --profile mesa_cg
+        --cg-warps 4 8 --cg-precisions tf32x3 tf32 --profile mesa_cg
     cat "$OUT/bench_online.txt" "$OUT/bench_mesa.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == second_order_quick ]]; then  # both of the above in one call: what changed, timed and tested
     step bench_mesa 140 python3 benchmarks/second_order_gpu.py --layers mesa_cg affine_mesa_cg --cg-warps 4 8 \
-        --cg-precisions tf32 bf16 --profile mesa_cg
+        --cg-precisions tf32x3 tf32 --profile mesa_cg
     step bench_online 130 python3 benchmarks/online_gpu.py --layers ttt_linear --shapes 4x2048 2x8192
     step second_order_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py \
         tests/gpu/test_second_order_gpu.py -q -p no:cacheprovider -n 8 -rfE --tb=short -k "not 1000 and not 4096"

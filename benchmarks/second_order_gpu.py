@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--cg-warps", nargs="*", type=int, default=[],
                         help="also time the conjugate-gradient layers' forward with the steps kernel at these warps")
     parser.add_argument("--cg-precisions", nargs="*", default=[],
-                        help="and the steps' products in these precisions (tf32x3, tf32, bf16, fp16); gap: to float32's")
+                        help="and the steps' products in these precisions (tf32x3, tf32); gap: to float32 inputs'")
     parser.add_argument("--profile", nargs="*", default=[],
                         help="then these layers' kernels by GPU time (torch.profiler), forward and forward+backward")
     args = parser.parse_args()

@@ -24,6 +24,8 @@ def wrap_long_lines(text: str, width: int = WIDTH) -> str:
     """`text` (Python source) with each long one-line statement wrapped; anything that does not tokenize is
     returned as it is."""
     lines = text.split("\n")
+    if all(len(line) <= width for line in lines):  # most generated files: nothing to tokenize
+        return text
     try:
         tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
     except (tokenize.TokenError, SyntaxError):
@@ -256,11 +258,13 @@ def wrap_long_prose(text: str, width: int = WIDTH) -> str:
     its indentation, or four spaces past it after a label) and a comment alone on its line (continued as a
     comment). What runs over joins the next line where that line goes on the same paragraph, as one would
     reflow it by hand. A line with no space to break at stays as it is; anything that does not tokenize too."""
+    lines = text.split("\n")
+    if all(len(line) <= width for line in lines):  # most generated files: nothing to tokenize or check
+        return text
     try:
         docstrings, comments, _ = _prose_rows(text)
     except (tokenize.TokenError, SyntaxError):
         return text
-    lines = text.split("\n")
     out, carry = [], ""  # carry: words run over from the line before, for this line's paragraph
     for number, line in enumerate(lines, start=1):
         kind = "comment" if number in comments else "docstring" if number in docstrings else None
