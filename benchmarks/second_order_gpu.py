@@ -111,11 +111,13 @@ def main() -> None:
                     for precision in args.cg_precisions or [chosen(torch.bfloat16)]:
                         launch["num_warps"] = warps
                         cg_triton.precision = lambda dtype, precision=precision: precision
-                        grads = [x.detach() for x in leaves]
-                        found = outputs(lambda: ours(*grads), False, grads, d_out)
-                        say(f"{name:14s} {shape:>8s} {f'w{warps} {precision}':>8s} "
-                            f"{timed(lambda: ours(*grads), False, grads, d_out):9.3f} {'':8s} {'':9s} "
-                            f"{gap(found, exact):9.2e}")
+                        for backward in (False, True):
+                            grads = [x.detach().requires_grad_(backward) for x in leaves]
+                            found = outputs(lambda: ours(*grads), backward, grads, d_out)
+                            what = f"w{warps} {precision}{' +bwd' if backward else ''}"
+                            say(f"{name:14s} {shape:>8s} {what:>8s} "
+                                f"{timed(lambda: ours(*grads), backward, grads, d_out):9.3f} {'':8s} {'':9s} "
+                                f"{gap(found[:1], exact[:1]):9.2e}")
                 launch["num_warps"], cg_triton.precision = default, chosen
     B, T = (int(x) for x in args.shapes[0].split("x"))
     for name in args.profile:

@@ -631,40 +631,90 @@ class LayerChecks:
 
     def triton_steps_match_oracle(self, chunk_module, T: int = 45, K: int = 12, V: int = 10,
                                   chunk_size: int = 16) -> None:
-        """The chunked form with its conjugate-gradient steps in Triton (`cg_triton`, which it uses on a GPU; here
-        forced, under the interpreter on a CPU), in float32 against the oracle in float64: without gradients
-        (the whole layer in Triton) from zero and from a carried state, and with them (the steps of the forward
-        and of the adjoint solve in Triton) the gradient of every input; then bfloat16 inputs."""
+        """The chunked form with its conjugate-gradient solve in Triton (`cg_triton`, which it uses on a GPU; here
+        forced, under the interpreter on a CPU), in float32 against the oracle in float64: the output and the
+        gradient of every input (the forward's and the backward's kernels), then the same split into two calls,
+        the second from the first's final state (whose gradient carries the first half's), then float16 inputs."""
         problem = self.problem(T, K, V, B=1, seed=21)
         leaves_ref = [x.clone().requires_grad_(True) for x in problem.args()]
         o_ref, _ = oracle.solve(self.spec, *leaves_ref[:3], dict(zip(problem.inputs, leaves_ref[3:])))
         weights = torch.randn(o_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(22))
-        grads_ref = torch.autograd.grad((o_ref * weights).sum(), leaves_ref)
+        half = T // 2
+        grads_ref = torch.autograd.grad((o_ref * weights).sum(), leaves_ref, retain_graph=True)
+        grads_ref_later = torch.autograd.grad((o_ref[:, half:] * weights[:, half:]).sum(), leaves_ref)
         o_ref = o_ref.detach()
         original = chunk_module._steps_in_triton
         chunk_module._steps_in_triton = lambda q: True
         try:
-            half = T // 2
-            first = problem.tokens(0, half, self.steps, self.per_step, self.spec).to(torch.float32)
-            second = problem.tokens(half, T, self.steps, self.per_step, self.spec).to(torch.float32)
-            _, carried = self.chunk(*first.args(), output_final_state=True, chunk_size=chunk_size)
-            o_2, _ = self.chunk(*second.args(), initial_state=carried, chunk_size=chunk_size)
-            assert_within(o_2, o_ref[:, half:], 1e-4, "float32 steps in Triton, carried state")
-
             leaves = [x.clone().requires_grad_(True) for x in problem.to(torch.float32).args()]
             o, _ = self.chunk(*leaves, chunk_size=chunk_size)
             assert_within(o, o_ref, 1e-4, "float32 steps in Triton")
             grads = torch.autograd.grad((o * weights.float()).sum(), leaves)
 
-            low = problem.to(torch.bfloat16)  # 16-bit inputs take the steps' 16-bit products (cg_triton.precision)
-            o_low, _ = self.chunk(*low.args(), chunk_size=chunk_size)
-            o_low_ref, _ = self.naive(*low.to(torch.float64).args())
-            assert o_low.dtype == torch.bfloat16
-            assert_within(o_low, o_low_ref, 2e-2, "bfloat16 inputs, steps in Triton")
+            split = Problem(*leaves[:3], dict(zip(problem.inputs, leaves[3:])))
+            first = split.tokens(0, half, self.steps, self.per_step, self.spec)
+            second = split.tokens(half, T, self.steps, self.per_step, self.spec)
+            _, carried = self.chunk(*first.args(), output_final_state=True, chunk_size=chunk_size)
+            o_later, _ = self.chunk(*second.args(), initial_state=carried, chunk_size=chunk_size)
+            assert_within(o_later, o_ref[:, half:], 1e-4, "float32 steps in Triton, carried state")
+            grads_later = torch.autograd.grad((o_later * weights[:, half:].float()).sum(), leaves)
+
+            # 16-bit inputs take 16-bit operands (cg_triton.precision); float16 here: the interpreter's bfloat16
+            # products are wrong on some CPUs (the GPU test module runs bfloat16).
+            low = problem.to(torch.float16)
+            low_leaves = [x.clone().requires_grad_(True) for x in low.args()]
+            o_low, _ = self.chunk(*low_leaves, chunk_size=chunk_size)
+            grads_low = torch.autograd.grad((o_low.double() * weights).sum(), low_leaves)
+            low_ref = [x.clone().requires_grad_(True) for x in low.to(torch.float64).args()]
+            o_low_ref, _ = self.naive(*low_ref)
+            grads_low_ref = torch.autograd.grad((o_low_ref * weights).sum(), low_ref)
+            assert o_low.dtype == torch.float16
+            assert_within(o_low, o_low_ref, 1e-2, "float16 inputs, steps in Triton")
         finally:
             chunk_module._steps_in_triton = original
-        for name, g, g_ref in zip(["q", "k", "v", *problem.inputs], grads, grads_ref):
+        for name, g, g_ref, g_later, g_later_ref in zip(["q", "k", "v", *problem.inputs], grads, grads_ref,
+                                                        grads_later, grads_ref_later, strict=True):
             assert_within(g, g_ref, 1e-3, f"d/d{name}, float32 steps in Triton")
+            assert_within(g_later, g_later_ref, 1e-3, f"d/d{name} through the carried state, steps in Triton")
+        for name, g, g_ref in zip(["q", "k", "v", *problem.inputs], grads_low, grads_low_ref, strict=True):
+            assert_within(g, g_ref, 1e-2, f"d/d{name}, float16 inputs, steps in Triton")
+
+    def triton_solve_compiles(self, chunk_module) -> None:
+        """With the solve in Triton (forced, as in `triton_steps_match_oracle`): its custom ops pass
+        torch.library.opcheck (schema, fake tensors, autograd registration, dispatch), and
+        torch.compile(fullgraph=True) traces the chunked form around them, forward and backward, as eager runs it."""
+        import torch._dynamo
+
+        from_chunk = importlib.import_module(chunk_module.__name__.rsplit(".", 1)[0] + ".cg_triton")
+        problem = self.problem(40, 8, 6, B=1, seed=24).to(torch.float32)
+        calls = []
+        original, solve = chunk_module._steps_in_triton, from_chunk.solve_and_read_out
+        chunk_module._steps_in_triton = lambda q: True
+        from_chunk.solve_and_read_out = lambda *args, **kwargs: calls.append((args, kwargs)) or solve(*args, **kwargs)
+        try:
+            self.chunk(*problem.args(), chunk_size=16)
+            args, kwargs = calls[0]
+            *tensors, iterations, precision = args
+            centred = [kwargs.get(name) for name in ("m_k", "mean_k", "m_v", "omega")]
+            op_args = (*(t.detach() for t in tensors), *(t if t is None else t.detach() for t in centred), iterations,
+                       precision)
+            torch.library.opcheck(from_chunk.solve_op, op_args)
+            o, x = from_chunk.solve_op(*op_args)
+            do = torch.randn(o.shape, generator=torch.Generator().manual_seed(25))
+            torch.library.opcheck(from_chunk.solve_backward_op, (do, x, *op_args[1:]))
+            from_chunk.solve_and_read_out = solve
+
+            torch._dynamo.reset()
+            compiled = torch.compile(self.chunk, fullgraph=True, backend="aot_eager")  # raises on any graph break
+            results = []
+            for op in (compiled, self.chunk):
+                leaves = [x.clone().requires_grad_(True) for x in problem.args()]
+                o, state = op(*leaves, output_final_state=True, chunk_size=16)
+                grads = torch.autograd.grad(o.square().sum() + sum(s.sum() for s in state_tuple(state)), leaves)
+                results.append((o, state, grads))
+            torch.testing.assert_close(results[0], results[1])
+        finally:
+            chunk_module._steps_in_triton, from_chunk.solve_and_read_out = original, solve
 
     def chunk_low_precision(self) -> None:
         """bfloat16 inputs: output in bfloat16, state in float32, within 2% of the float64 result."""
