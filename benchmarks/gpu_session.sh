@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|second_order_quick|diagnose|all]
+#                                    second_order_bench|second_order_tests|second_order_quick|cg_quick|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -19,7 +19,7 @@
 # GPU tests (ONLINE_TESTS: a -k expression; ONLINE_TESTS_SECONDS: their time limit);
 # "second_order_bench" is one call of both benchmarks (ttt_linear only, the steps kernel's warps swept),
 # "second_order_tests" one of both GPU test modules; "second_order_quick" the changed layers' rows and their tests
-# without the longest sequences, in one call;
+# without the longest sequences, in one call; "cg_quick" the conjugate-gradient layers' rows, profile and GPU tests;
 # "mqar" runs examples/mqar.py's sweep (its table: python examples/mqar.py --from-csv mqar*.csv);
 # "diagnose" finds which backward kernel of the delta family drifts from its float32 run in bf16 at K = 256. One device call has 10 minutes: separate calls.
 set -uo pipefail
@@ -131,6 +131,16 @@ if [[ $WHAT == second_order_quick ]]; then  # both of the above in one call: wha
         tests/gpu/test_second_order_gpu.py -q -p no:cacheprovider -n 8 -rfE --tb=short -k "not 1000 and not 4096"
     cat "$OUT/bench_mesa.txt" "$OUT/bench_online.txt"
     grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/second_order_tests.txt" | tail -n 30
+    cat "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == cg_quick ]]; then  # the conjugate-gradient layers alone: timed against fla, profiled, their GPU tests
+    step bench_mesa 200 python3 benchmarks/second_order_gpu.py --layers mesa_cg affine_mesa_cg --profile mesa_cg \
+        --scan-launch 8x1 4x2
+    step cg_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_second_order_gpu.py -q \
+        -p no:cacheprovider -n 8 -rfE --tb=short -k "not 4096"
+    cat "$OUT/bench_mesa.txt"
+    grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/cg_tests.txt" | tail -n 30
     cat "$OUT/steps.txt"
     exit 0
 fi

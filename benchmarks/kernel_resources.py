@@ -84,7 +84,7 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
         return launches
     if (ROOT / "generated" / name / "cg_triton.py").exists():  # conjugate-gradient steps: a training step, then inference
         chunk = importlib.import_module(f"generated.{name}.chunk")
-        chunk._steps_in_triton = lambda q: True
+        chunk._steps_in_triton = lambda *args: True
         problem = checks.problem(T, K, V, B=1, H=2, seed=0)
         InterpretedFunction.run = record
         leaves = _leaves(problem, dtype)

@@ -54,6 +54,8 @@ def main() -> None:
                         help="also time the conjugate-gradient layers' forward with the steps kernel at these warps")
     parser.add_argument("--cg-precisions", nargs="*", default=[],
                         help="and the steps' products in these precisions (tf32x3, tf32); gap: to float32 inputs'")
+    parser.add_argument("--scan-launch", nargs="*", default=[],
+                        help="also time them with the walk over the chunks (the moments') at these warps x stages")
     parser.add_argument("--profile", nargs="*", default=[],
                         help="then these layers' kernels by GPU time (torch.profiler), forward and forward+backward")
     args = parser.parse_args()
@@ -119,6 +121,17 @@ def main() -> None:
                                 f"{timed(lambda: ours(*grads), backward, grads, d_out):9.3f} {'':8s} {'':9s} "
                                 f"{gap(found[:1], exact[:1]):9.2e}")
                 launch["num_warps"], cg_triton.precision = default, chosen
+            if name.endswith("_cg") and args.scan_launch:  # the moments' walk: warps and pipeline stages
+                launch = importlib.import_module(f"generated.{name}.cg_triton").LAUNCH["scan"]
+                default = dict(launch)
+                for setting in args.scan_launch:
+                    launch["num_warps"], launch["num_stages"] = (int(x) for x in setting.split("x"))
+                    for backward in (False, True):
+                        grads = [x.detach().requires_grad_(backward) for x in leaves]
+                        what = f"s{setting}{' +bwd' if backward else ''}"
+                        say(f"{name:14s} {shape:>8s} {what:>8s} "
+                            f"{timed(lambda: ours(*grads), backward, grads, d_out):9.3f}")
+                launch.update(default)
     B, T = (int(x) for x in args.shapes[0].split("x"))
     for name in args.profile:
         profile_layer(name, B, T, say)

@@ -644,7 +644,7 @@ class LayerChecks:
         grads_ref_later = torch.autograd.grad((o_ref[:, half:] * weights[:, half:]).sum(), leaves_ref)
         o_ref = o_ref.detach()
         original = chunk_module._steps_in_triton
-        chunk_module._steps_in_triton = lambda q: True
+        chunk_module._steps_in_triton = lambda *args: True
         try:
             leaves = [x.clone().requires_grad_(True) for x in problem.to(torch.float32).args()]
             o, _ = self.chunk(*leaves, chunk_size=chunk_size)
@@ -689,20 +689,22 @@ class LayerChecks:
         problem = self.problem(40, 8, 6, B=1, seed=24).to(torch.float32)
         calls = []
         original, solve = chunk_module._steps_in_triton, from_chunk.solve_and_read_out
-        chunk_module._steps_in_triton = lambda q: True
+        chunk_module._steps_in_triton = lambda *args: True
         from_chunk.solve_and_read_out = lambda *args, **kwargs: calls.append((args, kwargs)) or solve(*args, **kwargs)
         try:
             self.chunk(*problem.args(), chunk_size=16)
             args, kwargs = calls[0]
-            *tensors, iterations, precision = args
+            *tensors, iterations, chunk_size, precision = args
             centred = [kwargs.get(name) for name in ("m_k", "mean_k", "m_v", "omega")]
-            op_args = (*(t.detach() for t in tensors), *(t if t is None else t.detach() for t in centred), iterations,
-                       precision)
+            tensor_args = (*(t.detach() for t in tensors), *(t if t is None else t.detach() for t in centred))
+            settings = (iterations, chunk_size, precision)
+            op_args = (*tensor_args, kwargs.get("scale", 1.0), *settings)
             torch.library.opcheck(from_chunk.solve_op, op_args)
             o, x = from_chunk.solve_op(*op_args)
             do = torch.randn(o.shape, generator=torch.Generator().manual_seed(25))
-            torch.library.opcheck(from_chunk.solve_backward_op, (do, x, *op_args[1:]))
+            torch.library.opcheck(from_chunk.solve_backward_op, (do, x, *tensor_args[1:], *settings))
             from_chunk.solve_and_read_out = solve
+            self._triton_moments_match(from_chunk, precision)
 
             torch._dynamo.reset()
             compiled = torch.compile(self.chunk, fullgraph=True, backend="aot_eager")  # raises on any graph break
@@ -715,6 +717,47 @@ class LayerChecks:
             torch.testing.assert_close(results[0], results[1])
         finally:
             chunk_module._steps_in_triton, from_chunk.solve_and_read_out = original, solve
+
+    @staticmethod
+    def _triton_moments_match(from_chunk, precision: str) -> None:
+        """The chunk-start moments' op (`cg_triton.moments_op`) and its backward op pass opcheck, and equal the
+        token loop S_t = exp(g_t) S_(t-1) + w_t k_t values_t^T in float64 (every chunk start and the final S, and
+        the gradients of k, values, g, w and the initial S), with and without an initial S, for 19 chunks (the
+        walk over them takes 16 at a time: a second group cut short), the last chunk cut short, and 80 columns
+        (blocks of 64 columns and of 256 of the moment's elements, the last part masked)."""
+        gen = torch.Generator().manual_seed(26)
+        B, T, H, K, W, C = 2, 300, 2, 8, 80, 16
+        keys, values = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, W, generator=gen)
+        g, w = -0.1 * torch.rand(B, T, H, generator=gen), torch.rand(B, T, H, generator=gen)
+        for initial in (None, torch.randn(B, H, K, W, generator=gen)):
+            args = (keys, values, g, w, initial, C, precision)
+            short = (*(x[:, :40] for x in args[:4]), *args[4:])  # opcheck runs it many times: 3 chunks
+            torch.library.opcheck(from_chunk.moments_op, short)
+            starts, final, totals = from_chunk.moments_op(*short)
+            d_starts, d_final = torch.randn(starts.shape, generator=gen), torch.randn(final.shape, generator=gen)
+            torch.library.opcheck(from_chunk.moments_backward_op,
+                                  (d_starts, d_final, *short[:4], starts, totals, C, precision))
+            d_starts = torch.randn(B, H, T // C + 1, K, W, generator=gen)
+            results = []
+            for dtype in (torch.float32, torch.float64):
+                leaves = [x.to(dtype, copy=True).requires_grad_(True) for x in (keys, values, g, w)]
+                start = [] if initial is None else [initial.to(dtype, copy=True).requires_grad_(True)]
+                if dtype == torch.float32:
+                    out = from_chunk.chunk_moments(*leaves, *(start or [None]), C, precision)
+                else:  # the token loop
+                    state = start[0] if start else torch.zeros(B, H, K, W, dtype=dtype)
+                    kept = []
+                    for t in range(T):
+                        if t % C == 0:
+                            kept.append(state)
+                        k_t, v_t, g_t, w_t = (x[:, t] for x in leaves)
+                        write = (w_t[..., None] * k_t)[..., None] * v_t[..., None, :]
+                        state = g_t.exp()[..., None, None] * state + write
+                    out = torch.stack(kept, dim=2), state
+                loss = (out[0] * d_starts.to(dtype)).sum() + (out[1] * d_final.to(dtype)).sum()
+                results.append([x.double() for x in (*out, *torch.autograd.grad(loss, leaves + start))])
+            for name, got, want in zip(["starts", "final", "dk", "dvalues", "dg", "dw", "dinitial"], *results):
+                assert_within(got, want, 1e-4, f"chunk moments: {name}")
 
     def chunk_low_precision(self) -> None:
         """bfloat16 inputs: output in bfloat16, state in float32, within 2% of the float64 result."""
