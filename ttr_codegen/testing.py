@@ -737,7 +737,7 @@ class LayerChecks:
             d_starts, d_final = torch.randn(starts.shape, generator=gen), torch.randn(final.shape, generator=gen)
             torch.library.opcheck(from_chunk.moments_backward_op,
                                   (d_starts, d_final, *short[:4], starts, totals, C, precision))
-            d_starts = torch.randn(B, H, T // C + 1, K, W, generator=gen)
+            d_starts = torch.randn(B, H, -(-T // C), K, W, generator=gen)  # a start per chunk
             results = []
             for dtype in (torch.float32, torch.float64):
                 leaves = [x.to(dtype, copy=True).requires_grad_(True) for x in (keys, values, g, w)]
