@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|second_order_quick|cg_quick|diagnose|all]
+#                                    second_order_bench|second_order_tests|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -132,6 +132,58 @@ if [[ $WHAT == second_order_quick ]]; then  # both of the above in one call: wha
     cat "$OUT/bench_mesa.txt" "$OUT/bench_online.txt"
     grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/second_order_tests.txt" | tail -n 30
     cat "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == kernel_tests ]]; then  # the GPU tests of the nonlinear memories, RLS and the conjugate-gradient layers
+    step online_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -q \
+        -p no:cacheprovider -n 8 -rfE --tb=short -k "not 4096"
+    step rls_tests 170 timeout -s INT 160 python3 -m pytest -m gpu tests/gpu/test_rls_gpu.py -q \
+        -p no:cacheprovider -n 8 -rfE --tb=short
+    step cg_tests 170 timeout -s INT 160 python3 -m pytest -m gpu tests/gpu/test_second_order_gpu.py -q \
+        -p no:cacheprovider -n 8 -rfE --tb=short -k "not 4096"
+    for name in online_tests rls_tests cg_tests; do
+        echo "== $name"; grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/$name.txt" | tail -n 25
+    done
+    cat "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == kernel_recheck ]]; then  # after kernel_all: RLS's tests and ttt_linear's state, then its rows
+    # again
+    step rls_tests 60 timeout -s INT 55 python3 -m pytest -m gpu tests/gpu/test_rls_gpu.py -q \
+        -p no:cacheprovider -n 8 -rfE --tb=short -k "not 4096"
+    step online_tests 150 timeout -s INT 140 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -q \
+        -p no:cacheprovider -n 2 -rfE --tb=short -k "on_cuda and ttt_linear"
+    step bench_online 90 python3 benchmarks/online_gpu.py --layers ttt_linear
+    for name in rls_tests online_tests; do
+        echo "== $name"; grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/$name.txt" | tail -n 25
+    done
+    cat "$OUT/bench_online.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == kernel_all ]]; then  # one call of both (a session's device time short): the new and changed kernels'
+    # GPU tests, then the rows
+    step rls_tests 110 timeout -s INT 100 python3 -m pytest -m gpu tests/gpu/test_rls_gpu.py -q \
+        -p no:cacheprovider -n 8 -rfE --tb=short -k "not 4096"
+    step online_tests 90 timeout -s INT 80 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -q \
+        -p no:cacheprovider -n 8 -rfE --tb=short -k "on_cuda or (matches_oracle and ttt_linear and not 1000)"
+    step cg_tests 90 timeout -s INT 80 python3 -m pytest -m gpu tests/gpu/test_second_order_gpu.py -q \
+        -p no:cacheprovider -n 8 -rfE --tb=short -k "mesa_cg and not affine and not 4096 and (gradients or packed or 63)"
+    step bench_mesa 110 python3 benchmarks/second_order_gpu.py --layers mesa_cg rls affine_mesa_cg --profile mesa_cg
+    step bench_online 80 python3 benchmarks/online_gpu.py --layers ttt_linear --state-dots tf32 --warps 2
+    step bench_mlp 80 python3 benchmarks/online_gpu.py --layers ttt_mlp titans_mlp --no-peer --shapes 4x2048
+    for name in rls_tests online_tests cg_tests; do
+        echo "== $name"; grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/$name.txt" | tail -n 25
+    done
+    cat "$OUT/bench_mesa.txt" "$OUT/bench_online.txt" "$OUT/bench_mlp.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == kernel_bench ]]; then  # ttt_linear against fla (the carried state's products at TF32, two
+    # pipeline stages, 2 and 8 warps for comparison), ttt_mlp and titans_mlp, then mesa_cg against fla, rls and
+    # affine_mesa_cg, and mesa_cg's profile with the host's time per call
+    step bench_online 150 python3 benchmarks/online_gpu.py --layers ttt_linear --state-dots tf32 --stages 2 --warps 2 8
+    step bench_mlp 130 python3 benchmarks/online_gpu.py --layers ttt_mlp titans_mlp --no-peer --state-dots tf32
+    step bench_mesa 200 python3 benchmarks/second_order_gpu.py --layers mesa_cg rls affine_mesa_cg --profile mesa_cg
+    cat "$OUT/bench_online.txt" "$OUT/bench_mlp.txt" "$OUT/bench_mesa.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == cg_quick ]]; then  # the conjugate-gradient layers alone: timed against fla, profiled, their GPU tests

@@ -84,6 +84,14 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--layers", nargs="*", default=["ttt_linear", "ttt_mlp", "titans_mlp"])
     parser.add_argument("--shapes", nargs="*", default=["4x2048", "2x8192"])
+    parser.add_argument("--state-dots", nargs="*", default=[],
+                        help="also time the forward with the products that make the carried state at these "
+                             "precisions (tf32, tf32x3; the kernels' choice: tf32x3); gap: to the kernels' choice")
+    parser.add_argument("--stages", nargs="*", type=int, default=[],
+                        help="also time the forward with these pipeline stages (the kernels' choice: 1)")
+    parser.add_argument("--warps", nargs="*", type=int, default=[],
+                        help="also time the forward with these warps (the kernels' choice: online_triton._warps)")
+    parser.add_argument("--no-peer", action="store_true", help="leave the peer rows out")
     args = parser.parse_args()
     log = open(args.out, "a") if args.out else None
 
@@ -109,7 +117,9 @@ def main() -> None:
             ours = functools.partial(getattr(chunk_module, f"chunk_{name}"), initial_state=start_weights(name, B))
             leaves = inputs(spec, B, T)
             d_out = torch.randn_like(leaves[2])
-            if name == "ttt_linear" and fla_ttt_linear is not None:
+            if args.no_peer:
+                peer_name, peer = "none", None
+            elif name == "ttt_linear" and fla_ttt_linear is not None:
                 peer_name = "fla"
 
                 def peer(q, k, v, ln_weight, ln_bias, eta):
@@ -134,7 +144,9 @@ def main() -> None:
                     torch.cuda.synchronize()
                     first = time.perf_counter() - start
                     ours_ms = timed(lambda: ours(*grads), backward, grads, d_out)
-                if apart is None:  # the peer once per pass
+                if apart is None and peer is None:
+                    reference, peer_ms = found, float("nan")
+                elif apart is None:  # the peer once per pass
                     try:
                         reference = outputs(lambda: peer(*grads), backward, grads, d_out)
                         peer_ms = timed(lambda: peer(*grads), backward, grads, d_out)
@@ -146,6 +158,30 @@ def main() -> None:
                 say(f"{name:12s} {shape:>8s} {label:>9s} {ours_ms:9.3f} {flops:8.2f} "
                     f"{peer_name:>11s} {peer_ms:9.3f} {peer_ms / ours_ms:9.2f} {gap(found, reference):9.2e} "
                     f"{first:12.1f}")
+                if apart is None and not backward:
+                    chosen = found
+            for label, override in ([(f"fwd {d}", {"STATE_DOT": d}) for d in args.state_dots]
+                                    + [(f"fwd s{n}", {"num_stages": n}) for n in args.stages]
+                                    + [(f"fwd w{n}", {"num_warps": n}) for n in args.warps]):
+                say(_with_sizes(name, shape, label, override, ours, leaves, chosen, d_out))
+
+
+def _with_sizes(name: str, shape: str, label: str, override: dict, ours, leaves, chosen, d_out) -> str:
+    """The forward's row with some of the kernels' static arguments overridden (online_triton._sizes patched);
+    gap: to the kernels' own choice."""
+    kernels = importlib.import_module(f"generated.{name}.online_triton")
+    sizes = kernels._sizes
+
+    def patched(*args, **kwargs):
+        return {**sizes(*args, **kwargs), **override}
+    kernels._sizes = patched
+    try:
+        found = outputs(lambda: ours(*leaves), False, leaves, d_out)
+        ours_ms = timed(lambda: ours(*leaves), False, leaves, d_out)
+    finally:
+        kernels._sizes = sizes
+    return f"{name:12s} {shape:>8s} {label:>9s} {ours_ms:9.3f} {'':8s} {'':>11s} {'':9s} {'':9s} " \
+           f"{gap(found, chosen):9.2e}"
 
 
 if __name__ == "__main__":

@@ -150,8 +150,32 @@ def profile_layer(name: str, B: int, T: int, say) -> None:
         with profile(activities=[ProfilerActivity.CUDA]) as trace:
             outputs(lambda: ours(*grads), backward, grads, d_out)
             torch.cuda.synchronize()
-        say(f"{name} {B}x{T} {'fwd+bwd' if backward else 'fwd'}:")
+        gpu_ms = sum(event.self_device_time_total for event in trace.key_averages()) / 1e3
+        host_ms, finished_ms = _host_time(lambda: timed_step(lambda: ours(*grads), backward, grads, d_out))
+        say(f"{name} {B}x{T} {'fwd+bwd' if backward else 'fwd'}: GPU time {gpu_ms:.3f} ms; the host issues a call "
+            f"in {host_ms:.3f} ms, which finishes in {finished_ms:.3f} (host-bound where these two are above the "
+            f"GPU's):")
         say(trace.key_averages().table(sort_by="device_time_total", row_limit=10, max_name_column_width=60))
+
+
+def timed_step(run, backward: bool, leaves: list[torch.Tensor], d_out: torch.Tensor) -> None:
+    """What `timed` times: the forward without gradients, or the forward and the gradients."""
+    with torch.set_grad_enabled(backward):
+        o = run()[0]
+        if backward:
+            torch.autograd.grad(o, leaves, d_out)
+
+
+def _host_time(call, calls: int = 10) -> tuple[float, float]:
+    """(ms the host takes to issue a call, ms per call until the GPU is done), over a few calls few enough that
+    the launch queue never fills (a full queue would make the host wait on the GPU)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    issued = time.perf_counter()
+    torch.cuda.synchronize()
+    return 1e3 * (issued - start) / calls, 1e3 * (time.perf_counter() - start) / calls
 
 
 if __name__ == "__main__":

@@ -679,6 +679,121 @@ class LayerChecks:
         for name, g, g_ref in zip(["q", "k", "v", *problem.inputs], grads_low, grads_low_ref, strict=True):
             assert_within(g, g_ref, 1e-2, f"d/d{name}, float16 inputs, steps in Triton")
 
+    def rls_triton_matches_oracle(self, chunk_module, T: int = 45, K: int = 6, V: int = 5) -> None:
+        """Recursive least squares' token loop in Triton (`rls_triton`, which chunk_<name> takes on a GPU; here
+        forced, under the interpreter on a CPU, with a checkpoint every 8 tokens so that the backward walks
+        several spans, the last one short), float32 against the float64 reference: the output and the final
+        state, and the gradient of every input and of the initial state with gradients flowing into both the
+        output and the final state; packed sequences from per-sequence initial states, outputs, final states and
+        gradients; float16 inputs."""
+        kernels = importlib.import_module(chunk_module.__name__.rsplit(".", 1)[0] + ".rls_triton")
+        original, span = chunk_module._rls_in_triton, kernels.CHECKPOINT
+        chunk_module._rls_in_triton, kernels.CHECKPOINT = (lambda *args: True), 8
+        try:
+            problem, state, d_out, d_final, several = self._with_states(T, K, V, seed=42)
+            o_ref, final_ref = self.naive(*problem.args(), initial_state=tuple(state), output_final_state=True)
+            o, final = self.chunk(*problem.to(torch.float32).args(), initial_state=tuple(x.float() for x in state),
+                                  output_final_state=True)
+            assert o.dtype == torch.float32 and all(x.dtype == torch.float32 for x in final)
+            assert_within(o, o_ref, 1e-4, "output, Triton token loop")
+            for i, (x, x_ref) in enumerate(zip(final, final_ref, strict=True)):
+                assert_within(x, x_ref, 1e-4, f"final state[{i}], Triton token loop")
+            expected = self._state_gradients(self.naive, problem, state, d_out, d_final, several)
+            found = self._state_gradients(self.chunk, problem.to(torch.float32), [x.float() for x in state],
+                                          d_out.float(), [x.float() for x in d_final], several)
+            self._assert_gradients_within(found, expected, problem, len(state), 1e-4, "Triton token loop")
+
+            lengths = (1, 17, 40, 9)
+            problems, packed, cu_seqlens = self.packed_problems(lengths, K, V, seed=43)
+            initial = _join([state_tuple(self.naive(*self.problem(5, K, V, B=1, seed=44 + i).args(),
+                                                    output_final_state=True)[1]) for i in range(len(lengths))])
+            generator = torch.Generator().manual_seed(48)
+            d_out = torch.randn(1, sum(lengths), 2, V, dtype=torch.float64, generator=generator)
+            d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator) for x in initial]
+
+            def packed_run(leaves, states):
+                return self.chunk(*leaves, initial_state=tuple(states), output_final_state=True,
+                                  cu_seqlens=cu_seqlens)
+
+            def one_by_one(leaves, states):  # the reference: each sequence from its own initial state
+                bounds = cu_seqlens.tolist()
+                runs = []
+                for i, part in enumerate(problems):
+                    rows = slice(bounds[i], bounds[i + 1])
+                    args = [x[:, rows] if x.dim() >= 3 and x.shape[1] == bounds[-1] else x for x in leaves]
+                    runs.append(self.naive(*args, initial_state=tuple(s[i:i + 1] for s in states),
+                                           output_final_state=True))
+                return torch.cat([r[0] for r in runs], dim=1), _join([state_tuple(r[1]) for r in runs])
+
+            results = []
+            for run, dtype in ((packed_run, torch.float32), (one_by_one, torch.float64)):
+                leaves = [x.to(dtype).requires_grad_(True) for x in (*packed.args(), *initial)]
+                args, states = leaves[:len(leaves) - len(initial)], leaves[len(leaves) - len(initial):]
+                o, final = run(args, states)
+                loss = (o * d_out.to(dtype)).sum() + sum((f * d.to(dtype)).sum() for f, d in zip(final, d_final))
+                results.append((o, final, torch.autograd.grad(loss, leaves)))
+            (o, final, grads), (o_ref, final_ref, grads_ref) = results
+            assert_within(o, o_ref, 1e-4, "packed sequences' output, Triton token loop")
+            for i, (x, x_ref) in enumerate(zip(final, final_ref, strict=True)):
+                assert_within(x, x_ref, 1e-4, f"packed sequences' final state[{i}], Triton token loop")
+            self._assert_gradients_within(grads, grads_ref, packed, len(initial), 1e-4,
+                                          "packed sequences, Triton token loop")
+
+            low = problem.to(torch.float16)
+            o_low, _ = self.chunk(*low.args())
+            o_low_ref, _ = self.naive(*low.to(torch.float64).args())
+            assert o_low.dtype == torch.float16
+            assert_within(o_low, o_low_ref, 1e-2, "float16 inputs, Triton token loop")
+        finally:
+            chunk_module._rls_in_triton, kernels.CHECKPOINT = original, span
+
+    def _assert_gradients_within(self, found, expected, problem, n_states: int, relative: float, what: str) -> None:
+        """`_compare_gradients` at a tolerance relative to each gradient's largest entry (float32 ops)."""
+        names = self._gradient_names(problem, n_states)
+        for i, (name, g, g_ref) in enumerate(zip(names, found, expected, strict=True)):
+            if i >= len(names) - n_states and g.shape[-1] == g.shape[-2] == problem.k.shape[-1]:
+                g, g_ref = (g + g.transpose(-1, -2)) / 2, (g_ref + g_ref.transpose(-1, -2)) / 2  # see there
+            assert_within(g, g_ref, relative, f"d/d{name}, {what}")
+
+    def rls_triton_compiles(self, chunk_module) -> None:
+        """With the token loop in Triton (forced, as in `rls_triton_matches_oracle`): its custom ops pass
+        torch.library.opcheck (schema, fake tensors, autograd registration, dispatch), with and without the
+        training checkpoints and packed sequences, and torch.compile(fullgraph=True) traces chunk_<name> around
+        them, forward and backward, as eager runs it."""
+        import torch._dynamo
+
+        kernels = importlib.import_module(chunk_module.__name__.rsplit(".", 1)[0] + ".rls_triton")
+        original, span = chunk_module._rls_in_triton, kernels.CHECKPOINT
+        chunk_module._rls_in_triton, kernels.CHECKPOINT = (lambda *args: True), 8
+        try:
+            generator = torch.Generator().manual_seed(49)
+            B, T, H, K, V = 2, 20, 2, 4, 3
+            q, k = torch.randn(B, T, H, K, generator=generator), F.normalize(torch.randn(B, T, H, K, generator=generator), dim=-1)
+            v = torch.randn(B, T, H, V, generator=generator)
+            g, w = -0.1 * torch.rand(B, T, H, generator=generator), torch.rand(B, T, H, generator=generator)
+            S, P = torch.randn(B, H, K, V, generator=generator), torch.eye(K).expand(B, H, K, K).contiguous()
+            packed = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, g, w)]
+            cu_seqlens = torch.tensor([0, 7, B * T])
+            for args in ((q, k, v, g, w, S, P, 0.5, None), (*packed, S, P, 0.5, cu_seqlens)):
+                for save in (False, True):
+                    torch.library.opcheck(kernels.rls_op, (*args, save))
+                o, S_final, P_final, S_saved, P_saved = kernels.rls_op(*args, True)
+                d = [torch.randn(x.shape, generator=generator) for x in (o, S_final, P_final)]
+                torch.library.opcheck(kernels.rls_backward_op, (*d, *args[:5], S_saved, P_saved, 0.5, args[-1]))
+
+            torch._dynamo.reset()
+            problem = self.problem(40, 8, 6, B=1, seed=50).to(torch.float32)
+            compiled = torch.compile(self.chunk, fullgraph=True, backend="aot_eager")  # raises on any graph break
+            results = []
+            for op in (compiled, self.chunk):
+                leaves = [x.clone().requires_grad_(True) for x in problem.args()]
+                o, state = op(*leaves, output_final_state=True)
+                grads = torch.autograd.grad(o.square().sum() + sum(s.sum() for s in state_tuple(state)), leaves)
+                results.append((o, state, grads))
+            torch.testing.assert_close(results[0], results[1])
+        finally:
+            chunk_module._rls_in_triton, kernels.CHECKPOINT = original, span
+
     def triton_solve_compiles(self, chunk_module) -> None:
         """With the solve in Triton (forced, as in `triton_steps_match_oracle`): its custom ops pass
         torch.library.opcheck (schema, fake tensors, autograd registration, dispatch), and
@@ -687,23 +802,26 @@ class LayerChecks:
 
         from_chunk = importlib.import_module(chunk_module.__name__.rsplit(".", 1)[0] + ".cg_triton")
         problem = self.problem(40, 8, 6, B=1, seed=24).to(torch.float32)
-        calls = []
-        original, solve = chunk_module._steps_in_triton, from_chunk.solve_and_read_out
+        calls = {}
+        original = chunk_module._steps_in_triton
+        entries = {name: getattr(from_chunk, name) for name in ("solve_and_read_out", "linear_memory_layer")}
         chunk_module._steps_in_triton = lambda *args: True
-        from_chunk.solve_and_read_out = lambda *args, **kwargs: calls.append((args, kwargs)) or solve(*args, **kwargs)
+
+        def recorded(name):  # an entry point that notes its arguments
+            return lambda *args, **kwargs: calls.setdefault(name, (args, kwargs)) and entries[name](*args, **kwargs)
+        for name in entries:
+            setattr(from_chunk, name, recorded(name))
         try:
             self.chunk(*problem.args(), chunk_size=16)
-            args, kwargs = calls[0]
-            *tensors, iterations, chunk_size, precision = args
-            centred = [kwargs.get(name) for name in ("m_k", "mean_k", "m_v", "omega")]
-            tensor_args = (*(t.detach() for t in tensors), *(t if t is None else t.detach() for t in centred))
-            settings = (iterations, chunk_size, precision)
-            op_args = (*tensor_args, kwargs.get("scale", 1.0), *settings)
-            torch.library.opcheck(from_chunk.solve_op, op_args)
-            o, x = from_chunk.solve_op(*op_args)
-            do = torch.randn(o.shape, generator=torch.Generator().manual_seed(25))
-            torch.library.opcheck(from_chunk.solve_backward_op, (do, x, *tensor_args[1:], *settings))
-            from_chunk.solve_and_read_out = solve
+            assert calls, "the chunked form called none of cg_triton's entry points"
+            for name, function in entries.items():
+                setattr(from_chunk, name, function)
+            if "solve_and_read_out" in calls:
+                args, kwargs = calls["solve_and_read_out"]
+                precision = self._triton_solve_ops_pass(from_chunk, args, kwargs)
+            if "linear_memory_layer" in calls:
+                args, kwargs = calls["linear_memory_layer"]
+                precision = self._triton_layer_ops_pass(from_chunk, args, kwargs)
             self._triton_moments_match(from_chunk, precision)
 
             torch._dynamo.reset()
@@ -716,7 +834,43 @@ class LayerChecks:
                 results.append((o, state, grads))
             torch.testing.assert_close(results[0], results[1])
         finally:
-            chunk_module._steps_in_triton, from_chunk.solve_and_read_out = original, solve
+            chunk_module._steps_in_triton = original
+            for name, function in entries.items():
+                setattr(from_chunk, name, function)
+
+    @staticmethod
+    def _triton_solve_ops_pass(from_chunk, args, kwargs) -> str:
+        """opcheck of the solve's op and its backward op, at the arguments the chunked form gave
+        `solve_and_read_out`; the products' precision it asked for."""
+        *tensors, iterations, chunk_size, precision = args
+        centred = [kwargs.get(name) for name in ("m_k", "mean_k", "m_v", "omega")]
+        tensor_args = (*(t.detach() for t in tensors), *(t if t is None else t.detach() for t in centred))
+        settings = (iterations, chunk_size, precision)
+        op_args = (*tensor_args, kwargs.get("scale", 1.0), *settings)
+        torch.library.opcheck(from_chunk.solve_op, op_args)
+        o, x = from_chunk.solve_op(*op_args)
+        do = torch.randn(o.shape, generator=torch.Generator().manual_seed(25))
+        torch.library.opcheck(from_chunk.solve_backward_op, (do, x, *tensor_args[1:], *settings))
+        return precision
+
+    @staticmethod
+    def _triton_layer_ops_pass(from_chunk, args, kwargs) -> str:
+        """opcheck of the linear memory's layer op and its backward op, at the arguments the chunked form gave
+        `linear_memory_layer`, from zero moments and from given ones; the products' precision it asked for."""
+        q, k, v, g, weight, ridge, _, _, iterations, chunk_size, precision = args
+        tensors = [t.detach() for t in (q, k, v, g, weight, ridge)]
+        B, T, H, K = k.shape
+        gen = torch.Generator().manual_seed(27)
+        given = (torch.randn(B, H, K, K, generator=gen), torch.randn(B, H, K, v.shape[-1], generator=gen))
+        settings = (kwargs.get("scale", 1.0), iterations, chunk_size, precision)
+        for initial in ((None, None), given):
+            op_args = (*tensors, *initial, *settings)
+            torch.library.opcheck(from_chunk.layer_op, op_args)
+            o, kk_final, kv_final, *saved = from_chunk.layer_op(*op_args)
+            d_out = [torch.randn(t.shape, generator=gen) for t in (o, kk_final, kv_final)]
+            torch.library.opcheck(from_chunk.layer_backward_op,
+                                  (*d_out, saved[0], *tensors[1:], *saved[1:], *settings, q.dtype))
+        return precision
 
     @staticmethod
     def _triton_moments_match(from_chunk, precision: str) -> None:

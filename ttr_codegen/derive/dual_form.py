@@ -258,14 +258,16 @@ class TileProgram:
 
 # --- printing ------------------------------------------------------------------------------------------
 
-def print_ops(ops: list[TileOp], dialect: Dialect) -> list[str]:
-    """One line per operation."""
+def print_ops(ops: list[TileOp], dialect: Dialect, state_path: frozenset[str] = frozenset()) -> list[str]:
+    """One line per operation; the products that make a value in state_path (see lower_online._kernel) at the
+    kernel's STATE_DOT precision, the others at its DOT."""
     lines = []
     for op in ops:
         a = [t.name for t in op.args]
         if op.fn == "matmul":
             (ta, tb) = op.transpose
-            code = dialect.mm(dialect.t(a[0]) if ta else a[0], dialect.t(a[1]) if tb else a[1])
+            code = dialect.mm(dialect.t(a[0]) if ta else a[0], dialect.t(a[1]) if tb else a[1],
+                              "STATE_DOT" if op.out.name in state_path else "DOT")
         elif op.fn in ("add", "sub", "mul"):
             code = f"{a[0]} {dict(add='+', sub='-', mul='*')[op.fn]} {a[1]}"
         elif op.fn == "neg":
@@ -440,10 +442,10 @@ class ReverseMode:
     walk_ops: list[TileOp]
 
 
-def needed(forward: list[TileOp], users: list[TileOp]) -> list[TileOp]:
-    """The operations of forward that users read, directly or through others, in forward's order (a kernel
-    that runs only users prints only these)."""
-    wanted = {a.name for op in users for a in op.args}
+def needed(forward: list[TileOp], users: list[TileOp], wanted: set[str] | None = None) -> list[TileOp]:
+    """The operations of forward that users read (or that make a value named in wanted), directly or through
+    others, in forward's order (a kernel that runs only users prints only these)."""
+    wanted = {a.name for op in users for a in op.args} | (wanted or set())
     kept = []
     for op in reversed(forward):
         if op.out.name in wanted:

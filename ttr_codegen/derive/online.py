@@ -187,7 +187,7 @@ class _TritonElementwisePrinter(_ElementwisePrinter):
 class Dialect:
     """How the lines spell the operations on a mini-batch: torch on tensors `[..., r, c]` (leading batch and
     head axes), or Triton on one sequence and head's register tiles `[r, c]` inside a kernel, whose products
-    are `tl.dot` at the kernel's `DOT` precision."""
+    are `tl.dot` at the kernel's `DOT` precision (or another constexpr the caller names)."""
 
     name: str
 
@@ -195,8 +195,8 @@ class Dialect:
     def triton(self) -> bool:
         return self.name == "triton"
 
-    def mm(self, a: str, b: str) -> str:
-        return f"tl.dot({a}, {b}, input_precision=DOT)" if self.triton else f"{_grouped(a)} @ {_grouped(b)}"
+    def mm(self, a: str, b: str, precision: str = "DOT") -> str:
+        return f"tl.dot({a}, {b}, input_precision={precision})" if self.triton else f"{_grouped(a)} @ {_grouped(b)}"
 
     def t(self, a: str) -> str:
         return f"tl.trans({a})" if self.triton else f"{a}.transpose(-1, -2)"

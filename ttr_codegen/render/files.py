@@ -147,6 +147,8 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         templates["chunk_triton.py"] = triton_template
     if chunk is not None and chunk.variant == "cg":
         templates["cg_triton.py"] = "cg_triton.py.j2"
+    if chunk is not None and chunk.variant == "rls":
+        templates["rls_triton.py"] = "rls_triton.py.j2"
     if chunk is not None:
         templates["chunk.py"] = {Family.MOMENTUM: "chunk_momentum.py.j2",
                                  Family.SECOND_ORDER: "chunk_second_order.py.j2"}.get(chunk.family, "chunk.py.j2")
