@@ -718,7 +718,7 @@ class LayerChecks:
             def one_by_one(leaves, states):  # the reference: each sequence from its own initial state
                 bounds = cu_seqlens.tolist()
                 runs = []
-                for i, part in enumerate(problems):
+                for i in range(len(problems)):
                     rows = slice(bounds[i], bounds[i + 1])
                     args = [x[:, rows] if x.dim() >= 3 and x.shape[1] == bounds[-1] else x for x in leaves]
                     runs.append(self.naive(*args, initial_state=tuple(s[i:i + 1] for s in states),
