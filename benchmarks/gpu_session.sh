@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|diagnose|all]
+#                                    second_order_bench|second_order_tests|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -183,6 +183,15 @@ if [[ $WHAT == kernel_bench ]]; then  # ttt_linear against fla (the carried stat
     step bench_online 150 python3 benchmarks/online_gpu.py --layers ttt_linear --state-dots tf32 --stages 2 --warps 2 8
     step bench_mlp 130 python3 benchmarks/online_gpu.py --layers ttt_mlp titans_mlp --no-peer --state-dots tf32
     step bench_mesa 200 python3 benchmarks/second_order_gpu.py --layers mesa_cg rls affine_mesa_cg --profile mesa_cg
+    cat "$OUT/bench_online.txt" "$OUT/bench_mlp.txt" "$OUT/bench_mesa.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == kernel_baseline ]]; then  # every row of the second-order and nonlinear memories against fla, with
+    # ttt_linear's kernels and fla's profiled (GPU time against the host's per call) and its launch variants
+    step bench_online 170 python3 benchmarks/online_gpu.py --layers ttt_linear --profile --state-dots tf32 \
+        --stages 1 3 --warps 2 8
+    step bench_mlp 130 python3 benchmarks/online_gpu.py --layers ttt_mlp titans_mlp --no-peer
+    step bench_mesa 220 python3 benchmarks/second_order_gpu.py --layers mesa_cg rls affine_mesa_cg --profile mesa_cg
     cat "$OUT/bench_online.txt" "$OUT/bench_mlp.txt" "$OUT/bench_mesa.txt" "$OUT/steps.txt"
     exit 0
 fi

@@ -155,6 +155,9 @@ def main() -> None:
     parser.add_argument("--K", type=int, default=128)
     parser.add_argument("--V", type=int, default=100)
     parser.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--ir", default=None,
+                        help="also write each kernel's Triton GPU IR and PTX into this folder (to read how the "
+                             "compiler laid it out: pipelined loads, MMA versions, layout conversions)")
     parser.add_argument("--record", action="store_true", help=argparse.SUPPRESS)  # the child's part
     args = parser.parse_args()
     if args.record:
@@ -185,6 +188,12 @@ def main() -> None:
                 seen.add(key)
                 compiled, options = compile_for_hopper(module, kernel, arguments)
                 registers, stack = cubin_resources(compiled.asm["cubin"])
+                if args.ir:
+                    folder = Path(args.ir)
+                    folder.mkdir(parents=True, exist_ok=True)
+                    stem = f"{name}-{dtype}-{kernel}-{len(seen)}"
+                    (folder / f"{stem}.ttgir").write_text(compiled.asm["ttgir"])
+                    (folder / f"{stem}.ptx").write_text(compiled.asm["ptx"])
                 print(f"{name:20s} {dtype:9s} {kernel:22s} {registers:5d} {stack:8d} "
                       f"{compiled.metadata.shared:9d} {options.get('num_warps', 4):5d} {options.get('num_stages', 3):6d} "
                       f"{stack * THREADS_PER_GPU / 2**20:9.0f}", flush=True)

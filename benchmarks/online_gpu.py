@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from delta_family_gpu import gap, outputs, timed  # noqa: E402  (this folder is on sys.path when a script here runs)
+from second_order_gpu import profile_call  # noqa: E402
 from ttr_codegen.spec import load_spec  # noqa: E402
 from ttr_codegen.testing import OnlineChecks, online_kernels_forced  # noqa: E402
 
@@ -92,6 +93,8 @@ def main() -> None:
     parser.add_argument("--warps", nargs="*", type=int, default=[],
                         help="also time the forward with these warps (the kernels' choice: online_triton._warps)")
     parser.add_argument("--no-peer", action="store_true", help="leave the peer rows out")
+    parser.add_argument("--profile", action="store_true",
+                        help="then each layer's kernels (and the peer's) by GPU time against the host's time per call")
     args = parser.parse_args()
     log = open(args.out, "a") if args.out else None
 
@@ -164,6 +167,10 @@ def main() -> None:
                                     + [(f"fwd s{n}", {"num_stages": n}) for n in args.stages]
                                     + [(f"fwd w{n}", {"num_warps": n}) for n in args.warps]):
                 say(_with_sizes(name, shape, label, override, ours, leaves, chosen, d_out))
+            if args.profile:
+                profile_call(f"{name} {shape} ours", ours, leaves, d_out, say)
+                if peer is not None:
+                    profile_call(f"{name} {shape} {peer_name}", peer, leaves, d_out, say)
 
 
 def _with_sizes(name: str, shape: str, label: str, override: dict, ours, leaves, chosen, d_out) -> str:

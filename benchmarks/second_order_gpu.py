@@ -139,20 +139,25 @@ def main() -> None:
 
 def profile_layer(name: str, B: int, T: int, say) -> None:
     """Where a layer's forward and training step spend their GPU time, kernel by kernel (the ten largest)."""
-    from torch.profiler import ProfilerActivity, profile
-
     ours = getattr(importlib.import_module(f"generated.{name}"), f"chunk_{name}")
     leaves = inputs(B, T)[:4] if name == "rls" else inputs(B, T)
-    d_out = torch.randn_like(leaves[2])
+    profile_call(f"{name} {B}x{T}", ours, leaves, torch.randn_like(leaves[2]), say)
+
+
+def profile_call(label: str, run, leaves: list[torch.Tensor], d_out: torch.Tensor, say) -> None:
+    """run(*leaves)'s forward and training step: GPU time kernel by kernel (the ten largest) against the host's
+    time to issue a call."""
+    from torch.profiler import ProfilerActivity, profile
+
     for backward in (False, True):
         grads = [x.detach().requires_grad_(backward) for x in leaves]
-        outputs(lambda: ours(*grads), backward, grads, d_out)  # compiled before the profile
+        outputs(lambda: run(*grads), backward, grads, d_out)  # compiled before the profile
         with profile(activities=[ProfilerActivity.CUDA]) as trace:
-            outputs(lambda: ours(*grads), backward, grads, d_out)
+            outputs(lambda: run(*grads), backward, grads, d_out)
             torch.cuda.synchronize()
         gpu_ms = sum(event.self_device_time_total for event in trace.key_averages()) / 1e3
-        host_ms, finished_ms = _host_time(lambda: timed_step(lambda: ours(*grads), backward, grads, d_out))
-        say(f"{name} {B}x{T} {'fwd+bwd' if backward else 'fwd'}: GPU time {gpu_ms:.3f} ms; the host issues a call "
+        host_ms, finished_ms = _host_time(lambda: timed_step(lambda: run(*grads), backward, grads, d_out))
+        say(f"{label} {'fwd+bwd' if backward else 'fwd'}: GPU time {gpu_ms:.3f} ms; the host issues a call "
             f"in {host_ms:.3f} ms, which finishes in {finished_ms:.3f} (host-bound where these two are above the "
             f"GPU's):")
         say(trace.key_averages().table(sort_by="device_time_total", row_limit=10, max_name_column_width=60))

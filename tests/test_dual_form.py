@@ -119,3 +119,23 @@ def test_forward_equals_the_generated_layer(name):
     for t, part in zip(batch.end_state, final):
         torch.testing.assert_close(scope[t.name], part, rtol=1e-10, atol=1e-12)
     assert naive.BATCH_SIZE == n  # the generated module's mini-batch is the one run here
+
+
+def test_layer_norm_gradient_sums_at_once():
+    """A layer-normed memory's loss gradient waits on three reductions one after another (the forward's mean
+    and variance, then the backward's sums at once), not four: shallow_row_sum rewrote the sum that spreads
+    the mean's adjoint so that it no longer waits for the variance's. The forward keeps only operations the
+    read-out, the end state or the loss gradients read."""
+    net = online.memory_network(1, None, True, True)
+    batch = dual_form.minibatch(net, False, False, True, "pre_norm")
+    program = batch.program
+    assert [program.depth(t) for t in batch.deltas] == [3]
+    plain = dual_form.TileProgram()
+    a, c = plain.input("a", ("n", "K")), plain.input("c", ("n", dual_form.ONE))
+    deep = plain.mul("deep", a, plain.row_sum("s", a))  # a times a column that is itself a reduction
+    total = plain.add("t", plain.mul("ac", a, c), deep)
+    assert plain.depth(total) + 1 == 2  # summed as it stands: after s
+    assert plain.depth(plain.shallow_row_sum("r", total)) == 1  # sum(a) c + sum(a) s, s reused: at once
+    kept = dual_form.needed(program.ops, [], {batch.out.name, *(t.name for t in batch.end_state),
+                                              *(t.name for t in batch.deltas)})
+    assert kept == program.ops

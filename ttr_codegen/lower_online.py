@@ -160,19 +160,21 @@ def _kernel(net: online.MemoryNetwork, keep: bool, momentum: bool, residual: boo
     forward_ops = list(batch.program.ops)
     reverse = dual_form.backward(batch)
     # The products that read the start weights on the way to the end state run at the kernel's STATE_DOT
-    # (TF32x3: float32-exact), the others at its DOT. The weights are float32 and carried over a sequence's
-    # mini-batches; TF32 would round them in the key rows' forward, and the loss's residual (a small difference
-    # of that forward and the target) would carry the rounding into every step. The steps' own products are
-    # rounded relative to the step, which is small against the weights, and stay at DOT.
+    # (TF32x3, or three bfloat16 products for bfloat16 inputs: about 16 bits), the others at its DOT. The weights
+    # are float32 and carried over a sequence's mini-batches; TF32 would round them in the key rows' forward,
+    # and the loss's residual (a small difference of that forward and the target) would carry the rounding into
+    # every step. The steps' own products are rounded relative to the step, which is small against the weights,
+    # and stay at DOT.
     weights = {t.name for t in batch.state}
     state_path = frozenset(op.out.name for op in dual_form.needed(forward_ops, [], {t.name for t in batch.end_state})
                            if op.fn == "matmul" and any(a.name in weights for a in op.args))
+    exact = frozenset({batch.rows["x"].name})  # the key rows, as loaded: exact in the inputs' dtype
     return OnlineKernel(
-        forward_lines=tuple(dual_form.print_ops(forward_ops, online.TRITON, state_path)),
+        forward_lines=tuple(dual_form.print_ops(forward_ops, online.TRITON, state_path, exact)),
         out=batch.out.name,
         end_state=tuple(t.name for t in batch.end_state),
         walk_forward_lines=tuple(dual_form.print_ops(dual_form.needed(forward_ops, reverse.walk_ops), online.TRITON,
-                                                     state_path)),
+                                                     state_path, exact)),
         read_out_lines=tuple(dual_form.print_ops(reverse.read_out_ops, online.TRITON)),
         read_out_adjoints=tuple((name, tile.name) for name, tile in reverse.read_out.items()),
         walk_lines=tuple(dual_form.print_ops(reverse.walk_ops, online.TRITON)),

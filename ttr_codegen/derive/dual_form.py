@@ -23,6 +23,7 @@ from . import online
 from .online import X, Dialect
 
 ONE = "1"
+REDUCTIONS = frozenset({"row_sum", "column_sum", "row_mean"})
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class TileProgram:
     ops: list[TileOp] = field(default_factory=list)
     names: set[str] = field(default_factory=set)
     computed: dict[tuple, Tile] = field(default_factory=dict)  # an operation and its arguments -> its tile
+    defined_by: dict[str, TileOp] = field(default_factory=dict)  # a computed tile's name -> its operation
+    depths: dict[str, int] = field(default_factory=dict)  # a tile's name -> reductions one after another to it
 
     def input(self, name: str, shape: tuple[str, str]) -> Tile:
         tile = Tile(name, shape)
@@ -75,9 +78,25 @@ class TileProgram:
         if key in self.computed:
             return self.computed[key]
         out = Tile(self.fresh(name), shape)
-        self.ops.append(TileOp(out, fn, args, **options))
+        op = TileOp(out, fn, args, **options)
+        self.ops.append(op)
         self.computed[key] = out
+        self.defined_by[out.name] = op
+        self.depths[out.name] = max((self.depth(a) for a in args), default=0) + (fn in REDUCTIONS)
         return out
+
+    def prune(self, kept: set[str]) -> None:
+        """Drop the operations nothing named in kept reads, directly or through others (a sum shallow_row_sum
+        wrote another way), and forget their tiles."""
+        self.ops = needed(self.ops, [], kept)
+        live = {op.out.name for op in self.ops} | {t.name for t in self.inputs}
+        self.computed = {key: tile for key, tile in self.computed.items() if tile.name in live}
+        self.defined_by = {name: op for name, op in self.defined_by.items() if name in live}
+
+    def depth(self, tile: Tile) -> int:
+        """How many reductions (row or column sums and means) run one after another to compute tile: each
+        waits for every thread of a row or column, so they set a mini-batch's latency more than its size."""
+        return self.depths.get(tile.name, 0)
 
     # --- operations --------------------------------------------------------------------------------
     def matmul(self, name: str, a: Tile, b: Tile, ta: bool = False, tb: bool = False) -> Tile:
@@ -175,8 +194,58 @@ class TileProgram:
         if shape[0] == ONE and g.shape[0] != ONE:
             g = self.column_sum(name, g)
         if shape[1] == ONE and g.shape[1] != ONE:
-            g = self.row_sum(name, g)
+            g = self.shallow_row_sum(name, g)
         return g
+
+    def shallow_row_sum(self, name: str, g: Tile) -> Tile:
+        """row_sum(g), distributed over g's sums, negations, scalings and factors constant along a row wherever
+        that puts fewer reductions one after another: a layer norm's gradient sums the residual's rows while it
+        sums them times the normalised rows, rather than after (sum(a c) = c sum(a) for a column c; the sum of
+        a row mean spread over a row is the mean's column)."""
+        if self._row_sum_depth(g) >= self.depth(g) + 1:
+            return self.row_sum(name, g)
+        op = self.defined_by[g.name]
+        if op.fn in ("add", "sub"):
+            return self.op(name, op.fn, tuple(self.shallow_row_sum(name, a) for a in op.args), (g.shape[0], ONE))
+        if op.fn == "neg":
+            return self.neg(name, self.shallow_row_sum(name, op.args[0]))
+        if op.fn == "scale":
+            return self.scale(name, self.shallow_row_sum(name, op.args[0]), op.constant)
+        if op.fn == "spread":
+            return op.args[0]
+        row, factor = self._row_factor(op)  # mul
+        if factor.shape[1] == ONE:
+            return self.mul(name, self.shallow_row_sum(name, row), factor)
+        return self.mul(name, self.row_mean(name, row), self.defined_by[factor.name].args[0])  # factor: a spread
+
+    def _row_sum_depth(self, g: Tile) -> int:
+        """The fewest reductions one after another to row_sum(g) as shallow_row_sum may write it."""
+        plain = self.depth(g) + 1
+        op = self.defined_by.get(g.name)
+        if op is None:
+            return plain
+        if op.fn in ("add", "sub") and all(a.shape[1] == g.shape[1] for a in op.args):
+            return min(plain, max(self._row_sum_depth(a) for a in op.args))
+        if op.fn in ("neg", "scale"):
+            return min(plain, self._row_sum_depth(op.args[0]))
+        if op.fn == "spread":
+            return min(plain, self.depth(op.args[0]))
+        if op.fn == "mul" and self._row_factor(op) is not None:
+            row, factor = self._row_factor(op)
+            if factor.shape[1] == ONE:
+                return min(plain, max(self._row_sum_depth(row), self.depth(factor)))
+            column = self.defined_by[factor.name].args[0]
+            return min(plain, max(self.depth(row) + 1, self.depth(column)))
+        return plain
+
+    def _row_factor(self, op: TileOp) -> tuple[Tile, Tile] | None:
+        """A product's (full-width operand, operand constant along each row: a column, or a spread column),
+        or None."""
+        for row, factor in (op.args, op.args[::-1]):
+            constant = factor.shape[1] == ONE or getattr(self.defined_by.get(factor.name), "fn", None) == "spread"
+            if constant and row.shape[1] != ONE:
+                return row, factor
+        return None
 
     # --- reverse mode ------------------------------------------------------------------------------
     def adjoints(self, seeds: dict[str, Tile], wrt: list[Tile], prefix: str = "d_",
@@ -258,16 +327,21 @@ class TileProgram:
 
 # --- printing ------------------------------------------------------------------------------------------
 
-def print_ops(ops: list[TileOp], dialect: Dialect, state_path: frozenset[str] = frozenset()) -> list[str]:
+def print_ops(ops: list[TileOp], dialect: Dialect, state_path: frozenset[str] = frozenset(),
+              exact: frozenset[str] = frozenset()) -> list[str]:
     """One line per operation; the products that make a value in state_path (see lower_online._kernel) at the
-    kernel's STATE_DOT precision, the others at its DOT."""
+    kernel's STATE_DOT precision (through its `_state_dot`, told which operands are tiles in `exact`: exact in
+    the inputs' dtype), the others at its DOT."""
     lines = []
     for op in ops:
         a = [t.name for t in op.args]
         if op.fn == "matmul":
             (ta, tb) = op.transpose
-            code = dialect.mm(dialect.t(a[0]) if ta else a[0], dialect.t(a[1]) if tb else a[1],
-                              "STATE_DOT" if op.out.name in state_path else "DOT")
+            left, right = (dialect.t(a[0]) if ta else a[0]), (dialect.t(a[1]) if tb else a[1])
+            if op.out.name in state_path:
+                code = dialect.state_mm(left, right, a[0] in exact, a[1] in exact)
+            else:
+                code = dialect.mm(left, right)
         elif op.fn in ("add", "sub", "mul"):
             code = f"{a[0]} {dict(add='+', sub='-', mul='*')[op.fn]} {a[1]}"
         elif op.fn == "neg":
@@ -423,6 +497,7 @@ def minibatch(net: online.MemoryNetwork, keep: bool, momentum: bool, residual: b
                 held = p.mul(f"S_{weight.name}_decayed", c["decay_end"], tiles[f"S_{weight.name}"])
                 ends[f"S_{weight.name}"] = p.add(f"S_{weight.name}_end", held, increment("push_end"))
     end_state = [ends[t.name] for t in state]
+    p.prune({out.name, *(t.name for t in end_state), *(t.name for t in deltas)})
     return MiniBatch(p, {"x": x, "v": v, "x_q": x_q}, state, fixed, coefficients, out, end_state, deltas)
 
 
@@ -467,7 +542,7 @@ def backward(batch: MiniBatch) -> ReverseMode:
         p.computed = dict(forward_computed)  # no tile of the other share is reused: each runs alone
         first = len(p.ops)
         adjoints = p.adjoints(seeds, wrt, prefix=prefix, forward=forward)
-        return adjoints, p.ops[first:]
+        return adjoints, needed(p.ops[first:], [], {t.name for t in adjoints.values()})
 
     read_out, read_out_ops = share({batch.out.name: d_out}, "r_")
     walk, walk_ops = share({end.name: d for end, d in zip(batch.end_state, d_ends)}, "b_")
