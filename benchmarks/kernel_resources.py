@@ -186,6 +186,9 @@ def main() -> None:
                 if key in seen:  # the backward recomputes the forward's kernels with the same arguments
                     continue
                 seen.add(key)
+                if dtype == "bfloat16" and arguments.get("STATE_DOT") == ["value", "tf32x3"]:
+                    # The nonlinear memories' forward on a GPU (their CPU runs, recorded here, take TF32x3).
+                    arguments["STATE_DOT"] = ["value", "bf16x3"]
                 compiled, options = compile_for_hopper(module, kernel, arguments)
                 registers, stack = cubin_resources(compiled.asm["cubin"])
                 if args.ir:
