@@ -51,6 +51,14 @@ def _tolerance(dtype: torch.dtype) -> dict:
     return {"atol": 1e-9, "rtol": 1e-8} if dtype == torch.float64 else {"atol": 2e-4, "rtol": 2e-4}
 
 
+def _at_scale(tolerance: dict, reference: torch.Tensor) -> dict:
+    """tolerance with its absolute part taken relative to the reference's largest entry (where that is above 1):
+    a memory that grows large rounds its small entries at the scale of its large ones, whose sums cancel into
+    them (a diverging three-layer memory's weights of 4e15 carry rounding of 1e-6 into entries near 1)."""
+    scale = max(1.0, reference.abs().max().item()) if reference.numel() else 1.0
+    return {**tolerance, "atol": tolerance["atol"] * scale}
+
+
 def assert_within(o: torch.Tensor, o_ref: torch.Tensor, relative: float, what: str) -> None:
     """Max error of o against o_ref at most `relative` * (1 + max |o_ref|)."""
     bound = relative * (1 + o_ref.abs().max().item())
@@ -1264,10 +1272,11 @@ class OnlineChecks:
     def _compare(self, found, expected, tolerance: dict, what: str) -> None:
         (o, final), (o_ref, final_ref) = found, expected
         assert o.shape == o_ref.shape and o.dtype == o_ref.dtype, f"{what}: output {o.shape} {o.dtype}"
-        torch.testing.assert_close(o, o_ref, **tolerance, msg=lambda m: f"{what} output: {m}")
+        torch.testing.assert_close(o, o_ref, **_at_scale(tolerance, o_ref), msg=lambda m: f"{what} output: {m}")
         assert len(final) == len(final_ref) == len(self.state_names), f"{what}: {len(final)} state parts"
         for name, part, part_ref in zip(self.state_names, final, final_ref, strict=True):
-            torch.testing.assert_close(part, part_ref, **tolerance, msg=lambda m, name=name: f"{what} {name}: {m}")
+            torch.testing.assert_close(part, part_ref, **_at_scale(tolerance, part_ref),
+                                       msg=lambda m, name=name: f"{what} {name}: {m}")
 
     def matches_oracle(self, op_name: str, T: int, K: int) -> None:
         """naive_<name> or chunk_<name> equals the oracle in float64: outputs and every part of the final
