@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|diagnose|all]
+#                                    second_order_bench|second_order_tests|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -184,6 +184,19 @@ if [[ $WHAT == kernel_bench ]]; then  # ttt_linear against fla (the carried stat
     step bench_mlp 130 python3 benchmarks/online_gpu.py --layers ttt_mlp titans_mlp --no-peer --state-dots tf32
     step bench_mesa 200 python3 benchmarks/second_order_gpu.py --layers mesa_cg rls affine_mesa_cg --profile mesa_cg
     cat "$OUT/bench_online.txt" "$OUT/bench_mlp.txt" "$OUT/bench_mesa.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == online_verify ]]; then  # the nonlinear memories' bfloat16 path as the kernels now choose it (the
+    # three-part split of _state_dot): their GPU tests' bf16 rows and training rows first, then ttt_linear against
+    # fla with profiles, then the MLP memories
+    step online_tests 150 timeout -s INT 140 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -q \
+        -p no:cacheprovider -n 8 -rfE --tb=short \
+        -k "(bf16 and not 1000) or long_sequences or (bf16 and 1000 and ttt_linear) or trains_like_oracle or on_cuda"
+    step bench_online 150 python3 benchmarks/online_gpu.py --layers ttt_linear --profile --state-dots tf32x3
+    step bench_mlp 100 python3 benchmarks/online_gpu.py --layers ttt_mlp titans_mlp --no-peer --shapes 4x2048 \
+        --state-dots tf32x3
+    grep -E "FAILED|^E  |passed|failed" "$OUT/online_tests.txt" | tail -n 25
+    cat "$OUT/bench_online.txt" "$OUT/bench_mlp.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == kernel_baseline ]]; then  # every row of the second-order and nonlinear memories against fla, with
