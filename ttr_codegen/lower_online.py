@@ -159,12 +159,12 @@ def _kernel(net: online.MemoryNetwork, keep: bool, momentum: bool, residual: boo
     batch = dual_form.minibatch(net, keep, momentum, residual, readout, KERNEL_NAMES)
     forward_ops = list(batch.program.ops)
     reverse = dual_form.backward(batch)
-    # The products that read the start weights on the way to the end state run at the kernel's STATE_DOT
-    # (TF32x3, or three bfloat16 products for bfloat16 inputs: about 16 bits), the others at its DOT. The weights
-    # are float32 and carried over a sequence's mini-batches; TF32 would round them in the key rows' forward,
-    # and the loss's residual (a small difference of that forward and the target) would carry the rounding into
-    # every step. The steps' own products are rounded relative to the step, which is small against the weights,
-    # and stay at DOT.
+    # The products that read the start weights on the way to the end state run at the kernel's STATE_DOT (as
+    # exact as float32: TF32x3, or for bfloat16 inputs three bfloat16 products where the left operand is the key
+    # rows), the others at its DOT. The weights are float32 and carried over a sequence's mini-batches; TF32
+    # would round them in the key rows' forward, and the loss's residual (a small difference of that forward and
+    # the target) would carry the rounding into every step. The steps' own products are rounded relative to the
+    # step, which is small against the weights, and stay at DOT.
     weights = {t.name for t in batch.state}
     state_path = frozenset(op.out.name for op in dual_form.needed(forward_ops, [], {t.name for t in batch.end_state})
                            if op.fn == "matmul" and any(a.name in weights for a in op.args))

@@ -198,12 +198,12 @@ class Dialect:
     def mm(self, a: str, b: str, precision: str = "DOT") -> str:
         return f"tl.dot({a}, {b}, input_precision={precision})" if self.triton else f"{_grouped(a)} @ {_grouped(b)}"
 
-    def state_mm(self, a: str, b: str, a_exact: bool, b_exact: bool) -> str:
+    def state_mm(self, a: str, b: str, a_exact: bool) -> str:
         """A product on the way to the carried state: the kernel's `_state_dot` at its STATE_DOT precision, told
-        which operands are exact in the inputs' dtype (those it need not split)."""
+        whether the left operand is exact in the inputs' dtype (then only the right one is split)."""
         if not self.triton:
             return self.mm(a, b)
-        return f"_state_dot({a}, {b}, STATE_DOT, {a_exact}, {b_exact})"
+        return f"_state_dot({a}, {b}, STATE_DOT, {a_exact})"
 
     def t(self, a: str) -> str:
         return f"tl.trans({a})" if self.triton else f"{a}.transpose(-1, -2)"
