@@ -1,0 +1,140 @@
+"""Where a nonlinear memory's walk over its mini-batches spends its time (GPU): ttt_linear's forward kernel
+timed as generated and with one thing changed at a time (a product's precision, the checkpoints' stores,
+warps, stages), with its read-out in the walk (B=4 T=2048) and with the walk alone (B=2 T=8192, its read-out
+left out), and fla's walk kernel (chunk_ttt_linear_fwd_h) alone in the same call. Each variant is a copy of
+generated/ttt_linear/online_triton.py with a text substitution, imported from a scratch folder; gap: the
+largest difference to the generated kernel's output (or final weights) relative to its largest value.
+
+    python benchmarks/online_walk_study.py [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SOURCE = ROOT / "generated" / "ttt_linear" / "online_triton.py"
+STATE_PRODUCT = "_state_dot(x, W, STATE_DOT, True)"
+UPDATE_PRODUCT = "tl.dot(tl.trans(x), mix_end_d_z_1, input_precision=DOT)"
+BF16 = "tl.bfloat16"
+
+# name: (substitutions in the source, overrides of _sizes, checkpoints stored)
+VARIANTS = {
+    "generated": ([], {}, True),
+    "state tf32": ([], {"STATE_DOT": "tf32"}, True),
+    "state bf16 x1": ([(STATE_PRODUCT, f"tl.dot(x.to({BF16}), W.to({BF16}))")], {}, True),
+    "update bf16": ([(UPDATE_PRODUCT, f"tl.dot(tl.trans(x).to({BF16}), mix_end_d_z_1.to({BF16}))")], {}, True),
+    "fla's precision": ([(STATE_PRODUCT, f"tl.dot(x.to({BF16}), W.to({BF16}))"),
+                         (UPDATE_PRODUCT, f"tl.dot(tl.trans(x).to({BF16}), mix_end_d_z_1.to({BF16}))")], {}, True),
+    "no checkpoints": ([], {}, False),
+    "checkpoints bf16": ([("_store(W_checkpoints, at, W, K, V)", f"_store(W_checkpoints, at, W.to({BF16}), K, V)")],
+                         {}, True),
+    "warps 2": ([], {"num_warps": 2}, True),
+    "warps 8": ([], {"num_warps": 8}, True),
+    "stages 1": ([], {"num_stages": 1}, True),
+    "stages 3": ([], {"num_stages": 3}, True),
+}
+
+
+def variant_module(name: str, substitutions: list[tuple[str, str]], folder: Path):
+    text = SOURCE.read_text().replace("from .naive import", "from generated.ttt_linear.naive import")
+    for old, new in substitutions:
+        if old not in text:
+            raise SystemExit(f"{name}: {old!r} not in {SOURCE.name}")
+        text = text.replace(old, new)
+    path = folder / f"walk_{abs(hash(name)) % 10**8}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def walk(module, tensors, overrides: dict, checkpoints: bool, read_out: bool):
+    """One launch of the module's walk kernel (no read-out kernel): the output and final weights."""
+    q, k, v, rate, ln_weight, ln_bias, W, b = tensors
+    B, T, H, K = q.shape
+    total = B * -(-T // module.BATCH_SIZE)
+    final = (torch.empty_like(W), torch.empty_like(b))
+    starts = (torch.empty_like(W), torch.empty_like(b))
+    kept = (W.new_empty(total if checkpoints else 0, *W.shape[1:]),
+            b.new_empty(total if checkpoints else 0, *b.shape[1:]))
+    o = torch.empty_like(v)
+
+    def run():
+        module._minibatch_kernel[(B, H)](
+            q, k, v, rate, ln_weight, ln_bias, W, b, *final, *starts, *kept, o, q, q, K ** -0.5, T,
+            CHECKPOINT=checkpoints, READ_OUT=read_out, **{**module._sizes(q, v, None), **overrides})
+        return o, final[0]
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    args = parser.parse_args()
+    log = open(args.out, "a") if args.out else None
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        if log:
+            print(line, file=log, flush=True)
+
+    say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, H=16 K=V=64")
+    say(f"{'variant':18s} {'shape':>7s} {'pass':>10s} {'ms':>8s} {'us/step':>8s} {'gap':>9s}")
+    folder = Path(tempfile.mkdtemp())
+    modules = {name: variant_module(name, VARIANTS[name][0], folder) for name in args.variants}
+    for B, T, read_out in ((4, 2048, True), (2, 8192, False), (4, 2048, False)):
+        H, D = 16, 64
+        g = torch.Generator(device="cuda").manual_seed(0)
+
+        def rand(*shape, s=1.0):
+            return (torch.randn(*shape, device="cuda", generator=g) * s).to(torch.bfloat16)
+        q, k = (torch.nn.functional.normalize(rand(B, T, H, D).float(), dim=-1).to(torch.bfloat16) for _ in "qk")
+        v, rate = rand(B, T, H, D), (torch.rand(B, T, H, device="cuda", generator=g) * 0.1).to(torch.bfloat16)
+        ln_weight, ln_bias = torch.ones(H, D, device="cuda"), torch.zeros(H, D, device="cuda")
+        W = torch.randn(B, H, D, D, device="cuda", generator=g) * 0.02
+        b = torch.zeros(B, H, 1, D, device="cuda")
+        tensors = (q, k, v, rate, ln_weight, ln_bias, W, b)
+        steps = -(-T // 16)
+        reference = None
+        pass_name = "walk+read" if read_out else "walk"
+        for name, module in modules.items():
+            _, overrides, checkpoints = VARIANTS[name]
+            run = walk(module, tensors, overrides, checkpoints, read_out)
+            found = [x.float().clone() for x in run()]
+            ms = triton.testing.do_bench(run)
+            if reference is None:
+                reference = found
+            compared = found[0] if read_out else found[1]
+            against = reference[0] if read_out else reference[1]
+            gap = ((compared - against).abs().max() / against.abs().max()).item()
+            say(f"{name:18s} {B}x{T:<5d} {pass_name:>10s} {ms:8.3f} {1000 * ms / steps:8.2f} {gap:9.2e}")
+        try:
+            from fla.ops.ttt.chunk import chunk_ttt_linear_fwd_h, chunk_ttt_linear_fwd_kernel_h
+        except ImportError as error:
+            say(f"fla-core not importable: {error}")
+            continue
+
+        def fla_walk():
+            return chunk_ttt_linear_fwd_h(k, v, ln_weight.to(k.dtype), ln_bias.to(k.dtype),
+                                          rate[..., None], 1e-6, initial_state=W, initial_state_bias=b,
+                                          output_final_state=True, chunk_size=16)
+        fla_walk()
+        ms = triton.testing.do_bench(fla_walk)
+        best = getattr(chunk_ttt_linear_fwd_kernel_h, "best_config", None)
+        say(f"{'fla walk':18s} {B}x{T:<5d} {'walk':>10s} {ms:8.3f} {1000 * ms / steps:8.2f} {'':9s} {best}")
+
+
+if __name__ == "__main__":
+    main()
