@@ -51,7 +51,10 @@ class OnlineKernel:
     forward_lines: tuple[str, ...]
     out: str
     end_state: tuple[str, ...]  # in the live state's order
-    walk_forward_lines: tuple[str, ...]  # the forward lines the end state's share reads (no query rows)
+    # The forward's tiles the end state's share reads: its products and row sums, which the output rows' share
+    # stores for it as (name, shape over BS, K, V, HIDDEN), and the element-wise lines that make the rest.
+    walk_stored: tuple[tuple[str, str], ...]
+    walk_forward_lines: tuple[str, ...]
     read_out_lines: tuple[str, ...]
     read_out_adjoints: tuple[tuple[str, str], ...]  # (input, the name of its share): rows, state, norm, coefficients
     walk_lines: tuple[str, ...]
@@ -168,12 +171,15 @@ def _kernel(net: online.MemoryNetwork, keep: bool, momentum: bool, residual: boo
     state_path = frozenset(op.out.name for op in dual_form.needed(forward_ops, [], {t.name for t in batch.end_state})
                            if op.fn == "matmul")
     exact = frozenset({batch.rows["x"].name})  # the key rows, as loaded: exact in the inputs' dtype
+    # The walk back is sequential: it loads the forward's products and row sums that the output rows' share
+    # (a program per mini-batch, all at once) stored, and recomputes only element-wise tiles.
+    stored, recomputed = dual_form.stored_replay(forward_ops, reverse.walk_ops)
     return OnlineKernel(
         forward_lines=tuple(dual_form.print_ops(forward_ops, online.TRITON, state_path, exact)),
         out=batch.out.name,
         end_state=tuple(t.name for t in batch.end_state),
-        walk_forward_lines=tuple(dual_form.print_ops(dual_form.needed(forward_ops, reverse.walk_ops), online.TRITON,
-                                                     state_path, exact)),
+        walk_stored=tuple((t.name, ", ".join("BS" if d == "n" else d for d in t.shape)) for t in stored),
+        walk_forward_lines=tuple(dual_form.print_ops(recomputed, online.TRITON)),
         read_out_lines=tuple(dual_form.print_ops(reverse.read_out_ops, online.TRITON)),
         read_out_adjoints=tuple((name, tile.name) for name, tile in reverse.read_out.items()),
         walk_lines=tuple(dual_form.print_ops(reverse.walk_ops, online.TRITON)),

@@ -529,6 +529,17 @@ def needed(forward: list[TileOp], users: list[TileOp], wanted: set[str] | None =
     return kept[::-1]
 
 
+def stored_replay(forward: list[TileOp], users: list[TileOp]) -> tuple[list[Tile], list[TileOp]]:
+    """What a kernel that runs `users` needs of `forward` when another kernel ran all of forward and stored
+    its products and reductions for it: those tiles (to load, in forward's order) and the operations left to
+    recompute, all element-wise. A walk over mini-batches then waits on no product or reduction of its replay."""
+    replay = needed(forward, users)
+    heavy = {op.out.name for op in replay if op.fn == "matmul" or op.fn in REDUCTIONS}
+    rest = needed([op for op in replay if op.out.name not in heavy], users)
+    read = {a.name for op in rest + users for a in op.args}
+    return [op.out for op in replay if op.out.name in heavy and op.out.name in read], rest
+
+
 def backward(batch: MiniBatch) -> ReverseMode:
     """Append the mini-batch's reverse mode, as two independent shares (`ReverseMode`); the adjoints are of
     every input: rows, state, layer norm and coefficients."""
