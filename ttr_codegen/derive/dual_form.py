@@ -328,10 +328,10 @@ class TileProgram:
 # --- printing ------------------------------------------------------------------------------------------
 
 def print_ops(ops: list[TileOp], dialect: Dialect, state_path: frozenset[str] = frozenset(),
-              exact: frozenset[str] = frozenset()) -> list[str]:
+              exact_left: frozenset[str] = frozenset()) -> list[str]:
     """One line per operation; the products that make a value in state_path (see lower_online._kernel) at the
-    kernel's STATE_DOT precision (through its `_state_dot`, told whether the left operand is a tile in `exact`:
-    exact in the inputs' dtype), the others at its DOT."""
+    kernel's STATE_DOT precision (through its `_state_dot`, told whether the product is in `exact_left`: its
+    left operand exact in the inputs' dtype), the others at its DOT."""
     lines = []
     for op in ops:
         a = [t.name for t in op.args]
@@ -339,7 +339,7 @@ def print_ops(ops: list[TileOp], dialect: Dialect, state_path: frozenset[str] = 
             (ta, tb) = op.transpose
             left, right = (dialect.t(a[0]) if ta else a[0]), (dialect.t(a[1]) if tb else a[1])
             if op.out.name in state_path:
-                code = dialect.state_mm(left, right, a[0] in exact)
+                code = dialect.state_mm(left, right, op.out.name in exact_left)
             else:
                 code = dialect.mm(left, right)
         elif op.fn in ("add", "sub", "mul"):
