@@ -139,3 +139,47 @@ def test_layer_norm_gradient_sums_at_once():
     kept = dual_form.needed(program.ops, [], {batch.out.name, *(t.name for t in batch.end_state),
                                               *(t.name for t in batch.deltas)})
     assert kept == program.ops
+
+
+@pytest.mark.parametrize(("depth", "activation", "bias", "layer_norm", "keep", "momentum", "residual"), CASES)
+def test_walk_back_on_stored_tiles(depth, activation, bias, layer_norm, keep, momentum, residual):
+    """The walk back as the kernels run it (dual_form.stored_replay): the forward's products and row sums
+    loaded as the output rows' kernel stored them, only element-wise lines recomputed; its adjoints are those
+    of the end state's share over the whole forward, and it recomputes no product or reduction."""
+    net = online.memory_network(depth, activation, bias, layer_norm)
+    batch = dual_form.minibatch(net, keep, momentum, residual, "pre_norm" if layer_norm else "input")
+    forward_ops = list(batch.program.ops)
+    reverse = dual_form.backward(batch)
+    stored, recomputed = dual_form.stored_replay(forward_ops, reverse.walk_ops)
+    assert stored and all(op.fn not in ("matmul", *dual_form.REDUCTIONS) for op in recomputed)
+    generator = torch.Generator().manual_seed(7 + depth)
+    sizes = dict(SIZES, V=SIZES["K"] if residual else SIZES["V"])
+    given = {t.name: 0.5 * torch.randn(2, *(sizes[a] for a in t.shape), dtype=torch.float64, generator=generator)
+             for t in batch.program.inputs}
+    walk = "\n".join(dual_form.print_ops(reverse.walk_ops, TORCH))
+    whole = _run("\n".join(dual_form.print_ops(forward_ops, TORCH)) + "\n" + walk, given)
+    loaded = {t.name: whole[t.name] for t in stored}  # what the output rows' kernel, which runs it all, stores
+    part = _run("\n".join(dual_form.print_ops(recomputed, TORCH)) + "\n" + walk, {**given, **loaded})
+    for name, tile in reverse.walk.items():
+        torch.testing.assert_close(part[tile.name], whole[tile.name], rtol=1e-12, atol=1e-14,
+                                   msg=lambda m, name=name: f"d/d{name}: {m}")
+
+
+@pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp", "titans_mlp"])
+def test_state_products_precision(name):
+    """Every product on the way to the end state goes through _state_dot (the weights' carried precision); the
+    bfloat16 split of an exact left operand only where the key rows multiply the weights (the steps' three
+    bfloat16 products put Titans' output 0.38 off on an H100); the read-out's products stay at DOT."""
+    from ttr_codegen.lower_online import lower_online
+    from ttr_codegen.spec import load_spec
+    from pathlib import Path
+
+    plan = lower_online(load_spec(Path(__file__).resolve().parents[1] / "specs" / f"{name}.yaml"))
+    lines = plan.kernel.forward_lines
+    state = [line for line in lines if "_state_dot(" in line]
+    exact = [line for line in state if line.endswith(", STATE_DOT, True)")]
+    assert exact and all(line.split(" = ")[1].startswith("_state_dot(x, W") for line in exact)
+    steps = [line for line in lines if "_step = " in line and "dot(" in line]  # the weights' steps (not biases')
+    assert steps and all("_state_dot(tl.trans(" in line and line.endswith("False)") for line in steps)
+    read_out = [line for line in lines if line.split(" = ")[0].endswith(("_q_read", "_q_scores", "_q_moved"))]
+    assert read_out and all("tl.dot(" in line for line in read_out)

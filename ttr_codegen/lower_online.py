@@ -175,7 +175,7 @@ def _kernel(net: online.MemoryNetwork, keep: bool, momentum: bool, residual: boo
                            if op.fn == "matmul")
     x = batch.rows["x"].name  # the key rows, as loaded: exact in the inputs' dtype
     exact_left = frozenset(op.out.name for op in forward_ops if op.fn == "matmul" and op.args[0].name == x
-                           and not op.transpose[0] and any(a.name in weights for a in op.args))
+                           and any(a.name in weights for a in op.args))
     # The walk back is sequential: it loads the forward's products and row sums that the output rows' share
     # (a program per mini-batch, all at once) stored, and recomputes only element-wise tiles.
     stored, recomputed = dual_form.stored_replay(forward_ops, reverse.walk_ops)
