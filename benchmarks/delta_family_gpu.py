@@ -48,6 +48,18 @@ def inputs(B: int, T: int, steps: int = 1, per_key: bool = True, H: int = 16, D:
     return [x.to(torch.bfloat16) for x in (q, k, v, g, beta)]
 
 
+def teller(out: str | None):
+    """A function that prints a line and appends it to the file `out` (when given), flushed at once: a device
+    call's time limit may cut a script short."""
+    log = open(out, "a") if out else None
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        if log:
+            print(line, file=log, flush=True)
+    return say
+
+
 def outputs(run, backward: bool, leaves: list[torch.Tensor], d_out: torch.Tensor) -> list[torch.Tensor]:
     """The output, and with backward the gradients of <output, d_out> for every leaf, in float32."""
     with torch.set_grad_enabled(backward):

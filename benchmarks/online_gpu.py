@@ -32,7 +32,7 @@ import triton
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from delta_family_gpu import gap, outputs, timed  # noqa: E402  (this folder is on sys.path when a script here runs)
+from delta_family_gpu import gap, outputs, teller, timed  # noqa: E402  (this folder is on sys.path when a script here runs)
 from second_order_gpu import profile_call  # noqa: E402
 from ttr_codegen.spec import load_spec  # noqa: E402
 from ttr_codegen.testing import OnlineChecks, online_kernels_forced  # noqa: E402
@@ -96,12 +96,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="then each layer's kernels (and the peer's) by GPU time against the host's time per call")
     args = parser.parse_args()
-    log = open(args.out, "a") if args.out else None
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        if log:
-            print(line, file=log, flush=True)
+    say = teller(args.out)
 
     try:
         from fla.ops.ttt import chunk_ttt_linear as fla_ttt_linear

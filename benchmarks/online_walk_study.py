@@ -22,6 +22,8 @@ import triton
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from delta_family_gpu import teller  # noqa: E402  (this folder is on sys.path when a script here runs)
+
 SOURCE = ROOT / "generated" / "ttt_linear" / "online_triton.py"
 STATE_PRODUCT = "_state_dot(x, W, STATE_DOT, True)"
 UPDATE_PRODUCT = "tl.dot(tl.trans(x), mix_end_d_z_1, input_precision=DOT)"
@@ -83,12 +85,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     args = parser.parse_args()
-    log = open(args.out, "a") if args.out else None
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        if log:
-            print(line, file=log, flush=True)
+    say = teller(args.out)
 
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, H=16 K=V=64")
     say(f"{'variant':18s} {'shape':>7s} {'pass':>10s} {'ms':>8s} {'us/step':>8s} {'gap':>9s}")

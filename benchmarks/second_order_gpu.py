@@ -26,7 +26,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from delta_family_gpu import gap, outputs, timed  # noqa: E402  (this folder is on sys.path when a script here runs)
+from delta_family_gpu import gap, outputs, teller, timed  # noqa: E402  (this folder is on sys.path when a script here runs)
 
 
 def inputs(B: int, T: int, H: int = 16, D: int = 64) -> list[torch.Tensor]:
@@ -59,12 +59,7 @@ def main() -> None:
     parser.add_argument("--profile", nargs="*", default=[],
                         help="then these layers' kernels by GPU time (torch.profiler), forward and forward+backward")
     args = parser.parse_args()
-    log = open(args.out, "a") if args.out else None
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        if log:
-            print(line, file=log, flush=True)
+    say = teller(args.out)
 
     try:
         from fla.ops.mesa_net import chunk_mesa_net
