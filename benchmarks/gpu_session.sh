@@ -186,17 +186,19 @@ if [[ $WHAT == kernel_bench ]]; then  # ttt_linear against fla (the carried stat
     cat "$OUT/bench_online.txt" "$OUT/bench_mlp.txt" "$OUT/bench_mesa.txt" "$OUT/steps.txt"
     exit 0
 fi
-if [[ $WHAT == online_verify ]]; then  # the nonlinear memories' bfloat16 path as the kernels now choose it (the
-    # three-part split of _state_dot): their GPU tests' bf16 rows and training rows first, then ttt_linear against
-    # fla with profiles, then the MLP memories
-    step online_tests 150 timeout -s INT 140 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -q \
-        -p no:cacheprovider -n 8 -rfE --tb=short \
-        -k "(bf16 and not 1000) or long_sequences or (bf16 and 1000 and ttt_linear) or trains_like_oracle or on_cuda"
-    step bench_online 150 python3 benchmarks/online_gpu.py --layers ttt_linear --profile --state-dots tf32x3
-    step bench_mlp 100 python3 benchmarks/online_gpu.py --layers ttt_mlp titans_mlp --no-peer --shapes 4x2048 \
-        --state-dots tf32x3
+if [[ $WHAT == online_verify ]]; then  # the nonlinear memories' kernels as they are now (the key rows' forward in
+    # three bfloat16 products, the steps in TF32x3, the walk back on stored tiles): their GPU tests' bf16 and training
+    # rows first (-v: each result printed as it ends, so a time limit keeps which failed), then ttt_linear against
+    # fla with profiles, the walk's variants, then the MLP memories
+    step online_tests 250 timeout -s INT 240 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
+        -p no:cacheprovider -n 14 -rfE --tb=line \
+        -k "(bf16 and not 1000) or (bf16 and 1000 and ttt_linear) or trains_like_oracle or on_cuda"
+    step bench_online 130 python3 benchmarks/online_gpu.py --layers ttt_linear --profile
+    step walk_study 100 python3 benchmarks/online_walk_study.py --variants generated "steps tf32" "no checkpoints" \
+        "fla's precision"
+    step bench_mlp 80 python3 benchmarks/online_gpu.py --layers ttt_mlp titans_mlp --no-peer --shapes 4x2048
     grep -E "FAILED|^E  |passed|failed" "$OUT/online_tests.txt" | tail -n 25
-    cat "$OUT/bench_online.txt" "$OUT/bench_mlp.txt" "$OUT/steps.txt"
+    cat "$OUT/bench_online.txt" "$OUT/walk_study.txt" "$OUT/bench_mlp.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == kernel_baseline ]]; then  # every row of the second-order and nonlinear memories against fla, with

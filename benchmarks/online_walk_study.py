@@ -26,14 +26,15 @@ from delta_family_gpu import teller  # noqa: E402  (this folder is on sys.path w
 
 SOURCE = ROOT / "generated" / "ttt_linear" / "online_triton.py"
 STATE_PRODUCT = "_state_dot(x, W, STATE_DOT, True)"
-UPDATE_PRODUCT = "tl.dot(tl.trans(x), mix_end_d_z_1, input_precision=DOT)"
+UPDATE_PRODUCT = "_state_dot(tl.trans(x), mix_end_d_z_1, STATE_DOT, False)"
 BF16 = "tl.bfloat16"
 
 # name: (substitutions in the source, overrides of _sizes, checkpoints stored)
 VARIANTS = {
     "generated": ([], {}, True),
-    "state tf32": ([], {"STATE_DOT": "tf32"}, True),
+    "state tf32": ([], {"STATE_DOT": "tf32"}, True),  # both state products
     "state bf16 x1": ([(STATE_PRODUCT, f"tl.dot(x.to({BF16}), W.to({BF16}))")], {}, True),
+    "steps tf32": ([(UPDATE_PRODUCT, "tl.dot(tl.trans(x), mix_end_d_z_1, input_precision=DOT)")], {}, True),
     "update bf16": ([(UPDATE_PRODUCT, f"tl.dot(tl.trans(x).to({BF16}), mix_end_d_z_1.to({BF16}))")], {}, True),
     "fla's precision": ([(STATE_PRODUCT, f"tl.dot(x.to({BF16}), W.to({BF16}))"),
                          (UPDATE_PRODUCT, f"tl.dot(tl.trans(x).to({BF16}), mix_end_d_z_1.to({BF16}))")], {}, True),
