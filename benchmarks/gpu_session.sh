@@ -192,7 +192,7 @@ if [[ $WHAT == online_verify ]]; then  # the nonlinear memories' kernels as they
     # fla with profiles, the walk's variants, then the MLP memories
     step online_tests 250 timeout -s INT 240 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
         -p no:cacheprovider -n 14 -rfE --tb=line \
-        -k "(bf16 and not 1000) or (bf16 and 1000 and ttt_linear) or trains_like_oracle or on_cuda"
+        -k "(bf16 and not 1000) or (bf16 and 1000 and ttt_linear) or trains or on_cuda"
     step bench_online 130 python3 benchmarks/online_gpu.py --layers ttt_linear --profile
     step walk_study 100 python3 benchmarks/online_walk_study.py --variants generated "steps tf32" "no checkpoints" \
         "fla's precision"
