@@ -52,8 +52,8 @@ class OnlineKernel:
     out: str
     end_state: tuple[str, ...]  # in the live state's order
     # The forward's tiles the end state's share reads: its products and row sums, which the output rows' share
-    # stores for it as (name, shape over BS, K, V, HIDDEN), and the element-wise lines that make the rest.
-    walk_stored: tuple[tuple[str, str], ...]
+    # stores for it as (name, shape over BS, K, V, HIDDEN and 1), and the element-wise lines that make the rest.
+    walk_stored: tuple[tuple[str, tuple[str, str]], ...]
     walk_forward_lines: tuple[str, ...]
     read_out_lines: tuple[str, ...]
     read_out_adjoints: tuple[tuple[str, str], ...]  # (input, the name of its share): rows, state, norm, coefficients
@@ -183,7 +183,7 @@ def _kernel(net: online.MemoryNetwork, keep: bool, momentum: bool, residual: boo
         forward_lines=tuple(dual_form.print_ops(forward_ops, online.TRITON, state_path, exact_left)),
         out=batch.out.name,
         end_state=tuple(t.name for t in batch.end_state),
-        walk_stored=tuple((t.name, ", ".join("BS" if d == "n" else d for d in t.shape)) for t in stored),
+        walk_stored=tuple((t.name, tuple("BS" if d == "n" else d for d in t.shape)) for t in stored),
         walk_forward_lines=tuple(dual_form.print_ops(recomputed, online.TRITON)),
         read_out_lines=tuple(dual_form.print_ops(reverse.read_out_ops, online.TRITON)),
         read_out_adjoints=tuple((name, tile.name) for name, tile in reverse.read_out.items()),
