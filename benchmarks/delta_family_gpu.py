@@ -89,12 +89,7 @@ def main() -> None:
     parser.add_argument("--chunked-only", action="store_true", help="leave the fused recurrent (decoding) rows out")
     parser.add_argument("--layers", nargs="*", default=["kda", "gated_delta_product"])
     args = parser.parse_args()
-    log = open(args.out, "a") if args.out else None
-
-    def say(text: str) -> None:
-        print(text, flush=True)
-        if log:
-            log.write(text + "\n")
+    say = teller(args.out)
 
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, H=16 K=V=128")
     say(f"{'op':44s} {'shape':14s} {'ours (ms)':>10s} {'fla (ms)':>10s} {'fla/ours':>9s} {'gap':>8s}")
