@@ -189,16 +189,16 @@ fi
 if [[ $WHAT == online_verify ]]; then  # the nonlinear memories' kernels as they are now (the key rows' forward in
     # three bfloat16 products, the steps in TF32x3, the walk back on stored tiles): their GPU tests' bf16 and training
     # rows first (-v: each result printed as it ends, so a time limit keeps which failed), then ttt_linear against
-    # fla with profiles, the walk's variants, then the MLP memories
-    step online_tests 250 timeout -s INT 240 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
+    # fla with profiles, then the walk back's variants in a training step's backward and the walk's
+    step online_tests 235 timeout -s INT 225 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
         -p no:cacheprovider -n 14 -rfE --tb=line \
         -k "(bf16 and not 1000) or (bf16 and 1000 and ttt_linear) or trains or on_cuda"
     step bench_online 130 python3 benchmarks/online_gpu.py --layers ttt_linear --profile
-    step walk_study 100 python3 benchmarks/online_walk_study.py --variants generated "steps tf32" "no checkpoints" \
-        "fla's precision"
-    step bench_mlp 80 python3 benchmarks/online_gpu.py --layers ttt_mlp titans_mlp --no-peer --shapes 4x2048
+    step walk_study 200 python3 benchmarks/online_walk_study.py --backward generated "no row gradients" "warps 4" \
+        "stages 1" "products bf16x3" --variants generated "no checkpoints" "fla's precision" "last rate loaded" \
+        "centred sum zero" "split apart" lean
     grep -E "FAILED|^E  |passed|failed" "$OUT/online_tests.txt" | tail -n 25
-    cat "$OUT/bench_online.txt" "$OUT/walk_study.txt" "$OUT/bench_mlp.txt" "$OUT/steps.txt"
+    cat "$OUT/bench_online.txt" "$OUT/walk_study.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == kernel_baseline ]]; then  # every row of the second-order and nonlinear memories against fla, with

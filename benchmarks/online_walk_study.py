@@ -1,11 +1,12 @@
 """Where a nonlinear memory's walk over its mini-batches spends its time (GPU): ttt_linear's forward kernel
 timed as generated and with one thing changed at a time (a product's precision, the checkpoints' stores,
 warps, stages), with its read-out in the walk (B=4 T=2048) and with the walk alone (B=2 T=8192, its read-out
-left out), and fla's walk kernel (chunk_ttt_linear_fwd_h) alone in the same call. Each variant is a copy of
+left out), and fla's walk kernel (chunk_ttt_linear_fwd_h) alone in the same call; with --backward, a training
+step's backward (both backward kernels and the rates' on the host) with the walk back varied. Each variant is a copy of
 generated/ttt_linear/online_triton.py with a text substitution, imported from a scratch folder; gap: the
 largest difference to the generated kernel's output (or final weights) relative to its largest value.
 
-    python benchmarks/online_walk_study.py [--out FILE]
+    python benchmarks/online_walk_study.py [--out FILE] [--variants NAME...] [--backward NAME...]
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ SOURCE = ROOT / "generated" / "ttt_linear" / "online_triton.py"
 STATE_PRODUCT = "_state_dot(x, W, STATE_DOT, True)"
 UPDATE_PRODUCT = "_state_dot(tl.trans(x), mix_end_d_z_1, STATE_DOT, False)"
 BF16 = "tl.bfloat16"
+LAST_RATE = "-_at(rate, rows, n - 1)"
+LAST_RATE_LOADED = "-tl.load(rate_ptr + (first + n - 1) * H + i_h).to(tl.float32)"
+CENTRED_SUM = "d_ln_mean_2 = tl.sum(ln_centred, axis=1)[:, None] / ln_centred.shape[1]"
+SPLIT_CHAIN = "tl.dot(exact, low, tl.dot(exact, middle, tl.dot(exact, high)))"
 
 # name: (substitutions in the source, overrides of _sizes, checkpoints stored)
 VARIANTS = {
@@ -41,6 +46,16 @@ VARIANTS = {
     "no checkpoints": ([], {}, False),
     "checkpoints bf16": ([("_store(W_checkpoints, at, W, K, V)", f"_store(W_checkpoints, at, W.to({BF16}), K, V)")],
                          {}, True),
+    # The last row's rate as one scalar load instead of a row sum of the loaded rates.
+    "last rate loaded": ([(LAST_RATE, LAST_RATE_LOADED)], {}, True),
+    # The centred rows' row sum (zero in exact arithmetic) left out of the layer norm's gradient.
+    "centred sum zero": ([(CENTRED_SUM, "d_ln_mean_2 = tl.zeros_like(ln_mean)")], {}, True),
+    # The three bfloat16 products of the key rows' forward independent (summed after) instead of chained.
+    "split apart": ([(SPLIT_CHAIN, "tl.dot(exact, high) + (tl.dot(exact, middle) + tl.dot(exact, low))")], {}, True),
+    # All of the above, fla's precision and no checkpoints: what the rest of the walk costs.
+    "lean": ([(LAST_RATE, LAST_RATE_LOADED), (CENTRED_SUM, "d_ln_mean_2 = tl.zeros_like(ln_mean)"),
+              (STATE_PRODUCT, f"tl.dot(x.to({BF16}), W.to({BF16}))"),
+              (UPDATE_PRODUCT, f"tl.dot(tl.trans(x).to({BF16}), mix_end_d_z_1.to({BF16}))")], {}, False),
     "warps 2": ([], {"num_warps": 2}, True),
     "warps 8": ([], {"num_warps": 8}, True),
     "stages 1": ([], {"num_stages": 1}, True),
@@ -48,8 +63,24 @@ VARIANTS = {
 }
 
 
+ROW_STORES = ("        tl.store(dk_out + at_k, tl.load(dk_ptr + at_k, mask=m[:, None]) + b_x_4, mask=m[:, None])\n"
+              "        tl.store(dv_out + at_v, tl.load(dv_ptr + at_v, mask=m[:, None]) + b_target, mask=m[:, None])\n")
+
+# The walk back's variants: (substitutions in the source, overrides of its _sizes).
+BACKWARD_VARIANTS = {
+    "generated": ([], {}),
+    # Its rows' gradients (dk, dv) left out: what the work beside its chain costs.
+    "no row gradients": ([(ROW_STORES, "")], {}),
+    "warps 4": ([], {"num_warps": 4}),
+    "warps 16": ([], {"num_warps": 16}),
+    "stages 1": ([], {"num_stages": 1}),
+    "stages 3": ([], {"num_stages": 3}),
+    "products bf16x3": ([], {"DOT": "bf16x3"}),
+}
+
+
 def variant_module(name: str, substitutions: list[tuple[str, str]], folder: Path):
-    text = SOURCE.read_text().replace("from .naive import", "from generated.ttt_linear.naive import")
+    text = SOURCE.read_text().replace("from .", "from generated.ttt_linear.")  # its imports, absolute
     for old, new in substitutions:
         if old not in text:
             raise SystemExit(f"{name}: {old!r} not in {SOURCE.name}")
@@ -81,16 +112,62 @@ def walk(module, tensors, overrides: dict, checkpoints: bool, read_out: bool):
     return run
 
 
+def with_walk_back(module, overrides: dict):
+    """The module with its walk back's static arguments overridden (the forward's and the rows' share kept)."""
+    sizes = module._sizes
+
+    def patched(q, v, cu_seqlens, backward=False, rows_share=False):
+        found = sizes(q, v, cu_seqlens, backward=backward, rows_share=rows_share)
+        return {**found, **overrides} if backward and not rows_share else found
+    module._sizes = patched
+    return module
+
+
+def backward_rows(say, names: list[str], folder: Path) -> None:
+    """A training step's backward alone (the forward kept, its graph retained), per walk back variant."""
+    for B, T in ((4, 2048), (2, 8192)):
+        H, D = 16, 64
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k = (torch.nn.functional.normalize(torch.randn(B, T, H, D, device="cuda", generator=g), dim=-1)
+                .to(torch.bfloat16).requires_grad_() for _ in "qk")
+        v = torch.randn(B, T, H, D, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+        eta = (torch.rand(B, T, H, device="cuda", generator=g) * 0.1).to(torch.bfloat16).requires_grad_()
+        ln_weight = torch.ones(H, D, device="cuda", requires_grad=True)
+        ln_bias = torch.zeros(H, D, device="cuda", requires_grad=True)
+        W0 = (torch.randn(B, H, D, D, device="cuda", generator=g) * 0.02).requires_grad_()
+        b0 = torch.zeros(B, H, 1, D, device="cuda", requires_grad=True)
+        leaves = (q, k, v, eta, ln_weight, ln_bias, W0, b0)
+        d_o = torch.randn(B, T, H, D, device="cuda", generator=g).to(torch.bfloat16)
+        steps, reference = -(-T // 16), None
+        for name in names:
+            substitutions, overrides = BACKWARD_VARIANTS[name]
+            module = with_walk_back(variant_module(f"back {name}", substitutions, folder), overrides)
+            o, _ = module.forward(q, k, v, ln_weight, ln_bias, eta, D ** -0.5, (W0, b0), False)
+
+            def run():
+                return torch.autograd.grad(o, leaves, d_o, retain_graph=True)
+            found = run()
+            ms = triton.testing.do_bench(run)
+            reference = reference or found
+            gap = max(((f - r).float().abs().max() / r.float().abs().max().clamp_min(1e-30)).item()
+                      for f, r in zip(found[:3], reference[:3]))
+            say(f"{'back ' + name:18s} {B}x{T:<5d} {'backward':>10s} {ms:8.3f} {1000 * ms / steps:8.2f} {gap:9.2e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--backward", nargs="*", default=[], choices=list(BACKWARD_VARIANTS),
+                        help="the walk back's variants to time in a training step's backward (none: no such rows)")
     args = parser.parse_args()
     say = teller(args.out)
 
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, H=16 K=V=64")
     say(f"{'variant':18s} {'shape':>7s} {'pass':>10s} {'ms':>8s} {'us/step':>8s} {'gap':>9s}")
     folder = Path(tempfile.mkdtemp())
+    if args.backward:
+        backward_rows(say, args.backward, folder)
     modules = {name: variant_module(name, VARIANTS[name][0], folder) for name in args.variants}
     for B, T, read_out in ((4, 2048, True), (2, 8192, False), (4, 2048, False)):
         H, D = 16, 64
