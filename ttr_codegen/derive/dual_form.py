@@ -35,7 +35,7 @@ class Tile:
 @dataclass(frozen=True)
 class TileOp:
     out: Tile
-    fn: str  # matmul, add, sub, mul, neg, scale, shift, row_sum, column_sum, row_mean, spread, apply
+    fn: str  # matmul, add, sub, mul, neg, scale, shift, row_sum, column_sum, row_mean, spread, apply, zeros
     args: tuple[Tile, ...]
     transpose: tuple[bool, bool] = (False, False)  # matmul: which operand enters transposed
     function: sp.Expr | None = None  # apply: an elementary function of online.X (tanh, sigmoid, rsqrt, ...)
@@ -82,7 +82,8 @@ class TileProgram:
         self.ops.append(op)
         self.computed[key] = out
         self.defined_by[out.name] = op
-        self.depths[out.name] = max((self.depth(a) for a in args), default=0) + (fn in REDUCTIONS)
+        self.depths[out.name] = 0 if fn == "zeros" else max((self.depth(a) for a in args), default=0) + (
+            fn in REDUCTIONS)
         return out
 
     def prune(self, kept: set[str]) -> None:
@@ -105,36 +106,78 @@ class TileProgram:
         assert inner == inner_b, (a, b, ta, tb)
         return self.op(name, "matmul", (a, b), (rows, cols), transpose=(ta, tb))
 
+    # Zeros fold away: a row sum of rows centred on their mean is zero in exact arithmetic (a layer norm's
+    # gradient has one: the variance's slope in the mean), and so are the terms it scales; left in, they cost
+    # a reduction on the mini-batch's path and add only rounding.
     def add(self, name: str, a: Tile, b: Tile) -> Tile:
-        return self.op(name, "add", (a, b), _broadcast(a.shape, b.shape))
+        shape = _broadcast(a.shape, b.shape)
+        if self.is_zero(b) and a.shape == shape:
+            return a
+        if self.is_zero(a) and b.shape == shape:
+            return b
+        return self.op(name, "add", (a, b), shape)
 
     def sub(self, name: str, a: Tile, b: Tile) -> Tile:
-        return self.op(name, "sub", (a, b), _broadcast(a.shape, b.shape))
+        shape = _broadcast(a.shape, b.shape)
+        if self.is_zero(b) and a.shape == shape:
+            return a
+        if self.is_zero(a) and b.shape == shape:
+            return self.neg(name, b)
+        return self.op(name, "sub", (a, b), shape)
 
     def mul(self, name: str, a: Tile, b: Tile) -> Tile:
-        return self.op(name, "mul", (a, b), _broadcast(a.shape, b.shape))
+        shape = _broadcast(a.shape, b.shape)
+        zero = next((t for t in (a, b) if self.is_zero(t) and t.shape == shape), None)
+        if zero is None and (self.is_zero(a) or self.is_zero(b)):  # zeros of the other's shape
+            zero = next((self.zeros(t) for t in (a, b) if t.shape == shape), None)
+        return zero if zero is not None else self.op(name, "mul", (a, b), shape)
 
     def neg(self, name: str, a: Tile) -> Tile:
-        return self.op(name, "neg", (a,), a.shape)
+        return a if self.is_zero(a) else self.op(name, "neg", (a,), a.shape)
+
+    def zeros(self, like: Tile) -> Tile:
+        """Zeros of like's shape (it only gives the printed line a shape)."""
+        return self.op(f"zeros_{like.name}", "zeros", (like,), like.shape)
+
+    def is_zero(self, a: Tile) -> bool:
+        return getattr(self.defined_by.get(a.name), "fn", None) == "zeros"
+
+    def _row_mean_column(self, a: Tile) -> Tile | None:
+        """The column m where a is its own rows centred on their mean (a - m, m - a with m = row_mean(rows)),
+        else None: a's row sums are then zero."""
+        op = self.defined_by.get(a.name)
+        if op is None or op.fn != "sub":
+            return None
+        for rows, column in (op.args, op.args[::-1]):
+            mean = self.defined_by.get(column.name)
+            if mean is not None and mean.fn == "row_mean" and mean.args[0] == rows:
+                return column
+        return None
 
     def row_sum(self, name: str, a: Tile) -> Tile:
+        column = self._row_mean_column(a)
+        if column is not None:
+            return self.zeros(column)
         return self.op(name, "row_sum", (a,), (a.shape[0], ONE))
 
     def column_sum(self, name: str, a: Tile) -> Tile:
         return self.op(name, "column_sum", (a,), (ONE, a.shape[1]))
 
     def row_mean(self, name: str, a: Tile) -> Tile:
+        column = self._row_mean_column(a)
+        if column is not None:
+            return self.zeros(column)
         return self.op(name, "row_mean", (a,), (a.shape[0], ONE))
 
     def scale(self, name: str, a: Tile, factor: float) -> Tile:
-        return self.op(name, "scale", (a,), a.shape, constant=factor)
+        return a if self.is_zero(a) else self.op(name, "scale", (a,), a.shape, constant=factor)
 
     def shift(self, name: str, a: Tile, offset: float) -> Tile:
         return self.op(name, "shift", (a,), a.shape, constant=offset)
 
     def spread(self, name: str, column: Tile, like: Tile) -> Tile:
         """column / (like's width), at every entry of like's rows: a row mean's adjoint."""
-        return self.op(name, "spread", (column, like), like.shape)
+        return self.zeros(like) if self.is_zero(column) else self.op(name, "spread", (column, like), like.shape)
 
     def apply(self, name: str, function: sp.Expr, a: Tile) -> Tile:
         """function(a) entrywise, written as primitives (sums, products, numbers) around elementary functions
@@ -206,7 +249,7 @@ class TileProgram:
             return self.row_sum(name, g)
         op = self.defined_by[g.name]
         if op.fn in ("add", "sub"):
-            return self.op(name, op.fn, tuple(self.shallow_row_sum(name, a) for a in op.args), (g.shape[0], ONE))
+            return getattr(self, op.fn)(name, *(self.shallow_row_sum(name, a) for a in op.args))
         if op.fn == "neg":
             return self.neg(name, self.shallow_row_sum(name, op.args[0]))
         if op.fn == "scale":
@@ -316,6 +359,8 @@ class TileProgram:
                 (a,) = op.args
                 if a.name in wanted:
                     accumulate(a, self.mul(name(a), g, self._slope(op)))
+            elif op.fn == "zeros":  # a constant: nothing flows back to the tile that gave its shape
+                pass
             else:
                 raise AssertionError(op.fn)
         return {t.name: adjoint[t.name] for t in wrt if t.name in adjoint}
@@ -358,6 +403,8 @@ def print_ops(ops: list[TileOp], dialect: Dialect, state_path: frozenset[str] = 
             code = dialect.row_mean(a[0])
         elif op.fn == "spread":
             code = dialect.spread(a[0], a[1])
+        elif op.fn == "zeros":
+            code = f"tl.zeros_like({a[0]})" if dialect.triton else f"torch.zeros_like({a[0]})"
         elif op.fn == "apply":
             if op.function.free_symbols == set():  # a constant at every entry
                 value = float(op.function)
