@@ -141,6 +141,31 @@ def test_layer_norm_gradient_sums_at_once():
     assert kept == program.ops
 
 
+def test_centred_rows_sum_to_zero():
+    """A row sum of rows centred on their own mean folds to zero, and so do the terms it scales: a layer norm's
+    gradient (and its reverse mode) sums no centred rows, in any layer-normed memory. Elsewhere a sum stays."""
+    plain = dual_form.TileProgram()
+    z, c = plain.input("z", ("n", "K")), plain.input("c", ("n", dual_form.ONE))
+    centred = plain.sub("centred", z, plain.row_mean("mean", z))
+    zero = plain.row_sum("s", centred)
+    flipped = plain.sub("flipped", plain.row_mean("mean", z), z)  # the mean's tile again, minus the rows
+    assert plain.is_zero(zero) and plain.is_zero(plain.row_mean("m", flipped))
+    assert plain.add("a", c, plain.mul("p", zero, c)) == c  # c + 0 c
+    assert plain.sub("d", zero, c) == plain.neg("minus_c", c)
+    assert plain.is_zero(plain.spread("spread", zero, z))
+    assert not plain.is_zero(plain.row_sum("other", plain.sub("off", z, c)))  # centred on another column
+    for depth, activation in ((1, None), (2, "gelu_tanh")):
+        net = online.memory_network(depth, activation, True, True)
+        batch = dual_form.minibatch(net, False, False, True, "pre_norm")
+        reverse = dual_form.backward(batch)
+        program = batch.program
+        for op in program.ops:
+            if op.fn in ("row_sum", "row_mean"):
+                assert program._row_mean_column(op.args[0]) is None, op
+        kept = dual_form.needed(program.ops, [], {batch.out.name, *(t.name for t in batch.end_state)})
+        assert not [op for op in kept + reverse.read_out_ops + reverse.walk_ops if op.fn == "zeros"]  # all folded
+
+
 @pytest.mark.parametrize(("depth", "activation", "bias", "layer_norm", "keep", "momentum", "residual"), CASES)
 def test_walk_back_on_stored_tiles(depth, activation, bias, layer_norm, keep, momentum, residual):
     """The walk back as the kernels run it (dual_form.stored_replay): the forward's products and row sums
