@@ -190,11 +190,11 @@ if [[ $WHAT == online_verify ]]; then  # the nonlinear memories' kernels as they
     # three bfloat16 products, the steps in TF32x3, the walk back on stored tiles): their GPU tests' bf16 and training
     # rows first (-v: each result printed as it ends, so a time limit keeps which failed), then ttt_linear against
     # fla with profiles, then the walk back's variants in a training step's backward and the walk's
-    step online_tests 235 timeout -s INT 225 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
+    step online_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
         -p no:cacheprovider -n 14 -rfE --tb=line \
         -k "(bf16 and not 1000) or (bf16 and 1000 and ttt_linear) or trains or on_cuda"
-    step bench_online 130 python3 benchmarks/online_gpu.py --layers ttt_linear --profile
-    step walk_study 200 python3 benchmarks/online_walk_study.py --backward generated "no row gradients" "warps 4" \
+    step bench_online 110 python3 benchmarks/online_gpu.py --layers ttt_linear --profile
+    step walk_study 170 python3 benchmarks/online_walk_study.py --backward generated "no row gradients" "warps 4" \
         "stages 1" "products bf16x3" --variants generated "no checkpoints" "fla's precision" "last rate loaded" \
         "split apart" lean
     grep -E "FAILED|^E  |passed|failed" "$OUT/online_tests.txt" | tail -n 25
