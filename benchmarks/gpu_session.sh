@@ -135,7 +135,7 @@ if [[ $WHAT == second_order_quick ]]; then  # both of the above in one call: wha
     exit 0
 fi
 if [[ $WHAT == kernel_tests ]]; then  # the GPU tests of the nonlinear memories, RLS and the conjugate-gradient layers
-    step online_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -q \
+    step online_tests 180 timeout -s INT 170 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -q \
         -p no:cacheprovider -n 8 -rfE --tb=short -k "not 4096"
     step rls_tests 170 timeout -s INT 160 python3 -m pytest -m gpu tests/gpu/test_rls_gpu.py -q \
         -p no:cacheprovider -n 8 -rfE --tb=short
@@ -190,13 +190,12 @@ if [[ $WHAT == online_verify ]]; then  # the nonlinear memories' kernels as they
     # three bfloat16 products, the steps in TF32x3, the walk back on stored tiles): their GPU tests' bf16 and training
     # rows first (-v: each result printed as it ends, so a time limit keeps which failed), then ttt_linear against
     # fla with profiles, then the walk back's variants in a training step's backward and the walk's
-    step online_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
+    step online_tests 180 timeout -s INT 170 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
         -p no:cacheprovider -n 14 -rfE --tb=line \
         -k "(bf16 and not 1000) or (bf16 and 1000 and ttt_linear) or trains or on_cuda"
-    step bench_online 110 python3 benchmarks/online_gpu.py --layers ttt_linear --profile
-    step walk_study 170 python3 benchmarks/online_walk_study.py --backward generated "no row gradients" "warps 4" \
-        "stages 1" "products bf16x3" --variants generated "no checkpoints" "fla's precision" "last rate loaded" \
-        "split apart" lean
+    step bench_online 100 python3 benchmarks/online_gpu.py --layers ttt_linear --profile
+    step walk_study 140 python3 benchmarks/online_walk_study.py --backward generated "no row gradients" \
+        "products bf16x3" --variants generated "no checkpoints" "last rate loaded" "split apart" lean
     grep -E "FAILED|^E  |passed|failed" "$OUT/online_tests.txt" | tail -n 25
     cat "$OUT/bench_online.txt" "$OUT/walk_study.txt" "$OUT/steps.txt"
     exit 0
