@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|diagnose|all]
+#                                    second_order_bench|second_order_tests|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -198,6 +198,19 @@ if [[ $WHAT == online_verify ]]; then  # the nonlinear memories' kernels as they
         "products bf16x3" --variants generated "no checkpoints" "last rate loaded" "split apart" lean
     grep -E "FAILED|^E  |passed|failed" "$OUT/online_tests.txt" | tail -n 25
     cat "$OUT/bench_online.txt" "$OUT/walk_study.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == online_next ]]; then  # what online_verify did not reach: the larger memories' training tests (ttt_mlp's
+    # at K = 64 decides MAX_TRAINING_STATE), then the walk's checkpoints against the state products' precision, then
+    # every other row of the issue (the MLP memories, mesa_cg against fla, rls, affine_mesa_cg)
+    step online_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
+        -p no:cacheprovider -n 14 -rfE --tb=line -k "trains_at_width_64 or (trains and ttt_mlp) or 4096"
+    step walk_study 110 python3 benchmarks/online_walk_study.py --variants generated "fla's precision" \
+        "checkpoints bf16" "fla's precision, checkpoints bf16" "no checkpoints" lean
+    step bench_mlp 80 python3 benchmarks/online_gpu.py --layers ttt_mlp titans_mlp --no-peer --shapes 4x2048
+    step bench_mesa 140 python3 benchmarks/second_order_gpu.py --layers mesa_cg rls affine_mesa_cg
+    grep -E "FAILED|^E  |passed|failed" "$OUT/online_tests.txt" | tail -n 25
+    cat "$OUT/walk_study.txt" "$OUT/bench_mlp.txt" "$OUT/bench_mesa.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == kernel_baseline ]]; then  # every row of the second-order and nonlinear memories against fla, with

@@ -31,9 +31,11 @@ UPDATE_PRODUCT = "_state_dot(tl.trans(x), mix_end_d_z_1, STATE_DOT, False)"
 BF16 = "tl.bfloat16"
 LAST_RATE = "-_at(rate, rows, n - 1)"
 LAST_RATE_LOADED = "-tl.load(rate_ptr + (first + n - 1) * H + i_h).to(tl.float32)"
+CHECKPOINT_STORE = "_store(W_checkpoints, at, W, K, V)"
+CHECKPOINT_STORE_BF16 = f"_store(W_checkpoints, at, W.to({BF16}), K, V)"
 SPLIT_CHAIN = "tl.dot(exact, low, tl.dot(exact, middle, tl.dot(exact, high)))"
 
-# name: (substitutions in the source, overrides of _sizes, checkpoints stored)
+# name: (substitutions in the source, overrides of _sizes, checkpoints stored: False, True or "bf16")
 VARIANTS = {
     "generated": ([], {}, True),
     "state tf32": ([], {"STATE_DOT": "tf32"}, True),  # both state products
@@ -43,8 +45,12 @@ VARIANTS = {
     "fla's precision": ([(STATE_PRODUCT, f"tl.dot(x.to({BF16}), W.to({BF16}))"),
                          (UPDATE_PRODUCT, f"tl.dot(tl.trans(x).to({BF16}), mix_end_d_z_1.to({BF16}))")], {}, True),
     "no checkpoints": ([], {}, False),
-    "checkpoints bf16": ([("_store(W_checkpoints, at, W, K, V)", f"_store(W_checkpoints, at, W.to({BF16}), K, V)")],
-                         {}, True),
+    "checkpoints bf16": ([(CHECKPOINT_STORE, CHECKPOINT_STORE_BF16)], {}, "bf16"),
+    # fla's numerics whole: its products, and the checkpoint the same bfloat16 weights as the product's operand.
+    "fla's precision, checkpoints bf16": ([(STATE_PRODUCT, f"tl.dot(x.to({BF16}), W.to({BF16}))"),
+                                           (UPDATE_PRODUCT,
+                                            f"tl.dot(tl.trans(x).to({BF16}), mix_end_d_z_1.to({BF16}))"),
+                                           (CHECKPOINT_STORE, CHECKPOINT_STORE_BF16)], {}, "bf16"),
     # The last row's rate as one scalar load instead of a row sum of the loaded rates.
     "last rate loaded": ([(LAST_RATE, LAST_RATE_LOADED)], {}, True),
     # The three bfloat16 products of the key rows' forward independent (summed after) instead of chained.
@@ -96,14 +102,15 @@ def walk(module, tensors, overrides: dict, checkpoints: bool, read_out: bool):
     total = B * -(-T // module.BATCH_SIZE)
     final = (torch.empty_like(W), torch.empty_like(b))
     starts = (torch.empty_like(W), torch.empty_like(b))
-    kept = (W.new_empty(total if checkpoints else 0, *W.shape[1:]),
+    kept = (W.new_empty(total if checkpoints else 0, *W.shape[1:],
+                        dtype=torch.bfloat16 if checkpoints == "bf16" else W.dtype),
             b.new_empty(total if checkpoints else 0, *b.shape[1:]))
     o = torch.empty_like(v)
 
     def run():
         module._minibatch_kernel[(B, H)](
             q, k, v, rate, ln_weight, ln_bias, W, b, *final, *starts, *kept, o, q, q, K ** -0.5, T,
-            CHECKPOINT=checkpoints, READ_OUT=read_out, **{**module._sizes(q, v, None), **overrides})
+            CHECKPOINT=bool(checkpoints), READ_OUT=read_out, **{**module._sizes(q, v, None), **overrides})
         return o, final[0]
     return run
 
