@@ -204,7 +204,8 @@ if [[ $WHAT == online_next ]]; then  # what online_verify did not reach: the lar
     # at K = 64 decides MAX_TRAINING_STATE), then the walk's checkpoints against the state products' precision, then
     # every other row of the issue (the MLP memories, mesa_cg against fla, rls, affine_mesa_cg)
     step online_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
-        -p no:cacheprovider -n 14 -rfE --tb=line -k "trains_at_width_64 or (trains and ttt_mlp) or (on_cuda and not ttt_linear)"
+        -p no:cacheprovider -n 14 -rfE --tb=line \
+        -k "trains_at_width_64 or (trains and ttt_mlp) or (on_cuda and not ttt_linear)"
     step walk_study 110 python3 benchmarks/online_walk_study.py --variants generated "fla's precision" \
         "checkpoints bf16" "fla's precision, checkpoints bf16" "no checkpoints" lean
     step bench_mlp 80 python3 benchmarks/online_gpu.py --layers ttt_mlp titans_mlp --no-peer --shapes 4x2048
