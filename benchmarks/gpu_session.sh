@@ -135,7 +135,7 @@ if [[ $WHAT == second_order_quick ]]; then  # both of the above in one call: wha
     exit 0
 fi
 if [[ $WHAT == kernel_tests ]]; then  # the GPU tests of the nonlinear memories, RLS and the conjugate-gradient layers
-    step online_tests 180 timeout -s INT 170 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -q \
+    step online_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -q \
         -p no:cacheprovider -n 8 -rfE --tb=short -k "not 4096"
     step rls_tests 170 timeout -s INT 160 python3 -m pytest -m gpu tests/gpu/test_rls_gpu.py -q \
         -p no:cacheprovider -n 8 -rfE --tb=short

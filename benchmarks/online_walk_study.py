@@ -34,6 +34,9 @@ LAST_RATE_LOADED = "-tl.load(rate_ptr + (first + n - 1) * H + i_h).to(tl.float32
 CHECKPOINT_STORE = "_store(W_checkpoints, at, W, K, V)"
 CHECKPOINT_STORE_BF16 = f"_store(W_checkpoints, at, W.to({BF16}), K, V)"
 SPLIT_CHAIN = "tl.dot(exact, low, tl.dot(exact, middle, tl.dot(exact, high)))"
+# fla's precision: both state products as one bfloat16 product, the weights and the steps' gradients rounded.
+FLA_PRODUCTS = [(STATE_PRODUCT, f"tl.dot(x.to({BF16}), W.to({BF16}))"),
+                (UPDATE_PRODUCT, f"tl.dot(tl.trans(x).to({BF16}), mix_end_d_z_1.to({BF16}))")]
 
 # name: (substitutions in the source, overrides of _sizes, checkpoints stored: False, True or "bf16")
 VARIANTS = {
@@ -42,22 +45,17 @@ VARIANTS = {
     "state bf16 x1": ([(STATE_PRODUCT, f"tl.dot(x.to({BF16}), W.to({BF16}))")], {}, True),
     "steps tf32": ([(UPDATE_PRODUCT, "tl.dot(tl.trans(x), mix_end_d_z_1, input_precision=DOT)")], {}, True),
     "update bf16": ([(UPDATE_PRODUCT, f"tl.dot(tl.trans(x).to({BF16}), mix_end_d_z_1.to({BF16}))")], {}, True),
-    "fla's precision": ([(STATE_PRODUCT, f"tl.dot(x.to({BF16}), W.to({BF16}))"),
-                         (UPDATE_PRODUCT, f"tl.dot(tl.trans(x).to({BF16}), mix_end_d_z_1.to({BF16}))")], {}, True),
+    "fla's precision": (FLA_PRODUCTS, {}, True),
     "no checkpoints": ([], {}, False),
     "checkpoints bf16": ([(CHECKPOINT_STORE, CHECKPOINT_STORE_BF16)], {}, "bf16"),
     # fla's numerics whole: its products, and the checkpoint the same bfloat16 weights as the product's operand.
-    "fla's precision, checkpoints bf16": ([(STATE_PRODUCT, f"tl.dot(x.to({BF16}), W.to({BF16}))"),
-                                           (UPDATE_PRODUCT,
-                                            f"tl.dot(tl.trans(x).to({BF16}), mix_end_d_z_1.to({BF16}))"),
-                                           (CHECKPOINT_STORE, CHECKPOINT_STORE_BF16)], {}, "bf16"),
+    "fla's precision, checkpoints bf16": (FLA_PRODUCTS + [(CHECKPOINT_STORE, CHECKPOINT_STORE_BF16)], {}, "bf16"),
     # The last row's rate as one scalar load instead of a row sum of the loaded rates.
     "last rate loaded": ([(LAST_RATE, LAST_RATE_LOADED)], {}, True),
     # The three bfloat16 products of the key rows' forward independent (summed after) instead of chained.
     "split apart": ([(SPLIT_CHAIN, "tl.dot(exact, high) + (tl.dot(exact, middle) + tl.dot(exact, low))")], {}, True),
     # All of the above, fla's precision and no checkpoints: what the rest of the walk costs.
-    "lean": ([(LAST_RATE, LAST_RATE_LOADED), (STATE_PRODUCT, f"tl.dot(x.to({BF16}), W.to({BF16}))"),
-              (UPDATE_PRODUCT, f"tl.dot(tl.trans(x).to({BF16}), mix_end_d_z_1.to({BF16}))")], {}, False),
+    "lean": ([(LAST_RATE, LAST_RATE_LOADED)] + FLA_PRODUCTS, {}, False),
     "warps 2": ([], {"num_warps": 2}, True),
     "warps 8": ([], {"num_warps": 8}, True),
     "stages 1": ([], {"num_stages": 1}, True),
@@ -115,6 +113,20 @@ def walk(module, tensors, overrides: dict, checkpoints: bool, read_out: bool):
     return run
 
 
+def inputs(B: int, T: int, H: int = 16, D: int = 64) -> tuple:
+    """A call's inputs, bf16 rows and float32 parameters and state: (q, k, v, rate, ln_weight, ln_bias, W, b)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", generator=g).to(torch.bfloat16)
+    q, k = (torch.nn.functional.normalize(rand(B, T, H, D).float(), dim=-1).to(torch.bfloat16) for _ in "qk")
+    v, rate = rand(B, T, H, D), (torch.rand(B, T, H, device="cuda", generator=g) * 0.1).to(torch.bfloat16)
+    ln_weight, ln_bias = torch.ones(H, D, device="cuda"), torch.zeros(H, D, device="cuda")
+    W = torch.randn(B, H, D, D, device="cuda", generator=g) * 0.02
+    b = torch.zeros(B, H, 1, D, device="cuda")
+    return q, k, v, rate, ln_weight, ln_bias, W, b
+
+
 def with_walk_back(module, overrides: dict):
     """The module with its walk back's static arguments overridden (the forward's and the rows' share kept)."""
     sizes = module._sizes
@@ -129,18 +141,10 @@ def with_walk_back(module, overrides: dict):
 def backward_rows(say, names: list[str], folder: Path) -> None:
     """A training step's backward alone (the forward kept, its graph retained), per walk back variant."""
     for B, T in ((4, 2048), (2, 8192)):
-        H, D = 16, 64
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q, k = (torch.nn.functional.normalize(torch.randn(B, T, H, D, device="cuda", generator=g), dim=-1)
-                .to(torch.bfloat16).requires_grad_() for _ in "qk")
-        v = torch.randn(B, T, H, D, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
-        eta = (torch.rand(B, T, H, device="cuda", generator=g) * 0.1).to(torch.bfloat16).requires_grad_()
-        ln_weight = torch.ones(H, D, device="cuda", requires_grad=True)
-        ln_bias = torch.zeros(H, D, device="cuda", requires_grad=True)
-        W0 = (torch.randn(B, H, D, D, device="cuda", generator=g) * 0.02).requires_grad_()
-        b0 = torch.zeros(B, H, 1, D, device="cuda", requires_grad=True)
-        leaves = (q, k, v, eta, ln_weight, ln_bias, W0, b0)
-        d_o = torch.randn(B, T, H, D, device="cuda", generator=g).to(torch.bfloat16)
+        leaves = tuple(x.requires_grad_() for x in inputs(B, T))
+        q, k, v, eta, ln_weight, ln_bias, W0, b0 = leaves
+        D = q.shape[-1]
+        d_o = torch.randn_like(v)
         steps, reference = -(-T // 16), None
         for name in names:
             substitutions, overrides = BACKWARD_VARIANTS[name]
@@ -173,17 +177,8 @@ def main() -> None:
         backward_rows(say, args.backward, folder)
     modules = {name: variant_module(name, VARIANTS[name][0], folder) for name in args.variants}
     for B, T, read_out in ((4, 2048, True), (2, 8192, False), (4, 2048, False)):
-        H, D = 16, 64
-        g = torch.Generator(device="cuda").manual_seed(0)
-
-        def rand(*shape, s=1.0):
-            return (torch.randn(*shape, device="cuda", generator=g) * s).to(torch.bfloat16)
-        q, k = (torch.nn.functional.normalize(rand(B, T, H, D).float(), dim=-1).to(torch.bfloat16) for _ in "qk")
-        v, rate = rand(B, T, H, D), (torch.rand(B, T, H, device="cuda", generator=g) * 0.1).to(torch.bfloat16)
-        ln_weight, ln_bias = torch.ones(H, D, device="cuda"), torch.zeros(H, D, device="cuda")
-        W = torch.randn(B, H, D, D, device="cuda", generator=g) * 0.02
-        b = torch.zeros(B, H, 1, D, device="cuda")
-        tensors = (q, k, v, rate, ln_weight, ln_bias, W, b)
+        tensors = inputs(B, T)
+        q, k, v, rate, ln_weight, ln_bias, W, b = tensors
         steps = -(-T // 16)
         reference = None
         pass_name = "walk+read" if read_out else "walk"
