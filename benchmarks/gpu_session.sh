@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|diagnose|all]
+#                                    second_order_bench|second_order_tests|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_transposed|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -198,6 +198,12 @@ if [[ $WHAT == online_verify ]]; then  # the nonlinear memories' kernels as they
         "products bf16x3" --variants generated "no checkpoints" "last rate loaded" "split apart" lean
     grep -E "FAILED|^E  |passed|failed" "$OUT/online_tests.txt" | tail -n 25
     cat "$OUT/bench_online.txt" "$OUT/walk_study.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == walk_transposed ]]; then  # the walk with 16-bit products, TMA checkpoints and held transposed
+    step walk_study 220 python3 benchmarks/online_walk_study.py --variants generated "no checkpoints" lean \
+        "fla's precision, checkpoints bf16" "state x2" "steps x2" x2 "x2, no checkpoints" "tma checkpoints"
+    cat "$OUT/walk_study.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == online_next ]]; then  # what online_verify did not reach: the larger memories' training tests (ttt_mlp's
