@@ -56,8 +56,12 @@ TRANSPOSED_WALK = """@triton.jit
 def _parts_dot(a, b, acc, PARTS: tl.constexpr):
     high = a.to(tl.bfloat16)
     acc = tl.dot(high, b, acc)
-    if PARTS == 2:
-        acc = tl.dot((a - high.to(tl.float32)).to(tl.bfloat16), b, acc)
+    if PARTS >= 2:
+        rest = a - high.to(tl.float32)
+        middle = rest.to(tl.bfloat16)
+        acc = tl.dot(middle, b, acc)
+        if PARTS == 3:
+            acc = tl.dot((rest - middle.to(tl.float32)).to(tl.bfloat16), b, acc)
     return acc
 
 
@@ -206,7 +210,7 @@ def walk(module, tensors, overrides: dict, checkpoints: bool, read_out: bool):
 
 # name: (bfloat16 parts of the left operands, checkpoints stored)
 TRANSPOSED = {"transposed x2": (2, True), "transposed x1": (1, True), "transposed x2, no checkpoints": (2, False),
-              "transposed x1, no checkpoints": (1, False), "transposed x2, tma": (2, 2)}
+              "transposed x1, no checkpoints": (1, False), "transposed x2, tma": (2, 2), "transposed x3": (3, True)}
 
 
 def transposed_walk(module, tensors, parts: int, checkpoints: bool):
