@@ -200,15 +200,14 @@ if [[ $WHAT == online_verify ]]; then  # the nonlinear memories' kernels as they
     cat "$OUT/bench_online.txt" "$OUT/walk_study.txt" "$OUT/steps.txt"
     exit 0
 fi
-if [[ $WHAT == transposed ]]; then  # both walks with a small state's tiles held transposed: ttt_linear against fla,
-    # then its GPU tests and every layer's at K = 16 (the transposed bfloat16 split), then the walks' variants
-    step bench_online 100 python3 benchmarks/online_gpu.py --layers ttt_linear --profile
+if [[ $WHAT == transposed ]]; then  # the forward with a small state's tiles held transposed: ttt_linear's GPU tests
+    # and every layer's at K = 16 (the transposed bfloat16 split), then the walk's variants, then ttt_linear against fla
     step online_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
         -p no:cacheprovider -n 14 -rfE --tb=line -k "ttt_linear or small_state"
-    step walk_study 140 python3 benchmarks/online_walk_study.py --backward generated rows "no row gradients" \
-        --variants generated rows "no checkpoints" "steps onto weights" x2 "fla's precision" lean
+    step walk_study 130 python3 benchmarks/online_walk_study.py
+    step bench_online 100 python3 benchmarks/online_gpu.py --layers ttt_linear --profile
     grep -E "FAILED|^E  |passed|failed" "$OUT/online_tests.txt" | tail -n 25
-    cat "$OUT/bench_online.txt" "$OUT/walk_study.txt" "$OUT/steps.txt"
+    cat "$OUT/walk_study.txt" "$OUT/bench_online.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == online_next ]]; then  # what online_verify did not reach: the larger memories' training tests (ttt_mlp's

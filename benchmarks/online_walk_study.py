@@ -80,15 +80,12 @@ VARIANTS = {
 }
 
 
-# The transposed walk back's stores of its rows' gradients.
-ROW_STORES = ("        tl.store(dk_out + at_k, tl.load(dk_ptr + at_k, mask=m[None, :]) + b_x_4, mask=m[None, :])\n"
-              "        tl.store(dv_out + at_v, tl.load(dv_ptr + at_v, mask=m[None, :]) + b_target, mask=m[None, :])\n")
+ROW_STORES = ("        tl.store(dk_out + at_k, tl.load(dk_ptr + at_k, mask=m[:, None]) + b_x_4, mask=m[:, None])\n"
+              "        tl.store(dv_out + at_v, tl.load(dv_ptr + at_v, mask=m[:, None]) + b_target, mask=m[:, None])\n")
 
-# The walk back's variants: (substitutions in the source, overrides of its _sizes); "rows": both walks with
-# their tiles as rows (the form before the transposed one).
+# The walk back's variants: (substitutions in the source, overrides of its _sizes).
 BACKWARD_VARIANTS = {
     "generated": ([], {}),
-    "rows": ([], {}),
     # Its rows' gradients (dk, dv) left out: what the work beside its chain costs.
     "no row gradients": ([(ROW_STORES, "")], {}),
     "warps 4": ([], {"num_warps": 4}),
@@ -168,8 +165,6 @@ def backward_rows(say, names: list[str], folder: Path) -> None:
         for name in names:
             substitutions, overrides = BACKWARD_VARIANTS[name]
             module = with_walk_back(variant_module(f"back {name}", substitutions, folder), overrides)
-            if name == "rows":
-                module._held_transposed = lambda K, V: False
             o, _ = module.forward(q, k, v, ln_weight, ln_bias, eta, D ** -0.5, (W0, b0), False)
 
             def run():

@@ -56,11 +56,9 @@ class OnlineKernel:
     # stores for it as (name, shape over BS, K, V, HIDDEN and 1), and the element-wise lines that make the rest.
     walk_stored: tuple[tuple[str, tuple[str, str]], ...]
     walk_forward_lines: tuple[str, ...]
-    walk_forward_lines_transposed: tuple[str, ...]
     read_out_lines: tuple[str, ...]
     read_out_adjoints: tuple[tuple[str, str], ...]  # (input, the name of its share): rows, state, norm, coefficients
     walk_lines: tuple[str, ...]
-    walk_lines_transposed: tuple[str, ...]  # the walk back's, with every tile held as its transpose
     walk_adjoints: tuple[tuple[str, str], ...]
 
 
@@ -194,11 +192,9 @@ def _kernel(net: online.MemoryNetwork, keep: bool, momentum: bool, residual: boo
         end_state=tuple(t.name for t in batch.end_state),
         walk_stored=tuple((t.name, tuple("BS" if d == "n" else d for d in t.shape)) for t in stored),
         walk_forward_lines=tuple(dual_form.print_ops(recomputed, online.TRITON)),
-        walk_forward_lines_transposed=tuple(dual_form.print_ops(recomputed, online.TRITON_TRANSPOSED)),
         read_out_lines=tuple(dual_form.print_ops(reverse.read_out_ops, online.TRITON)),
         read_out_adjoints=tuple((name, tile.name) for name, tile in reverse.read_out.items()),
         walk_lines=tuple(dual_form.print_ops(reverse.walk_ops, online.TRITON)),
-        walk_lines_transposed=tuple(dual_form.print_ops(reverse.walk_ops, online.TRITON_TRANSPOSED)),
         walk_adjoints=tuple((name, tile.name) for name, tile in reverse.walk.items()),
     )
 

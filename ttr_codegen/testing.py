@@ -1207,19 +1207,22 @@ def layer_api_checks(layer_class, hidden_size: int, num_heads: int, T: int) -> N
 @contextlib.contextmanager
 def online_kernels_forced(chunk_module, read_out_apart: bool | None = None, transposed: bool | None = None):
     """A nonlinear memory's chunk_module calls its Triton kernels (`online_triton`) whatever the device, with
-    their read-out apart from the walk or in it where read_out_apart says, and the walks' tiles held
+    their read-out apart from the walk or in it where read_out_apart says, and the forward's tiles held
     transposed or as rows where `transposed` says (None: as the kernels choose)."""
     kernels = importlib.import_module(chunk_module.__package__ + ".online_triton")
-    originals = chunk_module._in_triton, kernels.read_out_apart, kernels._held_transposed
+    originals = chunk_module._in_triton, kernels.read_out_apart, kernels._sizes
     chunk_module._in_triton = lambda q, v, training: True
     if read_out_apart is not None:
         kernels.read_out_apart = lambda *args: read_out_apart
     if transposed is not None:
-        kernels._held_transposed = lambda K, V: transposed
+        def sizes(*args, **kwargs):
+            found = originals[2](*args, **kwargs)
+            return {**found, "TRANSPOSED": transposed} if "TRANSPOSED" in found else found  # the forward's
+        kernels._sizes = sizes
     try:
         yield
     finally:
-        chunk_module._in_triton, kernels.read_out_apart, kernels._held_transposed = originals
+        chunk_module._in_triton, kernels.read_out_apart, kernels._sizes = originals
 
 
 class OnlineChecks:
@@ -1415,7 +1418,7 @@ class OnlineChecks:
         `tf32`: the kernel runs compiled, where its products of half-precision inputs take TensorFloat-32
         operands (the interpreter's are float32): that check then runs at calm rates, to tf32's rounding.
         `read_out_apart`: the read-out in its own launch from checkpoints (True) or in the walk (False), forced;
-        `transposed`: the walks' tiles held transposed or as rows, forced; None leaves the choices to the
+        `transposed`: the forward's tiles held transposed or as rows, forced; None leaves the choices to the
         kernels."""
         with online_kernels_forced(chunk_module, read_out_apart, transposed):
             self._triton_matches_oracle(chunk_module, T, K, tf32)
@@ -1473,15 +1476,15 @@ class OnlineChecks:
         close(found, self._oracle_per_sequence(packed, initial, cu_seqlens), "packed")
 
     def triton_gradients_match_oracle(self, chunk_module, T: int = 37, K: int = 16,
-                                      read_out_apart: bool | None = None, transposed: bool | None = None) -> None:
+                                      read_out_apart: bool | None = None) -> None:
         """Training on the Triton kernels (`online_triton`: the forward with checkpoints, the backward walking
         the mini-batches in reverse with the derived reverse mode; here forced, under the interpreter), in
         float32: the gradient of a loss on the outputs and every part of the final state with respect to q,
         k, v, every input and every initial-state part equals the oracle's (float64, autograd through
         autograd's inner gradients), for two sequences ending inside a mini-batch and for packed sequences; then
         float16 inputs (their gradients in float16, the state's in float32) against the oracle of the rounded
-        inputs. `read_out_apart`, `transposed`: as `triton_matches_oracle`'s."""
-        with online_kernels_forced(chunk_module, read_out_apart, transposed):
+        inputs."""
+        with online_kernels_forced(chunk_module, read_out_apart):
             T = max(T, self.batch + 5)
             problem, initial = self.problem(T, K, seed=51)
             self._triton_gradients(problem, initial, None, "two sequences")
