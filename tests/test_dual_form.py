@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ttr_codegen.derive import dual_form, online
-from ttr_codegen.derive.online import TORCH, TORCH_TRANSPOSED
+from ttr_codegen.derive.online import TORCH
 
 SIZES = {"n": 5, "K": 4, "V": 3, "HIDDEN": 6, "1": 1}
 
@@ -121,26 +121,6 @@ def test_forward_equals_the_generated_layer(name):
     assert naive.BATCH_SIZE == n  # the generated module's mini-batch is the one run here
 
 
-@pytest.mark.parametrize(("depth", "activation", "bias", "layer_norm", "keep", "momentum", "residual"), CASES)
-def test_transposed_forward_is_the_transpose(depth, activation, bias, layer_norm, keep, momentum, residual):
-    """The forward printed with every tile held as its transpose (a small state's kernels run it) gives the
-    transposes of the rows' form's tiles from the inputs' transposes: the output, the end state and every
-    intermediate (float64, two sequences)."""
-    net = online.memory_network(depth, activation, bias, layer_norm)
-    batch = dual_form.minibatch(net, keep, momentum, residual, "pre_norm" if layer_norm else "input")
-    ops = list(batch.program.ops)
-    generator = torch.Generator().manual_seed(depth + 10 * keep + 100 * momentum)
-    sizes = dict(SIZES, V=SIZES["K"] if residual else SIZES["V"])
-    given = {t.name: 0.5 * torch.randn(2, *(sizes[a] for a in t.shape), dtype=torch.float64, generator=generator)
-             for t in batch.program.inputs}
-    rows = _run("\n".join(dual_form.print_ops(ops, TORCH)), given)
-    held = _run("\n".join(dual_form.print_ops(ops, TORCH_TRANSPOSED)),
-                {name: x.transpose(-1, -2) for name, x in given.items()})
-    for op in ops:
-        torch.testing.assert_close(held[op.out.name], rows[op.out.name].transpose(-1, -2), rtol=1e-12, atol=1e-14,
-                                   msg=lambda m, name=op.out.name: f"{name}: {m}")
-
-
 def test_layer_norm_gradient_sums_at_once():
     """A layer-normed memory's loss gradient waits on three reductions one after another (the forward's mean
     and variance, then the backward's sums at once), not four: shallow_row_sum rewrote the sum that spreads
@@ -212,27 +192,19 @@ def test_walk_back_on_stored_tiles(depth, activation, bias, layer_norm, keep, mo
 
 @pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp", "titans_mlp"])
 def test_state_products_precision(name):
-    """Every product on the way to the end state goes through _state_dot (the weights' carried precision), and
-    the read-out's products stay at DOT, in both orientations. Rows: the bfloat16 split only where the key
-    rows multiply the weights (split "b": the weights; the steps' three bfloat16 products put Titans' output
-    0.38 off on an H100). Transposed: the weights, or the first layer's gradients, split ("a") against the
-    exact key rows, in the key rows' forward and in the first layer's step; the other products unsplit."""
+    """Every product on the way to the end state goes through _state_dot (the weights' carried precision); the
+    bfloat16 split of an exact left operand only where the key rows multiply the weights (the steps' three
+    bfloat16 products put Titans' output 0.38 off on an H100); the read-out's products stay at DOT."""
     from ttr_codegen.lower_online import lower_online
     from ttr_codegen.spec import load_spec
     from pathlib import Path
 
     plan = lower_online(load_spec(Path(__file__).resolve().parents[1] / "specs" / f"{name}.yaml"))
-    first = plan.fast_weights[0].name  # the first layer's weights: the key rows' layer
-    for lines, forward, step in ((plan.kernel.forward_lines, f"_state_dot(x, {first}, STATE_DOT, \"b\")", None),
-                                 (plan.kernel.forward_lines_transposed, f"_state_dot({first}, x, STATE_DOT, \"a\")",
-                                  "tl.trans(x), STATE_DOT, \"a\")")):
-        state = [line.split(" = ")[1] for line in lines if "_state_dot(" in line]
-        split = [code for code in state if not code.endswith('STATE_DOT, "")')]
-        assert forward in split, (forward, state)
-        steps = [line.split(" = ")[1] for line in lines if "_step = " in line and "dot(" in line]  # weights' steps
-        assert steps and all(code.startswith("_state_dot(") for code in steps)
-        first_steps = [code for code in steps if "(x)" in code]
-        assert first_steps and all(code.endswith(step or 'STATE_DOT, "")') for code in first_steps), steps
-        assert set(split) == {forward, *(first_steps if step else [])}, split
-        read_out = [line for line in lines if line.split(" = ")[0].endswith(("_q_read", "_q_scores", "_q_moved"))]
-        assert read_out and all("tl.dot(" in line for line in read_out)
+    lines = plan.kernel.forward_lines
+    state = [line for line in lines if "_state_dot(" in line]
+    exact = [line for line in state if line.endswith(", STATE_DOT, True)")]
+    assert exact and all(line.split(" = ")[1].startswith("_state_dot(x, W") for line in exact)
+    steps = [line for line in lines if "_step = " in line and "dot(" in line]  # the weights' steps (not biases')
+    assert steps and all("_state_dot(tl.trans(" in line and line.endswith("False)") for line in steps)
+    read_out = [line for line in lines if line.split(" = ")[0].endswith(("_q_read", "_q_scores", "_q_moved"))]
+    assert read_out and all("tl.dot(" in line for line in read_out)

@@ -213,44 +213,34 @@ class Dialect:
     def t(self, a: str) -> str:
         return f"tl.trans({a})" if self.triton else f"{a}.transpose(-1, -2)"
 
-    def _sum(self, expr: str, across_rows: bool) -> str:
-        """The sum over a tile's rows (a vector) or over each row's entries (a column), of the tile held."""
-        last = across_rows == self.transposed  # the held tile's last axis
-        if self.triton:
-            return f"tl.sum({expr}, axis={1 if last else 0})[{':, None' if last else 'None, :'}]"
-        return f"{_grouped(expr)}.sum({-1 if last else -2}, keepdim=True)"
-
     def row_sum(self, expr: str) -> str:
         """The sum over a row's entries, as a column."""
-        return self._sum(expr, across_rows=False)
+        if self.transposed:
+            return f"tl.sum({expr}, axis=0)[None, :]"
+        return f"tl.sum({expr}, axis=1)[:, None]" if self.triton else f"{_grouped(expr)}.sum(-1, keepdim=True)"
 
     def column_sum(self, expr: str) -> str:
         """The sum over the rows, as a vector."""
-        return self._sum(expr, across_rows=True)
+        if self.transposed:
+            return f"tl.sum({expr}, axis=1)[:, None]"
+        return f"tl.sum({expr}, axis=0)[None, :]" if self.triton else f"{_grouped(expr)}.sum(-2, keepdim=True)"
 
     def row_mean(self, a: str) -> str:
-        if not self.triton:
-            return f"{a}.mean({-2 if self.transposed else -1}, keepdim=True)"
-        return f"{self.row_sum(a)} / {self._row_width(a)}"
+        if self.transposed:
+            return f"tl.sum({a}, axis=0)[None, :] / {a}.shape[0]"
+        return f"tl.sum({a}, axis=1)[:, None] / {a}.shape[1]" if self.triton else f"{a}.mean(-1, keepdim=True)"
 
     def spread(self, column: str, like: str) -> str:
         """A column's gradient of a row mean, spread over the rows' entries."""
         if self.triton:
-            return f"tl.broadcast_to({column} / {self._row_width(like)}, {like}.shape)"
-        return f"({column} / {self._row_width(like)}).expand_as({like})"
-
-    def _row_width(self, a: str) -> str:
-        """The entries of a row of tile a (its columns; its rows where it is held transposed)."""
-        if self.triton:
-            return f"{a}.shape[{0 if self.transposed else 1}]"
-        return f"{a}.shape[{-2 if self.transposed else -1}]"
+            return f"tl.broadcast_to({column} / {like}.shape[{0 if self.transposed else 1}], {like}.shape)"
+        return f"({column} / {like}.shape[-1]).expand_as({like})"
 
     def printer(self, names: dict[str, str]) -> _ElementwisePrinter:
         return _TritonElementwisePrinter(names) if self.triton else _ElementwisePrinter(names)
 
 
 TORCH, TRITON, TRITON_TRANSPOSED = Dialect("torch"), Dialect("triton"), Dialect("triton", transposed=True)
-TORCH_TRANSPOSED = Dialect("torch", transposed=True)  # the transposed lines in torch, to check them
 
 
 def _numbers_evaluated(expr: sp.Expr) -> sp.Expr:
