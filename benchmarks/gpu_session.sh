@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|transposed|diagnose|all]
+#                                    second_order_bench|second_order_tests|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_transposed|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -200,14 +200,10 @@ if [[ $WHAT == online_verify ]]; then  # the nonlinear memories' kernels as they
     cat "$OUT/bench_online.txt" "$OUT/walk_study.txt" "$OUT/steps.txt"
     exit 0
 fi
-if [[ $WHAT == transposed ]]; then  # the forward with a small state's tiles held transposed: ttt_linear's GPU tests
-    # and every layer's at K = 16 (the transposed bfloat16 split), then the walk's variants, then ttt_linear against fla
-    step online_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
-        -p no:cacheprovider -n 14 -rfE --tb=line -k "ttt_linear or small_state"
-    step walk_study 130 python3 benchmarks/online_walk_study.py
-    step bench_online 100 python3 benchmarks/online_gpu.py --layers ttt_linear --profile
-    grep -E "FAILED|^E  |passed|failed" "$OUT/online_tests.txt" | tail -n 25
-    cat "$OUT/walk_study.txt" "$OUT/bench_online.txt" "$OUT/steps.txt"
+if [[ $WHAT == walk_transposed ]]; then  # the walk with 16-bit products, TMA checkpoints and held transposed
+    step walk_study 220 python3 benchmarks/online_walk_study.py --variants generated "no checkpoints" lean \
+        "fla's precision, checkpoints bf16" "state x2" "steps x2" x2 "x2, no checkpoints" "tma checkpoints"
+    cat "$OUT/walk_study.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == online_next ]]; then  # what online_verify did not reach: the larger memories' training tests (ttt_mlp's

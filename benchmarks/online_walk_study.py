@@ -26,54 +26,127 @@ sys.path.insert(0, str(ROOT))
 from delta_family_gpu import teller  # noqa: E402  (this folder is on sys.path when a script here runs)
 
 SOURCE = ROOT / "generated" / "ttt_linear" / "online_triton.py"
-# The forward's products on the way to the next weights, as generated: the transposed mini-batch's (a small
-# state's: the weights, or the gradients, split into three bfloat16 parts times the exact key rows) and the
-# rows' (the key rows times the weights' parts; the steps in TF32x3).
-STATE_PRODUCT = '_state_dot(W, x, STATE_DOT, "a")'
-STEP = ('W_mix_end_step = _state_dot(mix_end_d_z_1, tl.trans(x), STATE_DOT, "a")\n'
-        "    W_end = W + W_mix_end_step")
+STATE_PRODUCT = "_state_dot(x, W, STATE_DOT, True)"
+UPDATE_PRODUCT = "_state_dot(tl.trans(x), mix_end_d_z_1, STATE_DOT, False)"
+BF16 = "tl.bfloat16"
 LAST_RATE = "-_at(rate, rows, n - 1)"
 LAST_RATE_LOADED = "-tl.load(rate_ptr + (first + n - 1) * H + i_h).to(tl.float32)"
-CHECKPOINT_STORE = "_store_state(W_checkpoints, at, W, K, V, TRANSPOSED)"
+CHECKPOINT_STORE = "_store(W_checkpoints, at, W, K, V)"
+CHECKPOINT_STORE_BF16 = f"_store(W_checkpoints, at, W.to({BF16}), K, V)"
+SPLIT_CHAIN = "tl.dot(exact, low, tl.dot(exact, middle, tl.dot(exact, high)))"
+# fla's precision: both state products as one bfloat16 product, the weights and the steps' gradients rounded.
+FLA_PRODUCTS = [(STATE_PRODUCT, f"tl.dot(x.to({BF16}), W.to({BF16}))"),
+                (UPDATE_PRODUCT, f"tl.dot(tl.trans(x).to({BF16}), mix_end_d_z_1.to({BF16}))")]
 
-
-def parts(count: int, step_onto_weights: bool = True) -> list[tuple[str, str]]:
-    """Both state products with `count` bfloat16 parts of the split operand (1: fla's precision, the weights
-    and the gradients rounded to bfloat16), the step added onto the weights by the product itself."""
-    step = ("W_end = _parts_dot(mix_end_d_z_1, tl.trans(x), W, {count})" if step_onto_weights else
-            "W_end = W + _parts_dot(mix_end_d_z_1, tl.trans(x), tl.zeros_like(W), {count})").format(count=count)
-    return [(STATE_PRODUCT, f"_parts_dot(W, x, tl.zeros_like(x), {count})"), (STEP, step)]
-
-
-# a @ b + acc with a (float32) in `PARTS` bfloat16 parts, b exact in bfloat16.
+# Products as two bfloat16 products (16 bits of the float32 operand b; a exact in bfloat16: the key rows), the
+# second added onto acc; and the checkpoint stored by the Tensor Memory Accelerator from a descriptor.
 HELPERS = """@triton.jit
+def _exact_dot2(exact, b, acc):
+    high = b.to(tl.bfloat16)
+    low = (b - high.to(tl.float32)).to(tl.bfloat16)
+    a = exact.to(tl.bfloat16)
+    return tl.dot(a, low, tl.dot(a, high, acc))
+
+
+"""
+# ttt_linear's walk alone held transposed (W^T [V, K], the mini-batch's tiles [V, BS]): both state products
+# take the weights, or the steps' gradients, as the left operand straight from registers (16 bits of them:
+# two bfloat16 parts, or PARTS=1: one), the key rows from shared memory; no round trip of the weights.
+TRANSPOSED_WALK = """@triton.jit
 def _parts_dot(a, b, acc, PARTS: tl.constexpr):
     high = a.to(tl.bfloat16)
-    exact = b.to(tl.bfloat16)
-    acc = tl.dot(high, exact, acc)
+    acc = tl.dot(high, b, acc)
     if PARTS >= 2:
         rest = a - high.to(tl.float32)
         middle = rest.to(tl.bfloat16)
-        acc = tl.dot(middle, exact, acc)
+        acc = tl.dot(middle, b, acc)
         if PARTS == 3:
-            acc = tl.dot((rest - middle.to(tl.float32)).to(tl.bfloat16), exact, acc)
+            acc = tl.dot((rest - middle.to(tl.float32)).to(tl.bfloat16), b, acc)
     return acc
+
+
+@triton.jit
+def _walk_transposed(k_ptr, v_ptr, rate_ptr, ln_weight_ptr, ln_bias_ptr, W_in, b_in, W_out, b_out, W_checkpoints, T,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BS: tl.constexpr,
+                     CHECKPOINT: tl.constexpr, PARTS: tl.constexpr):
+    i_n, i_h = tl.program_id(0), tl.program_id(1)
+    i_nh = i_n * H + i_h
+    ks, vs, cols = tl.arange(0, K), tl.arange(0, V), tl.arange(0, BS)
+    at_state = i_nh * K * V + ks[None, :] * V + vs[:, None]  # W[k, v] as W^T[v, k]
+    Wt = tl.load(W_in + at_state)
+    bt = tl.load(b_in + i_nh * V + vs)[:, None]
+    ln_weight = tl.load(ln_weight_ptr + i_h * V + vs).to(tl.float32)[:, None]
+    ln_bias = tl.load(ln_bias_ptr + i_h * V + vs).to(tl.float32)[:, None]
+    for start in range(0, T, BS):
+        rows = i_n * T + start + cols
+        m = start + cols < T
+        x = tl.load(k_ptr + (rows * H + i_h)[:, None] * K + ks[None, :], mask=m[:, None], other=0.0)  # [BS, K]
+        vt = tl.load(v_ptr + (rows * H + i_h)[None, :] * V + vs[:, None], mask=m[None, :], other=0.0).to(tl.float32)
+        rate = tl.load(rate_ptr + rows * H + i_h, mask=m, other=0.0).to(tl.float32)
+        n = tl.minimum(T - start, BS)
+        last = -tl.sum(tl.where(cols == n - 1, rate, 0.0))
+        if CHECKPOINT == 2:  # by TMA, as W^T
+            W_checkpoints.store([((i_n * tl.cdiv(T, BS) + start // BS) * H + i_h) * V, 0], Wt)
+        elif CHECKPOINT:
+            tl.store(W_checkpoints + (i_n * tl.cdiv(T, BS) + start // BS) * H * K * V + i_h * K * V
+                     + ks[None, :] * V + vs[:, None], Wt)
+        zt = _parts_dot(Wt, tl.trans(x), tl.zeros([V, BS], tl.float32), PARTS) + bt  # (x W + b)^T
+        mean = tl.sum(zt, axis=0)[None, :] / V
+        centred = zt - mean
+        var = tl.sum(centred * centred, axis=0)[None, :] / V
+        inv_std = tl.rsqrt(var + 1e-06)
+        ln = centred * inv_std * ln_weight + ln_bias
+        r = ln - (vt - tl.trans(x).to(tl.float32))
+        d_hat = r * ln_weight
+        d_centred = d_hat * inv_std
+        d_inv_std = tl.sum(d_hat * centred, axis=0)[None, :]
+        d_mean = tl.sum(d_centred, axis=0)[None, :] / V  # the variance's share sums to zero
+        d_zt = d_centred + centred * (d_inv_std * (-inv_std * inv_std * inv_std / V)) - d_mean
+        gt = tl.where(cols[None, :] < n, last * d_zt, 0.0)
+        Wt = _parts_dot(gt, x, Wt, PARTS)
+        bt = bt + tl.sum(gt, axis=1)[:, None]
+    tl.store(W_out + at_state, Wt)
+    tl.store(b_out + i_nh * V + vs[:, None], bt)
 
 
 """
 ANCHOR = "@triton.jit\ndef _state_dot("
+STEP = ("W_mix_end_step = _state_dot(tl.trans(x), mix_end_d_z_1, STATE_DOT, False)\n"
+        "    W_end = W + W_mix_end_step")
+STATE_X2 = [(STATE_PRODUCT, "_exact_dot2(x, W, tl.zeros([BS, V], tl.float32))")]
+STEPS_X2 = [(STEP, "W_end = _exact_dot2(tl.trans(x), mix_end_d_z_1, W)")]
+TMA_STORE = [(CHECKPOINT_STORE, "W_checkpoints.store([at * K, 0], W)")]
 
-# name: (substitutions in the source, overrides of _sizes, checkpoints stored: False or True)
+# name: (substitutions in the source, overrides of _sizes, checkpoints stored: False, True, "bf16" or "tma")
 VARIANTS = {
     "generated": ([], {}, True),
-    "rows": ([], {"TRANSPOSED": False}, True),  # the mini-batch's tiles as rows: the weights through shared memory
+    "state tf32": ([], {"STATE_DOT": "tf32"}, True),  # both state products
+    "state bf16 x1": ([(STATE_PRODUCT, f"tl.dot(x.to({BF16}), W.to({BF16}))")], {}, True),
+    "steps tf32": ([(UPDATE_PRODUCT, "tl.dot(tl.trans(x), mix_end_d_z_1, input_precision=DOT)")], {}, True),
+    "update bf16": ([(UPDATE_PRODUCT, f"tl.dot(tl.trans(x).to({BF16}), mix_end_d_z_1.to({BF16}))")], {}, True),
+    "fla's precision": (FLA_PRODUCTS, {}, True),
     "no checkpoints": ([], {}, False),
-    "steps onto weights": (parts(3), {}, True),  # three parts, the step added by the product
-    "x2": (parts(2), {}, True),  # 16 bits of the split operand
-    "x2, no checkpoints": (parts(2), {}, False),
-    "fla's precision": (parts(1), {}, True),
-    # fla's precision, no checkpoints and the last row's rate as a scalar load: what the rest of the walk costs.
-    "lean": (parts(1) + [(LAST_RATE, LAST_RATE_LOADED)], {}, False),
+    "checkpoints bf16": ([(CHECKPOINT_STORE, CHECKPOINT_STORE_BF16)], {}, "bf16"),
+    # fla's numerics whole: its products, and the checkpoint the same bfloat16 weights as the product's operand.
+    "fla's precision, checkpoints bf16": (FLA_PRODUCTS + [(CHECKPOINT_STORE, CHECKPOINT_STORE_BF16)], {}, "bf16"),
+    # The last row's rate as one scalar load instead of a row sum of the loaded rates.
+    "last rate loaded": ([(LAST_RATE, LAST_RATE_LOADED)], {}, True),
+    # The three bfloat16 products of the key rows' forward independent (summed after) instead of chained.
+    "split apart": ([(SPLIT_CHAIN, "tl.dot(exact, high) + (tl.dot(exact, middle) + tl.dot(exact, low))")], {}, True),
+    # All of the above, fla's precision and no checkpoints: what the rest of the walk costs.
+    "lean": ([(LAST_RATE, LAST_RATE_LOADED)] + FLA_PRODUCTS, {}, False),
+    # 16 bits of the weights (two bfloat16 products) in the key rows' forward, of the gradients in the steps
+    # (added onto the weights by the product); both; both without checkpoints; the steps' TF32x3 added so.
+    "state x2": (STATE_X2, {}, True),
+    "steps x2": (STEPS_X2, {}, True),
+    "x2": (STATE_X2 + STEPS_X2, {}, True),
+    "x2, no checkpoints": (STATE_X2 + STEPS_X2, {}, False),
+    "steps tf32x3 acc": ([(STEP, 'W_end = tl.dot(tl.trans(x), mix_end_d_z_1, W, input_precision="tf32x3")')],
+                         {}, True),
+    # The checkpoint written by TMA from shared memory (no conversion to a blocked layout in registers).
+    "tma checkpoints": (TMA_STORE, {}, "tma"),
+    "x2, tma checkpoints": (STATE_X2 + STEPS_X2 + TMA_STORE, {}, "tma"),
+    "warps 2": ([], {"num_warps": 2}, True),
     "warps 8": ([], {"num_warps": 8}, True),
     "stages 1": ([], {"num_stages": 1}, True),
     "stages 3": ([], {"num_stages": 3}, True),
@@ -98,7 +171,7 @@ BACKWARD_VARIANTS = {
 
 def variant_module(name: str, substitutions: list[tuple[str, str]], folder: Path):
     text = SOURCE.read_text().replace("from .", "from generated.ttt_linear.")  # its imports, absolute
-    text = text.replace(ANCHOR, HELPERS + ANCHOR)
+    text = text.replace(ANCHOR, HELPERS + TRANSPOSED_WALK + ANCHOR)
     for old, new in substitutions:
         if old not in text:
             raise SystemExit(f"{name}: {old!r} not in {SOURCE.name}")
@@ -115,17 +188,45 @@ def walk(module, tensors, overrides: dict, checkpoints: bool, read_out: bool):
     """One launch of the module's walk kernel (no read-out kernel): the output and final weights."""
     q, k, v, rate, ln_weight, ln_bias, W, b = tensors
     B, T, H, K = q.shape
+    V = v.shape[-1]
     total = B * -(-T // module.BATCH_SIZE)
     final = (torch.empty_like(W), torch.empty_like(b))
     starts = (torch.empty_like(W), torch.empty_like(b))
-    kept = (W.new_empty(total if checkpoints else 0, *W.shape[1:]), b.new_empty(total if checkpoints else 0, *b.shape[1:]))
+    kept = (W.new_empty(total if checkpoints else 0, *W.shape[1:],
+                        dtype=torch.bfloat16 if checkpoints == "bf16" else W.dtype),
+            b.new_empty(total if checkpoints else 0, *b.shape[1:]))
     o = torch.empty_like(v)
+    if checkpoints == "tma":
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        kept = (TensorDescriptor.from_tensor(kept[0].view(-1, V), [K, V]), kept[1])
 
     def run():
         module._minibatch_kernel[(B, H)](
             q, k, v, rate, ln_weight, ln_bias, W, b, *final, *starts, *kept, o, q, q, K ** -0.5, T,
             CHECKPOINT=bool(checkpoints), READ_OUT=read_out, **{**module._sizes(q, v, None), **overrides})
         return o, final[0]
+    return run
+
+
+# name: (bfloat16 parts of the left operands, checkpoints stored)
+TRANSPOSED = {"transposed x2": (2, True), "transposed x1": (1, True), "transposed x2, no checkpoints": (2, False),
+              "transposed x1, no checkpoints": (1, False), "transposed x2, tma": (2, 2), "transposed x3": (3, True)}
+
+
+def transposed_walk(module, tensors, parts: int, checkpoints: bool):
+    q, k, v, rate, ln_weight, ln_bias, W, b = tensors
+    B, T, H, K = q.shape
+    final = (torch.empty_like(W), torch.empty_like(b))
+    kept = W.new_empty(B * -(-T // module.BATCH_SIZE) if checkpoints else 0, *W.shape[1:])
+    if checkpoints == 2:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        kept = TensorDescriptor.from_tensor(kept.view(-1, K), [K, K])
+
+    def run():
+        module._walk_transposed[(B, H)](k, v, rate, ln_weight, ln_bias, W, b, *final, kept, T, H=H, K=K, V=K,
+                                        BS=module.BATCH_SIZE, CHECKPOINT=checkpoints, PARTS=parts, num_warps=4,
+                                        num_stages=2)
+        return None, final[0]
     return run
 
 
@@ -177,7 +278,7 @@ def backward_rows(say, names: list[str], folder: Path) -> None:
             say(f"{'back ' + name:18s} {B}x{T:<5d} {'backward':>10s} {ms:8.3f} {1000 * ms / steps:8.2f} {gap:9.2e}")
 
 
-def compiled_counts(module, overrides: dict, checkpoints) -> str:
+def compiled_counts(module, checkpoints, transposed: int = 0) -> str:
     """The walk kernel (alone, B=2 T=8192's launch, bf16 inputs) compiled for sm_90a on this machine (no GPU
     needed): its registers, MMA instructions, shared-memory copies and layout conversions."""
     from triton.backends.compiler import GPUTarget
@@ -185,19 +286,24 @@ def compiled_counts(module, overrides: dict, checkpoints) -> str:
 
     from kernel_resources import cubin_resources
 
-    jit = module._minibatch_kernel
-    constants = {**module._sizes(_Rows(torch.bfloat16), _Rows(torch.bfloat16), None), **overrides,
-                 "CHECKPOINT": bool(checkpoints), "READ_OUT": False}
+    jit = module._walk_transposed if transposed else module._minibatch_kernel
+    constants = {**module._sizes(_Rows(torch.bfloat16), _Rows(torch.bfloat16), None), "CHECKPOINT": bool(checkpoints),
+                 "READ_OUT": False}
     options = {k: constants.pop(k) for k in ("num_warps", "num_stages")}
+    if transposed:
+        constants = dict(H=16, K=64, V=64, BS=16, CHECKPOINT=int(checkpoints), PARTS=transposed)
     bf16 = ("q_ptr", "k_ptr", "v_ptr", "rate_ptr", "o", "cu_seqlens", "batch_offsets")
     signature, attributes = {}, {}
     for i, param in enumerate(jit.params):
         if param.name in constants:
             signature[param.name] = "constexpr"
+        elif param.name == "W_checkpoints" and (checkpoints == "tma" or checkpoints == 2):
+            signature[param.name] = "tensordesc<fp32[64, 64]>"
         elif param.name in ("scale", "T"):
             signature[param.name] = "fp32" if param.name == "scale" else "i32"
         else:
-            signature[param.name] = "*bf16" if param.name in bf16 else "*fp32"
+            signature[param.name] = "*bf16" if param.name in bf16 or (
+                param.name == "W_checkpoints" and checkpoints == "bf16") else "*fp32"
             attributes[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(ASTSource(jit, signature, constants, attributes), target=GPUTarget("cuda", 90, 32),
                             options=options)
@@ -230,7 +336,10 @@ def main() -> None:
         folder = Path(tempfile.mkdtemp())
         for name in args.variants:
             substitutions, overrides, checkpoints = VARIANTS[name]
-            say(f"{name:22s} {compiled_counts(variant_module(name, substitutions, folder), overrides, checkpoints)}")
+            say(f"{name:22s} {compiled_counts(variant_module(name, substitutions, folder), checkpoints)}")
+        module = variant_module("generated", [], folder)
+        for name, (parts, checkpoints) in TRANSPOSED.items():
+            say(f"{name:22s} {compiled_counts(module, checkpoints, transposed=parts)}")
         return
 
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, H=16 K=V=64")
@@ -256,6 +365,12 @@ def main() -> None:
             against = reference[0] if read_out else reference[1]
             gap = ((compared - against).abs().max() / against.abs().max()).item()
             say(f"{name:18s} {B}x{T:<5d} {pass_name:>10s} {ms:8.3f} {1000 * ms / steps:8.2f} {gap:9.2e}")
+        for name in ([] if read_out else TRANSPOSED):
+            module = modules.get("generated") or variant_module("generated", [], folder)
+            found = transposed_walk(module, tensors, *TRANSPOSED[name])()[1].clone()
+            ms = triton.testing.do_bench(transposed_walk(module, tensors, *TRANSPOSED[name]))
+            gap = ((found - reference[1]).abs().max() / reference[1].abs().max()).item()
+            say(f"{name:18s} {B}x{T:<5d} {'walk':>10s} {ms:8.3f} {1000 * ms / steps:8.2f} {gap:9.2e}")
         try:
             from fla.ops.ttt.chunk import chunk_ttt_linear_fwd_h, chunk_ttt_linear_fwd_kernel_h
         except ImportError as error:

@@ -286,8 +286,6 @@ def planned_checks(package, spec) -> list[tuple[str, object]]:
                 ("chunk_gradients", lambda: checks.gradients_match_oracle(T=9, K=3)),
                 ("layer", checks.layer_trains)] + (
             [("chunk_online_triton", lambda: checks.triton_matches_oracle(_submodule(package, "chunk"), T=37, K=16)),
-             ("chunk_online_triton_rows",  # the forward's tiles as rows, as a larger state's kernels hold them
-              lambda: checks.triton_matches_oracle(_submodule(package, "chunk"), T=21, K=16, transposed=False)),
              ("chunk_online_triton_training",
               lambda: checks.triton_gradients_match_oracle(_submodule(package, "chunk"), T=21, K=16,
                                                            read_out_apart=True))]

@@ -49,7 +49,6 @@ class OnlineKernel:
     # shares that run apart (dual_form.ReverseMode): the output rows' from their adjoints d_out, and the end
     # state's from d_<part>_end.
     forward_lines: tuple[str, ...]
-    forward_lines_transposed: tuple[str, ...]  # the same with every tile held as its transpose (the forward's)
     out: str
     end_state: tuple[str, ...]  # in the live state's order
     # The forward's tiles the end state's share reads: its products and row sums, which the output rows' share
@@ -164,30 +163,24 @@ def _kernel(net: online.MemoryNetwork, keep: bool, momentum: bool, residual: boo
     forward_ops = list(batch.program.ops)
     reverse = dual_form.backward(batch)
     # The products on the way to the end state run at the kernel's STATE_DOT (as exact as float32: TF32x3, or for
-    # bfloat16 inputs three bfloat16 products where the key rows, exact in bfloat16, multiply the weights or
-    # the gradients), the others (the read-out's) at its DOT. The weights are float32 and carried over a
-    # sequence's mini-batches: TF32 would round them in the key rows' forward, where the loss's residual (a
-    # small difference of that forward and the target) carries the rounding into every step, and round each
-    # step, and the steps add up over the sequence (Titans' bfloat16 W2 drifted 4.1e-4 from the oracle on an
-    # H100 against float32's bound of 3.4e-4 with its steps at TF32).
+    # bfloat16 inputs three bfloat16 products where the key rows multiply the weights), the others (the
+    # read-out's) at its DOT. The weights are float32 and carried over a sequence's mini-batches: TF32 would round
+    # them in the key rows' forward, where the loss's residual (a small difference of that forward and the
+    # target) carries the rounding into every step, and round each step, and the steps add up over the sequence
+    # (Titans' bfloat16 W2 drifted 4.1e-4 from the oracle on an H100 against float32's bound of 3.4e-4 with its
+    # steps at TF32). The steps (the key rows' transpose times gradients) stay TF32x3: as three bfloat16
+    # products they passed ttt_linear's and ttt_mlp's GPU tests but put Titans' output 0.38 off (Triton 3.6).
+    weights = {t.name for t in batch.state}
     state_path = frozenset(op.out.name for op in dual_form.needed(forward_ops, [], {t.name for t in batch.end_state})
                            if op.fn == "matmul")
     x = batch.rows["x"].name  # the key rows, as loaded: exact in the inputs' dtype
-    exact = {op.out.name: [a.name for a in op.args].index(x) for op in forward_ops
-             if op.out.name in state_path and x in [a.name for a in op.args]}
-    # The rows' form (a larger state's forward) splits only the key rows' forward's weights: its steps as
-    # three bfloat16 products (the key rows' transpose exact, the gradients split) passed ttt_linear's and
-    # ttt_mlp's GPU tests but put Titans' output 0.38 off its oracle (H100, Triton 3.6, not explained), so
-    # there they stay TF32x3.
-    weights = {t.name for t in batch.state}
-    exact_rows = {name: index for name, index in exact.items()
-                  if any(a.name in weights for a in next(op for op in forward_ops if op.out.name == name).args)}
+    exact_left = frozenset(op.out.name for op in forward_ops if op.fn == "matmul" and op.args[0].name == x
+                           and any(a.name in weights for a in op.args))
     # The walk back is sequential: it loads the forward's products and row sums that the output rows' share
     # (a program per mini-batch, all at once) stored, and recomputes only element-wise tiles.
     stored, recomputed = dual_form.stored_replay(forward_ops, reverse.walk_ops)
     return OnlineKernel(
-        forward_lines=tuple(dual_form.print_ops(forward_ops, online.TRITON, state_path, exact_rows)),
-        forward_lines_transposed=tuple(dual_form.print_ops(forward_ops, online.TRITON_TRANSPOSED, state_path, exact)),
+        forward_lines=tuple(dual_form.print_ops(forward_ops, online.TRITON, state_path, exact_left)),
         out=batch.out.name,
         end_state=tuple(t.name for t in batch.end_state),
         walk_stored=tuple((t.name, tuple("BS" if d == "n" else d for d in t.shape)) for t in stored),

@@ -1205,24 +1205,18 @@ def layer_api_checks(layer_class, hidden_size: int, num_heads: int, T: int) -> N
 
 
 @contextlib.contextmanager
-def online_kernels_forced(chunk_module, read_out_apart: bool | None = None, transposed: bool | None = None):
+def online_kernels_forced(chunk_module, read_out_apart: bool | None = None):
     """A nonlinear memory's chunk_module calls its Triton kernels (`online_triton`) whatever the device, with
-    their read-out apart from the walk or in it where read_out_apart says, and the forward's tiles held
-    transposed or as rows where `transposed` says (None: as the kernels choose)."""
+    their read-out apart from the walk or in it where read_out_apart says (None: as the kernels choose)."""
     kernels = importlib.import_module(chunk_module.__package__ + ".online_triton")
-    originals = chunk_module._in_triton, kernels.read_out_apart, kernels._sizes
+    originals = chunk_module._in_triton, kernels.read_out_apart
     chunk_module._in_triton = lambda q, v, training: True
     if read_out_apart is not None:
         kernels.read_out_apart = lambda *args: read_out_apart
-    if transposed is not None:
-        def sizes(*args, **kwargs):
-            found = originals[2](*args, **kwargs)
-            return {**found, "TRANSPOSED": transposed} if "TRANSPOSED" in found else found  # the forward's
-        kernels._sizes = sizes
     try:
         yield
     finally:
-        chunk_module._in_triton, kernels.read_out_apart, kernels._sizes = originals
+        chunk_module._in_triton, kernels.read_out_apart = originals
 
 
 class OnlineChecks:
@@ -1409,7 +1403,7 @@ class OnlineChecks:
             torch.testing.assert_close(y_packed, y_alone, **_tolerance(torch.float64))
 
     def triton_matches_oracle(self, chunk_module, T: int = 37, K: int = 16, tf32: bool = False,
-                              read_out_apart: bool | None = None, transposed: bool | None = None) -> None:
+                              read_out_apart: bool | None = None) -> None:
         """chunk_<name> without gradients on its Triton kernel (`online_triton`, the GPU's inference path; here
         forced, under the interpreter on a CPU), in float32 against the oracle in float64, outputs and every
         part of the final state: from the weights, through calls cut at and inside mini-batches (the state
@@ -1418,9 +1412,8 @@ class OnlineChecks:
         `tf32`: the kernel runs compiled, where its products of half-precision inputs take TensorFloat-32
         operands (the interpreter's are float32): that check then runs at calm rates, to tf32's rounding.
         `read_out_apart`: the read-out in its own launch from checkpoints (True) or in the walk (False), forced;
-        `transposed`: the forward's tiles held transposed or as rows, forced; None leaves the choices to the
-        kernels."""
-        with online_kernels_forced(chunk_module, read_out_apart, transposed):
+        None leaves the choice to the kernels."""
+        with online_kernels_forced(chunk_module, read_out_apart):
             self._triton_matches_oracle(chunk_module, T, K, tf32)
 
     def _triton_matches_oracle(self, chunk_module, T: int, K: int, tf32: bool) -> None:

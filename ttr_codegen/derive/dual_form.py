@@ -373,25 +373,18 @@ class TileProgram:
 # --- printing ------------------------------------------------------------------------------------------
 
 def print_ops(ops: list[TileOp], dialect: Dialect, state_path: frozenset[str] = frozenset(),
-              exact: dict[str, int] | None = None) -> list[str]:
+              exact_left: frozenset[str] = frozenset()) -> list[str]:
     """One line per operation; the products that make a value in state_path (see lower_online._kernel) at the
-    kernel's STATE_DOT precision (through its `_state_dot`, which may split the operand that `exact` does not
-    name: product -> the index of its argument exact in the inputs' dtype), the others at its DOT. A
-    transposed dialect holds every tile as its transpose: (A B)^T = B^T A^T."""
-    lines, exact = [], exact or {}
+    kernel's STATE_DOT precision (through its `_state_dot`, told whether the product is in `exact_left`: its
+    left operand exact in the inputs' dtype), the others at its DOT."""
+    lines = []
     for op in ops:
         a = [t.name for t in op.args]
         if op.fn == "matmul":
             (ta, tb) = op.transpose
-            operands = [dialect.t(a[0]) if ta else a[0], dialect.t(a[1]) if tb else a[1]]
-            if dialect.transposed:
-                operands = operands[::-1]
-            left, right = operands
+            left, right = (dialect.t(a[0]) if ta else a[0]), (dialect.t(a[1]) if tb else a[1])
             if op.out.name in state_path:
-                exact_printed = exact.get(op.out.name)  # the exact one's place in the printed product
-                if exact_printed is not None and dialect.transposed:
-                    exact_printed = 1 - exact_printed
-                code = dialect.state_mm(left, right, {None: "", 0: "b", 1: "a"}[exact_printed])
+                code = dialect.state_mm(left, right, op.out.name in exact_left)
             else:
                 code = dialect.mm(left, right)
         elif op.fn in ("add", "sub", "mul"):

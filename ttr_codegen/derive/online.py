@@ -187,13 +187,9 @@ class _TritonElementwisePrinter(_ElementwisePrinter):
 class Dialect:
     """How the lines spell the operations on a mini-batch: torch on tensors `[..., r, c]` (leading batch and
     head axes), or Triton on one sequence and head's register tiles `[r, c]` inside a kernel, whose products
-    are `tl.dot` at the kernel's `DOT` precision (or another constexpr the caller names). `transposed`: each
-    Triton tile is held as its transpose (a mini-batch's rows as columns, the weights as W^T), so that the
-    products on the way to the carried state take the state, or the gradients, as their left operand (which
-    a Hopper tensor-core product reads from registers) and the key rows as their right one."""
+    are `tl.dot` at the kernel's `DOT` precision (or another constexpr the caller names)."""
 
     name: str
-    transposed: bool = False
 
     @property
     def triton(self) -> bool:
@@ -202,45 +198,38 @@ class Dialect:
     def mm(self, a: str, b: str, precision: str = "DOT") -> str:
         return f"tl.dot({a}, {b}, input_precision={precision})" if self.triton else f"{_grouped(a)} @ {_grouped(b)}"
 
-    def state_mm(self, a: str, b: str, split: str) -> str:
+    def state_mm(self, a: str, b: str, a_exact: bool) -> str:
         """A product on the way to the carried state: the kernel's `_state_dot` at its STATE_DOT precision, told
-        which operand it may split into bfloat16 parts ("a" or "b": the other is exact in the inputs' dtype;
-        "": neither)."""
+        whether the left operand is exact in the inputs' dtype (then only the right one is split)."""
         if not self.triton:
             return self.mm(a, b)
-        return f'_state_dot({a}, {b}, STATE_DOT, "{split}")'
+        return f"_state_dot({a}, {b}, STATE_DOT, {a_exact})"
 
     def t(self, a: str) -> str:
         return f"tl.trans({a})" if self.triton else f"{a}.transpose(-1, -2)"
 
     def row_sum(self, expr: str) -> str:
         """The sum over a row's entries, as a column."""
-        if self.transposed:
-            return f"tl.sum({expr}, axis=0)[None, :]"
         return f"tl.sum({expr}, axis=1)[:, None]" if self.triton else f"{_grouped(expr)}.sum(-1, keepdim=True)"
 
     def column_sum(self, expr: str) -> str:
         """The sum over the rows, as a vector."""
-        if self.transposed:
-            return f"tl.sum({expr}, axis=1)[:, None]"
         return f"tl.sum({expr}, axis=0)[None, :]" if self.triton else f"{_grouped(expr)}.sum(-2, keepdim=True)"
 
     def row_mean(self, a: str) -> str:
-        if self.transposed:
-            return f"tl.sum({a}, axis=0)[None, :] / {a}.shape[0]"
         return f"tl.sum({a}, axis=1)[:, None] / {a}.shape[1]" if self.triton else f"{a}.mean(-1, keepdim=True)"
 
     def spread(self, column: str, like: str) -> str:
         """A column's gradient of a row mean, spread over the rows' entries."""
         if self.triton:
-            return f"tl.broadcast_to({column} / {like}.shape[{0 if self.transposed else 1}], {like}.shape)"
+            return f"tl.broadcast_to({column} / {like}.shape[1], {like}.shape)"
         return f"({column} / {like}.shape[-1]).expand_as({like})"
 
     def printer(self, names: dict[str, str]) -> _ElementwisePrinter:
         return _TritonElementwisePrinter(names) if self.triton else _ElementwisePrinter(names)
 
 
-TORCH, TRITON, TRITON_TRANSPOSED = Dialect("torch"), Dialect("triton"), Dialect("triton", transposed=True)
+TORCH, TRITON = Dialect("torch"), Dialect("triton")
 
 
 def _numbers_evaluated(expr: sp.Expr) -> sp.Expr:
