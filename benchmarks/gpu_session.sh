@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_transposed|diagnose|all]
+#                                    second_order_bench|second_order_tests|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_transposed|rows_x2|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -198,6 +198,17 @@ if [[ $WHAT == online_verify ]]; then  # the nonlinear memories' kernels as they
         "products bf16x3" --variants generated "no checkpoints" "last rate loaded" "split apart" lean
     grep -E "FAILED|^E  |passed|failed" "$OUT/online_tests.txt" | tail -n 25
     cat "$OUT/bench_online.txt" "$OUT/walk_study.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == rows_x2 ]]; then  # the GPU tests online_verify did not reach (ttt_mlp's training at K = 64 decides
+    # MAX_TRAINING_STATE), then the walk's state products with 16 bits of the split operand (two bfloat16 parts)
+    step online_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
+        -p no:cacheprovider -n 14 -rfE --tb=line \
+        -k "trains_at_width_64 or (trains and ttt_mlp) or (on_cuda and not ttt_linear)"
+    step walk_study 100 python3 benchmarks/online_walk_study.py --variants generated "state x2" "steps x2" x2 \
+        "x2, no checkpoints" "tma checkpoints"
+    grep -E "FAILED|^E  |passed|failed" "$OUT/online_tests.txt" | tail -n 25
+    cat "$OUT/walk_study.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == walk_transposed ]]; then  # the walk with 16-bit products, TMA checkpoints and held transposed
