@@ -202,11 +202,10 @@ if [[ $WHAT == online_verify ]]; then  # the nonlinear memories' kernels as they
 fi
 if [[ $WHAT == rows_x2 ]]; then  # the GPU tests online_verify did not reach (ttt_mlp's training at K = 64 decides
     # MAX_TRAINING_STATE), then the walk's state products with 16 bits of the split operand (two bfloat16 parts)
-    step online_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
-        -p no:cacheprovider -n 14 -rfE --tb=line \
-        -k "trains_at_width_64 or (trains and ttt_mlp) or (on_cuda and not ttt_linear)"
-    step walk_study 100 python3 benchmarks/online_walk_study.py --variants generated "state x2" "steps x2" x2 \
-        "x2, no checkpoints" "tma checkpoints"
+    step online_tests 160 timeout -s INT 150 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
+        -p no:cacheprovider -n 14 -rfE --tb=line -k "trains_at_width_64 and ttt_mlp or trains_like_oracle and ttt_mlp"
+    step walk_study 110 python3 benchmarks/online_walk_study.py --backward generated "no row loads" "no dk" \
+        --variants generated "state x2" "steps x2" x2 "x2, no checkpoints"
     grep -E "FAILED|^E  |passed|failed" "$OUT/online_tests.txt" | tail -n 25
     cat "$OUT/walk_study.txt" "$OUT/steps.txt"
     exit 0

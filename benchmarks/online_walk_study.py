@@ -161,6 +161,12 @@ BACKWARD_VARIANTS = {
     "generated": ([], {}),
     # Its rows' gradients (dk, dv) left out: what the work beside its chain costs.
     "no row gradients": ([(ROW_STORES, "")], {}),
+    # Its rows' gradients stored without adding the output rows' share (loaded back from memory) to them: what
+    # those loads cost on the walk's path (the sum could be one element-wise pass after it).
+    "no row loads": ([(ROW_STORES, ROW_STORES.replace("tl.load(dk_ptr + at_k, mask=m[:, None]) + ", "")
+                       .replace("tl.load(dv_ptr + at_v, mask=m[:, None]) + ", ""))], {}),
+    # dv kept, dk (two products with the weights and their adjoint) left out.
+    "no dk": ([(ROW_STORES, ROW_STORES.splitlines(keepends=True)[1])], {}),
     "warps 4": ([], {"num_warps": 4}),
     "warps 16": ([], {"num_warps": 16}),
     "stages 1": ([], {"num_stages": 1}),
