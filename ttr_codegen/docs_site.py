@@ -18,6 +18,8 @@ OP_DESCRIPTIONS = {  # generated file -> what it holds, for the pages
     "chunk_triton.py": "Triton chunked kernels, forward and derived backward",
     "flash_triton.py": "Triton attention kernels, forward and derived backward",
     "fused_recurrent.py": "`fused_recurrent_<name>`: the Triton decoding kernel",
+    "context_parallel.py": "`context_parallel_<name>`: the chunked form with its sequences split across the ranks of a "
+                           "process group (docs/distributed.md)",
     "naive_backward.py": "`naive_<name>_backward`: the derived adjoint as a reverse token loop",
 }
 

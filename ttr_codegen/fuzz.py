@@ -335,6 +335,11 @@ def planned_checks(package, spec) -> list[tuple[str, object]]:
             plan += [("chunk_triton_backward", lambda: checks.triton_train_gradients(train, T=40, K=6, V=5)),
                      ("chunk_triton_backward_packed",
                       lambda: checks.triton_train_packed_gradients(train, lengths=(1, 17, 20), K=6, V=5))]
+    if _submodule(package, "context_parallel") is not None:  # the sequences split over two processes
+        from .testing import context_parallel_matches
+
+        plan.append(("context_parallel",
+                     lambda: context_parallel_matches([(package.__path__[0], str(spec_path))], ranks=2)))
     return plan
 
 

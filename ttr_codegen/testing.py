@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -1521,3 +1522,170 @@ class OnlineChecks:
         bound = 1e-3 if dtype == torch.float32 else 4e-3  # float16's rounding of each stored gradient: 2^-11
         for name, g, g_ref in zip(names, found, expected):
             assert_within(g, g_ref, bound, f"Triton training, {what}: d/d{name}")
+
+
+# --- context parallelism (context_parallel_<name>), checked in processes of a gloo group ----------------------
+
+def context_parallel_layers(generated: Path) -> list[str]:
+    """The generated layers with a `context_parallel_<name>`."""
+    return sorted(p.parent.name for p in generated.glob("*/context_parallel.py"))
+
+
+def context_parallel_matches(layers: list[tuple[str, str]], ranks: int) -> None:
+    """`context_parallel_worker` in `ranks` processes of a fresh gloo group (on a free local port), for the
+    generated packages in `layers`: (package directory, spec path) pairs."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(context_parallel_worker, args=(ranks, f"tcp://127.0.0.1:{port}", layers), nprocs=ranks, join=True)
+
+
+def context_parallel_worker(rank: int, ranks: int, address: str, layers: list[tuple[str, str]]) -> None:
+    """One process of a gloo group of `ranks`: each layer's `context_parallel_<name>` (layers: (package
+    directory, spec path) pairs) on this rank's shard against `chunk_<name>` on the whole sequences in this
+    process (float64): outputs, final states and the gradients of every input and of the initial state, batch
+    rows and packed sequences that cross the shards' ends (one over three shards at four ranks, one ending at
+    a shard's end, an empty one), with and without a loss on the final state."""
+    import torch.distributed as dist
+
+    import datetime
+
+    # A collective one rank misses fails the check within a minute instead of hanging it.
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=ranks,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        for package_dir, spec_path in layers:
+            _context_parallel_matches(Path(package_dir), Path(spec_path), rank, ranks)
+    finally:
+        dist.destroy_process_group()
+
+
+def _context_parallel_matches(package_dir: Path, spec_path: Path, rank: int, ranks: int) -> None:
+    checks = LayerChecks(spec_path, None, None)
+    name = checks.spec.name
+    module = f"_ttr_context_parallel_{name}"  # the package under a name of its own (its relative imports work)
+    found = importlib.util.spec_from_file_location(module, package_dir / "__init__.py",
+                                                   submodule_search_locations=[str(package_dir)])
+    package = importlib.util.module_from_spec(found)
+    sys.modules[module] = package
+    found.loader.exec_module(package)
+    split, checks.chunk = getattr(package, f"context_parallel_{name}"), getattr(package, f"chunk_{name}")
+    shard, K, V, H = 6, 4, 3, 2
+    T = shard * ranks
+    lengths = [5, T - 5] if ranks == 2 else [3, shard - 3, 0, 2 * shard + 1, T - 3 * shard - 1]
+    packed = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    # (what, B, cu_seqlens, whether a loss reads the final state: without, rank 0's output reads nothing the
+    # other ranks send, and its backward must still join theirs)
+    cases = [("batch rows", 2, None, True), ("batch rows, outputs only", 2, None, False),
+             (f"packed {lengths}", 1, packed, True), (f"packed {lengths}, outputs only", 1, packed, False)]
+    for what, B, cu_seqlens, with_final in cases:
+        problem = checks.problem(T, K, V, B=B, H=H, seed=7)
+        N = B if cu_seqlens is None else len(cu_seqlens) - 1
+        generator = torch.Generator().manual_seed(8)
+        initial = torch.randn(N, H, K, V, dtype=torch.float64, generator=generator)
+        d_o = torch.randn(B, T, H, V, dtype=torch.float64, generator=generator)
+        d_final = torch.randn(N, H, K, V, dtype=torch.float64, generator=generator)
+        leaves = [x.clone().requires_grad_(True) for x in (*problem.args(), initial)]
+        whole = Problem(*leaves[:3], dict(zip(problem.inputs, leaves[3:-1])))
+        o_ref, final_ref = checks.chunk(*whole.args(), initial_state=leaves[-1], output_final_state=True,
+                                        cu_seqlens=cu_seqlens, chunk_size=4)
+        d_final = d_final * with_final
+        grads_ref = torch.autograd.grad((o_ref * d_o).sum() + (final_ref * d_final).sum(), leaves)
+
+        mine = [x.clone().requires_grad_(True) for x in (*problem.args(), initial)]
+        local = Problem(*mine[:3], dict(zip(problem.inputs, mine[3:-1]))).tokens(
+            rank * shard, (rank + 1) * shard, checks.steps, checks.per_step, checks.spec)
+        o, final = split(*local.args(), initial_state=mine[-1], output_final_state=with_final,
+                         cu_seqlens=cu_seqlens, chunk_size=4)
+        rows = slice(rank * shard, (rank + 1) * shard)
+        label = f"{name} {what}, rank {rank} of {ranks}"
+        torch.testing.assert_close(o, o_ref[:, rows], rtol=1e-10, atol=1e-10, msg=lambda m: f"{label} output: {m}")
+        loss = (o * d_o[:, rows]).sum()
+        if with_final:
+            torch.testing.assert_close(final, final_ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"{label} final: {m}")
+            loss = loss + ((final * d_final).sum() if rank == 0 else 0.0)
+        else:
+            assert final is None
+        grads = torch.autograd.grad(loss, mine)
+        for arg, g, g_ref in zip(["q", "k", "v", *problem.inputs, "initial_state"], grads, grads_ref):
+            if arg in ("q", "k", "v") or (arg in problem.inputs and checks.spec.input(arg).per_token):
+                steps = checks.steps if arg in ("k", "v") or arg in checks.per_step else 1
+                g_ref = g_ref[:, rank * shard * steps:(rank + 1) * shard * steps]
+                g = g[:, rank * shard * steps:(rank + 1) * shard * steps]
+            torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10, msg=lambda m, arg=arg: f"{label} d{arg}: {m}")
+
+
+# --- sharded training (DDP, FSDP2), checked in processes of a gloo group ----------------------------------------
+
+SHARDED_LAYERS = ["gated_delta_rule", "kda", "mesa_cg", "ttt_linear", "softmax_attention"]  # one of each family
+
+
+def sharded_training_worker(rank: int, ranks: int, address: str, names: list[str], wrapping: str) -> None:
+    """One process of a gloo group of `ranks`: a model of two generated layers and a linear head takes a
+    training step under `wrapping` ("ddp", "fsdp2", or "ddp_compiled": DDP around torch.compile, whose
+    aot_eager backend traces the layers without a C compiler) on this rank's share of the batch, against the
+    same model on the whole batch in this process (float64): the loss (averaged over the ranks) and every
+    parameter's gradient (DDP's and FSDP2's are means over the ranks, as the whole batch's mean loss has them)."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=ranks,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        for name in names:
+            package = importlib.import_module(f"generated.{name}")
+            layer_class = getattr(package, load_spec(Path(package.__file__).parents[2] / "specs" / f"{name}.yaml")
+                                  .camel_name)
+
+            def model() -> torch.nn.Module:
+                torch.manual_seed(0)
+                return torch.nn.Sequential(_Mixer(layer_class(hidden_size=16, num_heads=2)),
+                                           _Mixer(layer_class(hidden_size=16, num_heads=2, layer_idx=1)),
+                                           torch.nn.Linear(16, 3)).double()
+            generator = torch.Generator().manual_seed(1)
+            x = torch.randn(2 * ranks, 19, 16, dtype=torch.float64, generator=generator)
+            y = torch.randn(2 * ranks, 19, 3, dtype=torch.float64, generator=generator)
+            whole = model()
+            loss_ref = torch.nn.functional.mse_loss(whole(x), y)
+            grads_ref = torch.autograd.grad(loss_ref, list(whole.parameters()))
+
+            mine = model()
+            if wrapping == "fsdp2":
+                from torch.distributed.fsdp import fully_shard
+                for block in mine[:2]:
+                    fully_shard(block)
+                fully_shard(mine)
+                wrapped = mine
+            else:
+                wrapped = DistributedDataParallel(torch.compile(mine, backend="aot_eager")
+                                                  if wrapping == "ddp_compiled" else mine)
+            rows = slice(2 * rank, 2 * rank + 2)
+            loss = torch.nn.functional.mse_loss(wrapped(x[rows]), y[rows])
+            loss.backward()
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            label = f"{name} under {wrapping}, rank {rank} of {ranks}"
+            torch.testing.assert_close(total / ranks, loss_ref.detach(), rtol=1e-12, atol=1e-12,
+                                       msg=lambda m: f"{label} loss: {m}")
+            for (what, p), g_ref in zip(mine.named_parameters(), grads_ref, strict=True):
+                g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12, msg=lambda m, w=what: f"{label} d{w}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+class _Mixer(torch.nn.Module):
+    """A generated layer as a block of a model: its output alone, added to its input."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layer(x)[0]

@@ -130,6 +130,7 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         # The Triton kernels include the derived backward: chunk_<name> trains on them.
         "triton_train": adjoint is not None and triton_template is not None,
         "adjoint": adjoint,
+        "context_parallel": context_parallel(plan, chunk),
     }
     templates = {"__init__.py": "init.py.j2", "checks.py": "checks.py.j2", "naive.py": _NAIVE_TEMPLATE[context["form"]],
                  "layer.py": "layer.py.j2", "modules.py": "modules.py.j2"}
@@ -149,6 +150,8 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         templates["cg_triton.py"] = "cg_triton.py.j2"
     if chunk is not None and chunk.variant == "rls":
         templates["rls_triton.py"] = "rls_triton.py.j2"
+    if context["context_parallel"]:
+        templates["context_parallel.py"] = "context_parallel.py.j2"
     if chunk is not None:
         templates["chunk.py"] = {Family.MOMENTUM: "chunk_momentum.py.j2",
                                  Family.SECOND_ORDER: "chunk_second_order.py.j2"}.get(chunk.family, "chunk.py.j2")
@@ -158,6 +161,14 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
     test_name = f"test_{plan.name}.py"
     files.append(RenderedFile(test_name, stamp(env.get_template("test.py.j2").render(context), spec_path, spec_text)))
     return files
+
+
+def context_parallel(plan, chunk: ChunkPlan | None) -> bool:
+    """Whether a layer gets `context_parallel_<name>`: a chunked form with one [K, V] state whose transition
+    acts on its key side and does not read the values (the gated and delta families), and no input of the
+    value's width (the map's probe runs the layer at V = K)."""
+    return (chunk is not None and chunk.family in (Family.GATED, Family.DELTA) and len(plan.states) == 1
+            and not any("V" in i.shape_code for i in plan.inputs))
 
 
 def _spec_from_package(spec_path: str, package_dir: Path) -> str:

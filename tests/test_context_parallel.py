@@ -1,0 +1,49 @@
+"""Context parallelism (`context_parallel_<name>`, generated for the layers whose state's affine map the layer
+itself gives): the sequence split over 2 and 4 processes of a gloo group, against the chunked op on the whole
+sequence in one process (float64): outputs, final states and every gradient, batch rows and packed sequences
+that cross the shards' ends."""
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from ttr_codegen.testing import context_parallel_layers, context_parallel_matches
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = context_parallel_layers(ROOT / "generated")
+
+
+def test_layers_found():
+    """The gated and delta families' layers of the catalogue have it."""
+    assert {"gated_delta_rule", "delta_rule", "gla", "kda", "linear_attention", "retnet"} <= set(LAYERS)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_matches_one_process(ranks):
+    context_parallel_matches([(str(ROOT / "generated" / name), str(ROOT / "specs" / f"{name}.yaml"))
+                              for name in LAYERS], ranks)
+
+
+def test_refuses_offsets_of_another_length():
+    """Packed offsets that do not end at ranks * T (a shard of another length, or one rank's offsets alone) are
+    refused with a message that names cu_seqlens, before any collective."""
+    import torch
+    import torch.distributed as dist
+
+    from generated.gated_delta_rule import context_parallel_gated_delta_rule
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        q = k = torch.randn(1, 8, 2, 4)
+        v = torch.randn(1, 8, 2, 3)
+        g, beta = -torch.rand(1, 8, 2), torch.rand(1, 8, 2)
+        with pytest.raises(ValueError, match="cu_seqlens packs the whole batch"):
+            context_parallel_gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 3, 10]))
+        o, _ = context_parallel_gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 3, 8]))
+        assert o.shape == (1, 8, 2, 3)
+    finally:
+        dist.destroy_process_group()
