@@ -15,8 +15,8 @@ LAYERS = context_parallel_layers(ROOT / "generated")
 
 
 def test_layers_found():
-    """The gated and delta families' layers of the catalogue have it."""
-    assert {"gated_delta_rule", "delta_rule", "gla", "kda", "linear_attention", "retnet"} <= set(LAYERS)
+    """The gated, delta and momentum families' layers of the catalogue have it."""
+    assert {"gated_delta_rule", "delta_rule", "gla", "kda", "linear_attention", "retnet", "titans_linear"} <= set(LAYERS)
 
 
 @pytest.mark.parametrize("ranks", [2, 4])

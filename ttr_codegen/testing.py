@@ -1574,6 +1574,8 @@ def _context_parallel_matches(package_dir: Path, spec_path: Path, rank: int, ran
     sys.modules[module] = package
     found.loader.exec_module(package)
     split, checks.chunk = getattr(package, f"context_parallel_{name}"), getattr(package, f"chunk_{name}")
+    checks.naive = getattr(package, f"naive_{name}")
+    parts = checks.state_parts()  # Titans' (S, Z): 2
     shard, K, V, H = 6, 4, 3, 2
     T = shard * ranks
     lengths = [5, T - 5] if ranks == 2 else [3, shard - 3, 0, 2 * shard + 1, T - 3 * shard - 1]
@@ -1586,32 +1588,40 @@ def _context_parallel_matches(package_dir: Path, spec_path: Path, rank: int, ran
         problem = checks.problem(T, K, V, B=B, H=H, seed=7)
         N = B if cu_seqlens is None else len(cu_seqlens) - 1
         generator = torch.Generator().manual_seed(8)
-        initial = torch.randn(N, H, K, V, dtype=torch.float64, generator=generator)
+        initial = [torch.randn(N, H, K, V, dtype=torch.float64, generator=generator) for _ in range(parts)]
         d_o = torch.randn(B, T, H, V, dtype=torch.float64, generator=generator)
-        d_final = torch.randn(N, H, K, V, dtype=torch.float64, generator=generator)
-        leaves = [x.clone().requires_grad_(True) for x in (*problem.args(), initial)]
-        whole = Problem(*leaves[:3], dict(zip(problem.inputs, leaves[3:-1])))
-        o_ref, final_ref = checks.chunk(*whole.args(), initial_state=leaves[-1], output_final_state=True,
-                                        cu_seqlens=cu_seqlens, chunk_size=4)
-        d_final = d_final * with_final
-        grads_ref = torch.autograd.grad((o_ref * d_o).sum() + (final_ref * d_final).sum(), leaves)
+        d_final = [torch.randn(N, H, K, V, dtype=torch.float64, generator=generator) * with_final
+                   for _ in range(parts)]
 
-        mine = [x.clone().requires_grad_(True) for x in (*problem.args(), initial)]
-        local = Problem(*mine[:3], dict(zip(problem.inputs, mine[3:-1]))).tokens(
+        def state(tensors):  # as the op takes it: one tensor, or a tuple of parts
+            return tensors[0] if parts == 1 else tuple(tensors)
+        leaves = [x.clone().requires_grad_(True) for x in (*problem.args(), *initial)]
+        whole = Problem(*leaves[:3], dict(zip(problem.inputs, leaves[3:-parts])))
+        o_ref, final_ref = checks.chunk(*whole.args(), initial_state=state(leaves[-parts:]), output_final_state=True,
+                                        cu_seqlens=cu_seqlens, chunk_size=4)
+        final_ref = state_tuple(final_ref)
+        grads_ref = torch.autograd.grad((o_ref * d_o).sum() + sum((f * d).sum() for f, d in zip(final_ref, d_final)),
+                                        leaves)
+
+        mine = [x.clone().requires_grad_(True) for x in (*problem.args(), *initial)]
+        local = Problem(*mine[:3], dict(zip(problem.inputs, mine[3:-parts]))).tokens(
             rank * shard, (rank + 1) * shard, checks.steps, checks.per_step, checks.spec)
-        o, final = split(*local.args(), initial_state=mine[-1], output_final_state=with_final,
+        o, final = split(*local.args(), initial_state=state(mine[-parts:]), output_final_state=with_final,
                          cu_seqlens=cu_seqlens, chunk_size=4)
         rows = slice(rank * shard, (rank + 1) * shard)
         label = f"{name} {what}, rank {rank} of {ranks}"
         torch.testing.assert_close(o, o_ref[:, rows], rtol=1e-10, atol=1e-10, msg=lambda m: f"{label} output: {m}")
         loss = (o * d_o[:, rows]).sum()
         if with_final:
+            final = state_tuple(final)
             torch.testing.assert_close(final, final_ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"{label} final: {m}")
-            loss = loss + ((final * d_final).sum() if rank == 0 else 0.0)
+            if rank == 0:
+                loss = loss + sum((f * d).sum() for f, d in zip(final, d_final))
         else:
             assert final is None
         grads = torch.autograd.grad(loss, mine)
-        for arg, g, g_ref in zip(["q", "k", "v", *problem.inputs, "initial_state"], grads, grads_ref):
+        names = ["q", "k", "v", *problem.inputs, *(f"initial_state[{i}]" for i in range(parts))]
+        for arg, g, g_ref in zip(names, grads, grads_ref, strict=True):
             if arg in ("q", "k", "v") or (arg in problem.inputs and checks.spec.input(arg).per_token):
                 steps = checks.steps if arg in ("k", "v") or arg in checks.per_step else 1
                 g_ref = g_ref[:, rank * shard * steps:(rank + 1) * shard * steps]

@@ -164,10 +164,11 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
 
 
 def context_parallel(plan, chunk: ChunkPlan | None) -> bool:
-    """Whether a layer gets `context_parallel_<name>`: a chunked form with one [K, V] state whose transition
-    acts on its key side and does not read the values (the gated and delta families), and no input of the
-    value's width (the map's probe runs the layer at V = K)."""
-    return (chunk is not None and chunk.family in (Family.GATED, Family.DELTA) and len(plan.states) == 1
+    """Whether a layer gets `context_parallel_<name>`: a chunked form whose state, [K, V] parts, moves by a
+    transition on their key side that does not read the values (the gated, delta and momentum families), and
+    no input of the value's width (the map's probe runs the layer at another one)."""
+    return (chunk is not None and chunk.family in (Family.GATED, Family.DELTA, Family.MOMENTUM)
+            and all(state.shape_code.replace(" ", "") == "(B,H,K,V)" for state in plan.states)
             and not any("V" in i.shape_code for i in plan.inputs))
 
 
