@@ -3,12 +3,11 @@ itself gives): the sequence split over 2 and 4 processes of a gloo group, agains
 sequence in one process (float64): outputs, final states and every gradient, batch rows and packed sequences
 that cross the shards' ends."""
 
-import socket
 from pathlib import Path
 
 import pytest
 
-from ttr_codegen.testing import context_parallel_layers, context_parallel_matches
+from ttr_codegen.testing import context_parallel_layers, context_parallel_matches, free_address
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = context_parallel_layers(ROOT / "generated")
@@ -33,10 +32,7 @@ def test_refuses_offsets_of_another_length():
 
     from generated.gated_delta_rule import context_parallel_gated_delta_rule
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=free_address(), rank=0, world_size=1)
     try:
         q = k = torch.randn(1, 8, 2, 4)
         v = torch.randn(1, 8, 2, 3)

@@ -1531,17 +1531,21 @@ def context_parallel_layers(generated: Path) -> list[str]:
     return sorted(p.parent.name for p in generated.glob("*/context_parallel.py"))
 
 
-def context_parallel_matches(layers: list[tuple[str, str]], ranks: int) -> None:
-    """`context_parallel_worker` in `ranks` processes of a fresh gloo group (on a free local port), for the
-    generated packages in `layers`: (package directory, spec path) pairs."""
+def free_address() -> str:
+    """A rendezvous address for a fresh process group on this machine: a free local port."""
     import socket
-
-    import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(context_parallel_worker, args=(ranks, f"tcp://127.0.0.1:{port}", layers), nprocs=ranks, join=True)
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def context_parallel_matches(layers: list[tuple[str, str]], ranks: int) -> None:
+    """`context_parallel_worker` in `ranks` processes of a fresh gloo group, for the generated packages in
+    `layers`: (package directory, spec path) pairs."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(context_parallel_worker, args=(ranks, free_address(), layers), nprocs=ranks, join=True)
 
 
 def context_parallel_worker(rank: int, ranks: int, address: str, layers: list[tuple[str, str]]) -> None:
