@@ -50,7 +50,7 @@ def test_generate_writes_the_package(workspace):
     assert "def naive_gated_delta_rule(" in naive
     assert str(workspace) not in naive  # no absolute paths
     again = run("generate", "specs/gated_delta_rule.yaml")
-    assert "0 file(s) written, 12 unchanged" in again.output
+    assert "0 file(s) written, 13 unchanged" in again.output
 
 
 def test_check_reports_stale_files_with_a_diff(workspace):
