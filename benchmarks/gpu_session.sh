@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_transposed|rows_x2|diagnose|all]
+#                                    second_order_bench|second_order_tests|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -210,7 +210,7 @@ if [[ $WHAT == rows_x2 ]]; then  # the GPU tests online_verify did not reach (tt
     cat "$OUT/walk_study.txt" "$OUT/steps.txt"
     exit 0
 fi
-if [[ $WHAT == walk_transposed ]]; then  # the walk with 16-bit products, TMA checkpoints and held transposed
+if [[ $WHAT == walk_variants ]]; then  # the walk with 16-bit state products, bf16 or TMA checkpoints, fla's numerics
     step walk_study 220 python3 benchmarks/online_walk_study.py --variants generated "no checkpoints" lean \
         "fla's precision, checkpoints bf16" "state x2" "steps x2" x2 "x2, no checkpoints" "tma checkpoints"
     cat "$OUT/walk_study.txt" "$OUT/steps.txt"

@@ -142,6 +142,8 @@ def compile_for_hopper(module: str, kernel: str, arguments: dict):
         elif kind == "tensor":
             signature[param.name] = "*" + TYPES[value]
             attributes[(i,)] = [["tt.divisibility", 16]]  # as the launcher specialises aligned pointers
+        elif kind == "signature":  # given whole, e.g. a tensor descriptor's "tensordesc<fp32[64, 64]>"
+            signature[param.name] = value
         else:
             signature[param.name] = "fp32" if isinstance(value, float) else "i32"
     options = {k: v for k, (_, v) in arguments.items() if k not in jit.arg_names}  # num_warps, num_stages

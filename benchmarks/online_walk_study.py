@@ -49,67 +49,6 @@ def _exact_dot2(exact, b, acc):
 
 
 """
-# ttt_linear's walk alone held transposed (W^T [V, K], the mini-batch's tiles [V, BS]): both state products
-# take the weights, or the steps' gradients, as the left operand straight from registers (16 bits of them:
-# two bfloat16 parts, or PARTS=1: one), the key rows from shared memory; no round trip of the weights.
-TRANSPOSED_WALK = """@triton.jit
-def _parts_dot(a, b, acc, PARTS: tl.constexpr):
-    high = a.to(tl.bfloat16)
-    acc = tl.dot(high, b, acc)
-    if PARTS >= 2:
-        rest = a - high.to(tl.float32)
-        middle = rest.to(tl.bfloat16)
-        acc = tl.dot(middle, b, acc)
-        if PARTS == 3:
-            acc = tl.dot((rest - middle.to(tl.float32)).to(tl.bfloat16), b, acc)
-    return acc
-
-
-@triton.jit
-def _walk_transposed(k_ptr, v_ptr, rate_ptr, ln_weight_ptr, ln_bias_ptr, W_in, b_in, W_out, b_out, W_checkpoints, T,
-                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BS: tl.constexpr,
-                     CHECKPOINT: tl.constexpr, PARTS: tl.constexpr):
-    i_n, i_h = tl.program_id(0), tl.program_id(1)
-    i_nh = i_n * H + i_h
-    ks, vs, cols = tl.arange(0, K), tl.arange(0, V), tl.arange(0, BS)
-    at_state = i_nh * K * V + ks[None, :] * V + vs[:, None]  # W[k, v] as W^T[v, k]
-    Wt = tl.load(W_in + at_state)
-    bt = tl.load(b_in + i_nh * V + vs)[:, None]
-    ln_weight = tl.load(ln_weight_ptr + i_h * V + vs).to(tl.float32)[:, None]
-    ln_bias = tl.load(ln_bias_ptr + i_h * V + vs).to(tl.float32)[:, None]
-    for start in range(0, T, BS):
-        rows = i_n * T + start + cols
-        m = start + cols < T
-        x = tl.load(k_ptr + (rows * H + i_h)[:, None] * K + ks[None, :], mask=m[:, None], other=0.0)  # [BS, K]
-        vt = tl.load(v_ptr + (rows * H + i_h)[None, :] * V + vs[:, None], mask=m[None, :], other=0.0).to(tl.float32)
-        rate = tl.load(rate_ptr + rows * H + i_h, mask=m, other=0.0).to(tl.float32)
-        n = tl.minimum(T - start, BS)
-        last = -tl.sum(tl.where(cols == n - 1, rate, 0.0))
-        if CHECKPOINT == 2:  # by TMA, as W^T
-            W_checkpoints.store([((i_n * tl.cdiv(T, BS) + start // BS) * H + i_h) * V, 0], Wt)
-        elif CHECKPOINT:
-            tl.store(W_checkpoints + (i_n * tl.cdiv(T, BS) + start // BS) * H * K * V + i_h * K * V
-                     + ks[None, :] * V + vs[:, None], Wt)
-        zt = _parts_dot(Wt, tl.trans(x), tl.zeros([V, BS], tl.float32), PARTS) + bt  # (x W + b)^T
-        mean = tl.sum(zt, axis=0)[None, :] / V
-        centred = zt - mean
-        var = tl.sum(centred * centred, axis=0)[None, :] / V
-        inv_std = tl.rsqrt(var + 1e-06)
-        ln = centred * inv_std * ln_weight + ln_bias
-        r = ln - (vt - tl.trans(x).to(tl.float32))
-        d_hat = r * ln_weight
-        d_centred = d_hat * inv_std
-        d_inv_std = tl.sum(d_hat * centred, axis=0)[None, :]
-        d_mean = tl.sum(d_centred, axis=0)[None, :] / V  # the variance's share sums to zero
-        d_zt = d_centred + centred * (d_inv_std * (-inv_std * inv_std * inv_std / V)) - d_mean
-        gt = tl.where(cols[None, :] < n, last * d_zt, 0.0)
-        Wt = _parts_dot(gt, x, Wt, PARTS)
-        bt = bt + tl.sum(gt, axis=1)[:, None]
-    tl.store(W_out + at_state, Wt)
-    tl.store(b_out + i_nh * V + vs[:, None], bt)
-
-
-"""
 ANCHOR = "@triton.jit\ndef _state_dot("
 STEP = ("W_mix_end_step = _state_dot(tl.trans(x), mix_end_d_z_1, STATE_DOT, False)\n"
         "    W_end = W + W_mix_end_step")
@@ -177,7 +116,7 @@ BACKWARD_VARIANTS = {
 
 def variant_module(name: str, substitutions: list[tuple[str, str]], folder: Path):
     text = SOURCE.read_text().replace("from .", "from generated.ttt_linear.")  # its imports, absolute
-    text = text.replace(ANCHOR, HELPERS + TRANSPOSED_WALK + ANCHOR)
+    text = text.replace(ANCHOR, HELPERS + ANCHOR)
     for old, new in substitutions:
         if old not in text:
             raise SystemExit(f"{name}: {old!r} not in {SOURCE.name}")
@@ -211,28 +150,6 @@ def walk(module, tensors, overrides: dict, checkpoints: bool, read_out: bool):
             q, k, v, rate, ln_weight, ln_bias, W, b, *final, *starts, *kept, o, q, q, K ** -0.5, T,
             CHECKPOINT=bool(checkpoints), READ_OUT=read_out, **{**module._sizes(q, v, None), **overrides})
         return o, final[0]
-    return run
-
-
-# name: (bfloat16 parts of the left operands, checkpoints stored)
-TRANSPOSED = {"transposed x2": (2, True), "transposed x1": (1, True), "transposed x2, no checkpoints": (2, False),
-              "transposed x1, no checkpoints": (1, False), "transposed x2, tma": (2, 2), "transposed x3": (3, True)}
-
-
-def transposed_walk(module, tensors, parts: int, checkpoints: bool):
-    q, k, v, rate, ln_weight, ln_bias, W, b = tensors
-    B, T, H, K = q.shape
-    final = (torch.empty_like(W), torch.empty_like(b))
-    kept = W.new_empty(B * -(-T // module.BATCH_SIZE) if checkpoints else 0, *W.shape[1:])
-    if checkpoints == 2:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        kept = TensorDescriptor.from_tensor(kept.view(-1, K), [K, K])
-
-    def run():
-        module._walk_transposed[(B, H)](k, v, rate, ln_weight, ln_bias, W, b, *final, kept, T, H=H, K=K, V=K,
-                                        BS=module.BATCH_SIZE, CHECKPOINT=checkpoints, PARTS=parts, num_warps=4,
-                                        num_stages=2)
-        return None, final[0]
     return run
 
 
@@ -284,35 +201,26 @@ def backward_rows(say, names: list[str], folder: Path) -> None:
             say(f"{'back ' + name:18s} {B}x{T:<5d} {'backward':>10s} {ms:8.3f} {1000 * ms / steps:8.2f} {gap:9.2e}")
 
 
-def compiled_counts(module, checkpoints, transposed: int = 0) -> str:
+def compiled_counts(module, checkpoints) -> str:
     """The walk kernel (alone, B=2 T=8192's launch, bf16 inputs) compiled for sm_90a on this machine (no GPU
     needed): its registers, MMA instructions, shared-memory copies and layout conversions."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from kernel_resources import compile_for_hopper, cubin_resources
 
-    from kernel_resources import cubin_resources
-
-    jit = module._walk_transposed if transposed else module._minibatch_kernel
-    constants = {**module._sizes(_Rows(torch.bfloat16), _Rows(torch.bfloat16), None), "CHECKPOINT": bool(checkpoints),
-                 "READ_OUT": False}
-    options = {k: constants.pop(k) for k in ("num_warps", "num_stages")}
-    if transposed:
-        constants = dict(H=16, K=64, V=64, BS=16, CHECKPOINT=int(checkpoints), PARTS=transposed)
+    sys.modules.setdefault(module.__name__, module)  # compile_for_hopper imports it by name
+    sizes = {**module._sizes(_Rows(torch.bfloat16), _Rows(torch.bfloat16), None), "CHECKPOINT": bool(checkpoints),
+             "READ_OUT": False}
     bf16 = ("q_ptr", "k_ptr", "v_ptr", "rate_ptr", "o", "cu_seqlens", "batch_offsets")
-    signature, attributes = {}, {}
-    for i, param in enumerate(jit.params):
-        if param.name in constants:
-            signature[param.name] = "constexpr"
-        elif param.name == "W_checkpoints" and (checkpoints == "tma" or checkpoints == 2):
-            signature[param.name] = "tensordesc<fp32[64, 64]>"
-        elif param.name in ("scale", "T"):
-            signature[param.name] = "fp32" if param.name == "scale" else "i32"
+    arguments = {}
+    for name in module._minibatch_kernel.arg_names:
+        if name in sizes or name in ("scale", "T"):
+            arguments[name] = ["value", sizes.get(name, 0.125 if name == "scale" else 8192)]
+        elif name == "W_checkpoints" and checkpoints == "tma":
+            arguments[name] = ["signature", "tensordesc<fp32[64, 64]>"]
         else:
-            signature[param.name] = "*bf16" if param.name in bf16 or (
-                param.name == "W_checkpoints" and checkpoints == "bf16") else "*fp32"
-            attributes[(i,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(ASTSource(jit, signature, constants, attributes), target=GPUTarget("cuda", 90, 32),
-                            options=options)
+            bf16_checkpoints = name == "W_checkpoints" and checkpoints == "bf16"
+            arguments[name] = ["tensor", "bfloat16" if name in bf16 or bf16_checkpoints else "float32"]
+    arguments.update({k: ["value", sizes[k]] for k in ("num_warps", "num_stages")})
+    kernel, _ = compile_for_hopper(module.__name__, "_minibatch_kernel", arguments)
     registers, stack = cubin_resources(kernel.asm["cubin"])
     ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
     return (f"registers {registers} stack {stack} wgmma {ptx.count('wgmma.mma_async')} "
@@ -343,9 +251,6 @@ def main() -> None:
         for name in args.variants:
             substitutions, overrides, checkpoints = VARIANTS[name]
             say(f"{name:22s} {compiled_counts(variant_module(name, substitutions, folder), checkpoints)}")
-        module = variant_module("generated", [], folder)
-        for name, (parts, checkpoints) in TRANSPOSED.items():
-            say(f"{name:22s} {compiled_counts(module, checkpoints, transposed=parts)}")
         return
 
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, H=16 K=V=64")
@@ -371,12 +276,6 @@ def main() -> None:
             against = reference[0] if read_out else reference[1]
             gap = ((compared - against).abs().max() / against.abs().max()).item()
             say(f"{name:18s} {B}x{T:<5d} {pass_name:>10s} {ms:8.3f} {1000 * ms / steps:8.2f} {gap:9.2e}")
-        for name in ([] if read_out else TRANSPOSED):
-            module = modules.get("generated") or variant_module("generated", [], folder)
-            found = transposed_walk(module, tensors, *TRANSPOSED[name])()[1].clone()
-            ms = triton.testing.do_bench(transposed_walk(module, tensors, *TRANSPOSED[name]))
-            gap = ((found - reference[1]).abs().max() / reference[1].abs().max()).item()
-            say(f"{name:18s} {B}x{T:<5d} {'walk':>10s} {ms:8.3f} {1000 * ms / steps:8.2f} {gap:9.2e}")
         try:
             from fla.ops.ttt.chunk import chunk_ttt_linear_fwd_h, chunk_ttt_linear_fwd_kernel_h
         except ImportError as error:
