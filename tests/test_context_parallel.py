@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ttr_codegen.testing import context_parallel_layers, context_parallel_matches, free_address
+from ttr_codegen.testing import context_parallel_layers, context_parallel_matches, free_address, gloo_group
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = context_parallel_layers(ROOT / "generated")
@@ -34,12 +34,10 @@ def test_refuses_offsets_of_another_length():
     """Packed offsets that do not end at ranks * T (a shard of another length, or one rank's offsets alone) are
     refused with a message that names cu_seqlens, before any collective."""
     import torch
-    import torch.distributed as dist
 
     from generated.gated_delta_rule import context_parallel_gated_delta_rule
 
-    dist.init_process_group("gloo", init_method=free_address(), rank=0, world_size=1)
-    try:
+    with gloo_group(0, 1, free_address()):
         q = k = torch.randn(1, 8, 2, 4)
         v = torch.randn(1, 8, 2, 3)
         g, beta = -torch.rand(1, 8, 2), torch.rand(1, 8, 2)
@@ -47,5 +45,3 @@ def test_refuses_offsets_of_another_length():
             context_parallel_gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 3, 10]))
         o, _ = context_parallel_gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 3, 8]))
         assert o.shape == (1, 8, 2, 3)
-    finally:
-        dist.destroy_process_group()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -1554,29 +1553,33 @@ def context_parallel_worker(rank: int, ranks: int, address: str, layers: list[tu
     process (float64): outputs, final states and the gradients of every input and of the initial state, batch
     rows and packed sequences that cross the shards' ends (one over three shards at four ranks, one ending at
     a shard's end, an empty one), with and without a loss on the final state."""
-    import torch.distributed as dist
+    with gloo_group(rank, ranks, address):
+        for package_dir, spec_path in layers:
+            _context_parallel_matches(Path(package_dir), Path(spec_path), rank, ranks)
 
+
+@contextlib.contextmanager
+def gloo_group(rank: int, ranks: int, address: str):
+    """This process as `rank` of a gloo process group of `ranks` (the default group) while the block runs. A
+    collective one rank misses fails within a minute instead of hanging the check."""
     import datetime
 
-    # A collective one rank misses fails the check within a minute instead of hanging it.
+    import torch.distributed as dist
+
     dist.init_process_group("gloo", init_method=address, rank=rank, world_size=ranks,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        for package_dir, spec_path in layers:
-            _context_parallel_matches(Path(package_dir), Path(spec_path), rank, ranks)
+        yield
     finally:
         dist.destroy_process_group()
 
 
 def _context_parallel_matches(package_dir: Path, spec_path: Path, rank: int, ranks: int) -> None:
+    from .fuzz import _import_package
+
     checks = LayerChecks(spec_path, None, None)
     name = checks.spec.name
-    module = f"_ttr_context_parallel_{name}"  # the package under a name of its own (its relative imports work)
-    found = importlib.util.spec_from_file_location(module, package_dir / "__init__.py",
-                                                   submodule_search_locations=[str(package_dir)])
-    package = importlib.util.module_from_spec(found)
-    sys.modules[module] = package
-    found.loader.exec_module(package)
+    package = _import_package(package_dir)
     split, checks.chunk = getattr(package, f"context_parallel_{name}"), getattr(package, f"chunk_{name}")
     checks.naive = getattr(package, f"naive_{name}")
     parts = checks.state_parts()  # Titans' (S, Z): 2
@@ -1644,14 +1647,10 @@ def sharded_training_worker(rank: int, ranks: int, address: str, names: list[str
     aot_eager backend traces the layers without a C compiler) on this rank's share of the batch, against the
     same model on the whole batch in this process (float64): the loss (averaged over the ranks) and every
     parameter's gradient (DDP's and FSDP2's are means over the ranks, as the whole batch's mean loss has them)."""
-    import datetime
-
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=ranks,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, ranks, address):
         for name in names:
             package = importlib.import_module(f"generated.{name}")
             layer_class = getattr(package, load_spec(Path(package.__file__).parents[2] / "specs" / f"{name}.yaml")
@@ -1690,8 +1689,6 @@ def sharded_training_worker(rank: int, ranks: int, address: str, names: list[str
             for (what, p), g_ref in zip(mine.named_parameters(), grads_ref, strict=True):
                 g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
                 torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12, msg=lambda m, w=what: f"{label} d{w}: {m}")
-    finally:
-        dist.destroy_process_group()
 
 
 class _Mixer(torch.nn.Module):
