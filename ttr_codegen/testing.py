@@ -812,7 +812,8 @@ class LayerChecks:
         problem = self.problem(40, 8, 6, B=1, seed=24).to(torch.float32)
         calls = {}
         original = chunk_module._steps_in_triton
-        entries = {name: getattr(from_chunk, name) for name in ("solve_and_read_out", "linear_memory_layer")}
+        entries = {name: getattr(from_chunk, name) for name in ("linear_memory_layer", "affine_memory_layer")
+                   if hasattr(from_chunk, name)}
         chunk_module._steps_in_triton = lambda *args: True
 
         def recorded(name):  # an entry point that notes its arguments
@@ -824,12 +825,8 @@ class LayerChecks:
             assert calls, "the chunked form called none of cg_triton's entry points"
             for name, function in entries.items():
                 setattr(from_chunk, name, function)
-            if "solve_and_read_out" in calls:
-                args, kwargs = calls["solve_and_read_out"]
-                precision = self._triton_solve_ops_pass(from_chunk, args, kwargs)
-            if "linear_memory_layer" in calls:
-                args, kwargs = calls["linear_memory_layer"]
-                precision = self._triton_layer_ops_pass(from_chunk, args, kwargs)
+            (name, (args, kwargs)), = calls.items()
+            precision = self._triton_layer_ops_pass(from_chunk, args, kwargs, centred=name == "affine_memory_layer")
             self._triton_moments_match(from_chunk, precision)
 
             torch._dynamo.reset()
@@ -847,37 +844,33 @@ class LayerChecks:
                 setattr(from_chunk, name, function)
 
     @staticmethod
-    def _triton_solve_ops_pass(from_chunk, args, kwargs) -> str:
-        """opcheck of the solve's op and its backward op, at the arguments the chunked form gave
-        `solve_and_read_out`; the products' precision it asked for."""
-        *tensors, iterations, chunk_size, precision = args
-        centred = [kwargs.get(name) for name in ("m_k", "mean_k", "m_v", "omega")]
-        tensor_args = (*(t.detach() for t in tensors), *(t if t is None else t.detach() for t in centred))
-        settings = (iterations, chunk_size, precision)
-        op_args = (*tensor_args, kwargs.get("scale", 1.0), *settings)
-        torch.library.opcheck(from_chunk.solve_op, op_args)
-        o, x = from_chunk.solve_op(*op_args)
-        do = torch.randn(o.shape, generator=torch.Generator().manual_seed(25))
-        torch.library.opcheck(from_chunk.solve_backward_op, (do, x, *tensor_args[1:], *settings))
-        return precision
-
-    @staticmethod
-    def _triton_layer_ops_pass(from_chunk, args, kwargs) -> str:
-        """opcheck of the linear memory's layer op and its backward op, at the arguments the chunked form gave
-        `linear_memory_layer`, from zero moments and from given ones; the products' precision it asked for."""
-        q, k, v, g, weight, ridge, _, _, iterations, chunk_size, precision = args
+    def _triton_layer_ops_pass(from_chunk, args, kwargs, centred: bool) -> str:
+        """opcheck of the memory's layer op and its backward op, at the arguments the chunked form gave
+        `linear_memory_layer` (or, centred, `affine_memory_layer`), from a zero state and from a given one; the
+        products' precision it asked for."""
+        if centred:
+            q, k, v, g, weight, ridge, _, iterations, chunk_size, precision = args
+        else:
+            q, k, v, g, weight, ridge, _, _, iterations, chunk_size, precision = args
         tensors = [t.detach() for t in (q, k, v, g, weight, ridge)]
         B, T, H, K = k.shape
+        V = v.shape[-1]
         gen = torch.Generator().manual_seed(27)
-        given = (torch.randn(B, H, K, K, generator=gen), torch.randn(B, H, K, v.shape[-1], generator=gen))
+        # h_kk, h_kv, then an affine memory's weight total, key sum and value sum
+        shapes = [(B, H, K, K), (B, H, K, V)] + ([(B, H), (B, H, K), (B, H, V)] if centred else [])
+        given = [torch.rand(shape, generator=gen) + 0.5 for shape in shapes]  # a positive weight total
         settings = (kwargs.get("scale", 1.0), iterations, chunk_size, precision)
-        for initial in ((None, None), given):
-            op_args = (*tensors, *initial, *settings)
+        for initial in ([None] * 5, given + [None] * (5 - len(given))):
+            op_args = (*tensors, *initial, centred, *settings)
             torch.library.opcheck(from_chunk.layer_op, op_args)
-            o, kk_final, kv_final, *saved = from_chunk.layer_op(*op_args)
-            d_out = [torch.randn(t.shape, generator=gen) for t in (o, kk_final, kv_final)]
+            outputs = from_chunk.layer_op(*op_args)
+            finals = outputs[1:6] if centred else outputs[1:3]
+            d_finals = [torch.randn(t.shape, generator=gen) for t in finals]
+            d_out = torch.randn(outputs[0].shape, generator=gen)
+            x, kk_start, kv_start, totals, *sums = outputs[6:]
             torch.library.opcheck(from_chunk.layer_backward_op,
-                                  (*d_out, saved[0], *tensors[1:], *saved[1:], *settings, q.dtype))
+                                  (d_out, d_finals, x, *tensors[1:], kk_start, kv_start, totals, sums, *settings,
+                                   q.dtype))
         return precision
 
     @staticmethod
