@@ -201,13 +201,15 @@ if [[ $WHAT == online_verify ]]; then  # the nonlinear memories' kernels as they
     exit 0
 fi
 if [[ $WHAT == rows_x2 ]]; then  # the GPU tests online_verify did not reach (ttt_mlp's training at K = 64 decides
-    # MAX_TRAINING_STATE), then the walk's state products with 16 bits of the split operand (two bfloat16 parts)
+    # MAX_TRAINING_STATE), then the walk's state products with 16 bits of the split operand (two bfloat16 parts),
+    # then the MLP memories' rows
     step online_tests 160 timeout -s INT 150 python3 -m pytest -m gpu tests/gpu/test_online_gpu.py -v \
         -p no:cacheprovider -n 14 -rfE --tb=line -k "trains_at_width_64 and ttt_mlp or trains_like_oracle and ttt_mlp"
     step walk_study 110 python3 benchmarks/online_walk_study.py --backward generated "no row loads" "no dk" \
         --variants generated "state x2" "steps x2" x2 "x2, no checkpoints"
+    step bench_mlp 130 python3 benchmarks/online_gpu.py --layers ttt_mlp titans_mlp --no-peer
     grep -E "FAILED|^E  |passed|failed" "$OUT/online_tests.txt" | tail -n 25
-    cat "$OUT/walk_study.txt" "$OUT/steps.txt"
+    cat "$OUT/walk_study.txt" "$OUT/bench_mlp.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == walk_variants ]]; then  # the walk with 16-bit state products, bf16 or TMA checkpoints, fla's numerics

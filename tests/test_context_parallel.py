@@ -14,13 +14,16 @@ LAYERS = context_parallel_layers(ROOT / "generated")
 
 
 def test_layers_found():
-    """The gated, delta and momentum families' layers of the catalogue have it."""
-    assert {"gated_delta_rule", "delta_rule", "gla", "kda", "linear_attention", "retnet", "titans_linear"} <= set(LAYERS)
+    """The gated, delta, momentum and second-order families' layers of the catalogue have it (not RLS)."""
+    assert {"gated_delta_rule", "delta_rule", "gla", "kda", "linear_attention", "retnet", "titans_linear", "mesa",
+            "mesa_cg", "affine_mesa", "affine_mesa_cg"} <= set(LAYERS)
+    assert "rls" not in LAYERS
 
 
 # Four ranks (a sequence over three shards) for one layer of each structure: scalar-gated, per-key, sub-steps,
-# momentum's stacked state, and the gated family; two ranks for every layer.
-FOUR_RANKS = ["gated_delta_rule", "kda", "delta_product", "titans_linear", "gla"]
+# momentum's stacked state, the gated family, and the second order's decaying sums (an affine memory's five
+# parts); two ranks for every layer.
+FOUR_RANKS = ["gated_delta_rule", "kda", "delta_product", "titans_linear", "gla", "affine_mesa_cg"]
 
 
 @pytest.mark.parametrize("ranks", [2, 4])

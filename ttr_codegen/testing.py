@@ -1576,7 +1576,7 @@ def _context_parallel_matches(package_dir: Path, spec_path: Path, rank: int, ran
     split, checks.chunk = getattr(package, f"context_parallel_{name}"), getattr(package, f"chunk_{name}")
     checks.naive = getattr(package, f"naive_{name}")
     parts = checks.state_parts()  # Titans' (S, Z): 2
-    shard, K, V, H = 6, 4, 3, 2
+    shard, K, H = 6, 4, 2
     T = shard * ranks
     lengths = [5, T - 5] if ranks == 2 else [3, shard - 3, 0, 2 * shard + 1, T - 3 * shard - 1]
     packed = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
@@ -1585,13 +1585,16 @@ def _context_parallel_matches(package_dir: Path, spec_path: Path, rank: int, ran
     cases = [("batch rows", 2, None, True), ("batch rows, outputs only", 2, None, False),
              (f"packed {lengths}", 1, packed, True), (f"packed {lengths}, outputs only", 1, packed, False)]
     for what, B, cu_seqlens, with_final in cases:
+        # Packed at V = the stacked state's key width too: the probe's values as wide as the layer's.
+        V = 3 if cu_seqlens is None else parts * K
         problem = checks.problem(T, K, V, B=B, H=H, seed=7)
         N = B if cu_seqlens is None else len(cu_seqlens) - 1
+        prefix = checks.problem(5, K, V, B=N, H=H, seed=9)  # a realistic (e.g. SPD) initial state: a run's end
+        prefix.inputs.update({n: x for n, x in problem.inputs.items() if not checks.spec.input(n).per_token})
+        initial = [x.detach() for x in state_tuple(checks.naive(*prefix.args(), output_final_state=True)[1])]
         generator = torch.Generator().manual_seed(8)
-        initial = [torch.randn(N, H, K, V, dtype=torch.float64, generator=generator) for _ in range(parts)]
         d_o = torch.randn(B, T, H, V, dtype=torch.float64, generator=generator)
-        d_final = [torch.randn(N, H, K, V, dtype=torch.float64, generator=generator) * with_final
-                   for _ in range(parts)]
+        d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator) * with_final for x in initial]
 
         def state(tensors):  # as the op takes it: one tensor, or a tuple of parts
             return tensors[0] if parts == 1 else tuple(tensors)

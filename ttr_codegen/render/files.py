@@ -131,6 +131,7 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         "triton_train": adjoint is not None and triton_template is not None,
         "adjoint": adjoint,
         "context_parallel": context_parallel(plan, chunk),
+        "state_dims": _state_dims(plan),
     }
     templates = {"__init__.py": "init.py.j2", "checks.py": "checks.py.j2", "naive.py": _NAIVE_TEMPLATE[context["form"]],
                  "layer.py": "layer.py.j2", "modules.py": "modules.py.j2"}
@@ -164,12 +165,24 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
 
 
 def context_parallel(plan, chunk: ChunkPlan | None) -> bool:
-    """Whether a layer gets `context_parallel_<name>`: a chunked form whose state, [K, V] parts, moves by a
-    transition on their key side that does not read the values (the gated, delta and momentum families), and
-    no input of the value's width (the map's probe runs the layer at another one)."""
-    return (chunk is not None and chunk.family in (Family.GATED, Family.DELTA, Family.MOMENTUM)
+    """Whether a layer gets `context_parallel_<name>`: a chunked form whose state moves through a shard by an
+    affine map that the layer itself gives. Either [K, V] parts under a transition on their key side that does
+    not read the values (the gated, delta and momentum families; no input of the value's width: the map's probe
+    runs the layer at another one), or weighted sums of the data that decay with its gates (the second-order
+    family's moments, a linear or an affine memory's, solved exactly or by conjugate gradients; not recursive
+    least squares, whose covariance moves by a map that reads it)."""
+    if chunk is None:
+        return False
+    if chunk.family == Family.SECOND_ORDER:
+        return chunk.variant != "rls"
+    return (chunk.family in (Family.GATED, Family.DELTA, Family.MOMENTUM)
             and all(state.shape_code.replace(" ", "") == "(B,H,K,V)" for state in plan.states)
             and not any("V" in i.shape_code for i in plan.inputs))
+
+
+def _state_dims(plan) -> list[list[str]]:
+    """Each state part's dimensions past (B, H), as the generated code names them: [["K", "K"], ["K", "V"]]."""
+    return [state.shape_code.strip("()").replace(" ", "").split(",")[2:] for state in getattr(plan, "states", ())]
 
 
 def _spec_from_package(spec_path: str, package_dir: Path) -> str:
