@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|affine_first|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
+#                                    second_order_bench|second_order_tests|affine_first|affine_short|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -247,6 +247,16 @@ if [[ $WHAT == affine_first ]]; then  # the affine memory's sums in the kernels:
         -p no:cacheprovider -n 8 -rfE --tb=short -k "not 4096"
     step bench_mesa 170 python3 benchmarks/second_order_gpu.py --layers mesa_cg affine_mesa_cg rls --profile affine_mesa_cg
     step bench_online 150 python3 benchmarks/online_gpu.py --layers ttt_linear --shapes 4x2048 2x8192 --profile
+    grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/cg_tests.txt" | tail -n 30
+    cat "$OUT/bench_mesa.txt" "$OUT/bench_online.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == affine_short ]]; then  # affine_first within little device time: the tests without the longest
+    # sequences, the conjugate-gradient rows against fla (affine_mesa_cg profiled), ttt_linear's rows
+    step cg_tests 140 timeout -s INT 130 python3 -m pytest -m gpu tests/gpu/test_second_order_gpu.py -q \
+        -p no:cacheprovider -n 8 -rfE --tb=short -k "not 4096 and not 1000"
+    step bench_mesa 130 python3 benchmarks/second_order_gpu.py --layers mesa_cg affine_mesa_cg --profile affine_mesa_cg
+    step bench_online 100 python3 benchmarks/online_gpu.py --layers ttt_linear --shapes 4x2048 2x8192
     grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/cg_tests.txt" | tail -n 30
     cat "$OUT/bench_mesa.txt" "$OUT/bench_online.txt" "$OUT/steps.txt"
     exit 0
