@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|affine_first|affine_short|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
+#                                    second_order_bench|second_order_tests|affine_first|affine_short|affine_tiny|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -259,6 +259,15 @@ if [[ $WHAT == affine_short ]]; then  # affine_first within little device time: 
     step bench_online 100 python3 benchmarks/online_gpu.py --layers ttt_linear --shapes 4x2048 2x8192
     grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/cg_tests.txt" | tail -n 30
     cat "$OUT/bench_mesa.txt" "$OUT/bench_online.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == affine_tiny ]]; then  # the least of affine_first: the affine and mesa GPU tests at T = 63 and packed,
+    # then both layers' rows at one shape against fla
+    step cg_tests 100 timeout -s INT 95 python3 -m pytest -m gpu tests/gpu/test_second_order_gpu.py -q \
+        -p no:cacheprovider -n 8 -rfE --tb=short -k "63 or packed"
+    step bench_mesa 100 python3 benchmarks/second_order_gpu.py --layers mesa_cg affine_mesa_cg --shapes 4x2048
+    grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/cg_tests.txt" | tail -n 30
+    cat "$OUT/bench_mesa.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == cg_quick ]]; then  # the conjugate-gradient layers alone: timed against fla, profiled, their GPU tests
