@@ -266,8 +266,9 @@ if [[ $WHAT == affine_tiny ]]; then  # the least of affine_first: the affine and
     step cg_tests 100 timeout -s INT 95 python3 -m pytest -m gpu tests/gpu/test_second_order_gpu.py -q \
         -p no:cacheprovider -n 8 -rfE --tb=short -k "63 or packed"
     step bench_mesa 100 python3 benchmarks/second_order_gpu.py --layers mesa_cg affine_mesa_cg --shapes 4x2048
+    step bench_online 80 python3 benchmarks/online_gpu.py --layers ttt_linear --shapes 4x2048 2x8192
     grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/cg_tests.txt" | tail -n 30
-    cat "$OUT/bench_mesa.txt" "$OUT/steps.txt"
+    cat "$OUT/bench_mesa.txt" "$OUT/bench_online.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == cg_quick ]]; then  # the conjugate-gradient layers alone: timed against fla, profiled, their GPU tests
