@@ -863,14 +863,14 @@ class LayerChecks:
         for initial in ([None] * 5, given + [None] * (5 - len(given))):
             op_args = (*tensors, *initial, centred, *settings)
             torch.library.opcheck(from_chunk.layer_op, op_args)
-            outputs = from_chunk.layer_op(*op_args)
-            finals = outputs[1:6] if centred else outputs[1:3]
-            d_finals = [torch.randn(t.shape, generator=gen) for t in finals]
-            d_out = torch.randn(outputs[0].shape, generator=gen)
-            x, kk_start, kv_start, totals, *sums = outputs[6:]
-            torch.library.opcheck(from_chunk.layer_backward_op,
-                                  (d_out, d_finals, x, *tensors[1:], kk_start, kv_start, totals, sums, *settings,
-                                   q.dtype))
+        # The backward op takes the same arguments from either start (the initial state is not one of them).
+        outputs = from_chunk.layer_op(*op_args)
+        finals = outputs[1:6] if centred else outputs[1:3]
+        d_finals = [torch.randn(t.shape, generator=gen) for t in finals]
+        d_out = torch.randn(outputs[0].shape, generator=gen)
+        x, kk_start, kv_start, totals, *sums = outputs[6:]
+        torch.library.opcheck(from_chunk.layer_backward_op,
+                              (d_out, d_finals, x, *tensors[1:], kk_start, kv_start, totals, sums, *settings, q.dtype))
         return precision
 
     @staticmethod
@@ -888,10 +888,11 @@ class LayerChecks:
             args = (keys, values, g, w, initial, C, precision)
             short = (*(x[:, :40] for x in args[:4]), *args[4:])  # opcheck runs it many times: 3 chunks
             torch.library.opcheck(from_chunk.moments_op, short)
-            starts, final, totals = from_chunk.moments_op(*short)
-            d_starts, d_final = torch.randn(starts.shape, generator=gen), torch.randn(final.shape, generator=gen)
-            torch.library.opcheck(from_chunk.moments_backward_op,
-                                  (d_starts, d_final, *short[:4], starts, totals, C, precision))
+            if initial is None:  # the backward op's arguments do not include the initial moment: one check
+                starts, final, totals = from_chunk.moments_op(*short)
+                d_starts, d_final = torch.randn(starts.shape, generator=gen), torch.randn(final.shape, generator=gen)
+                torch.library.opcheck(from_chunk.moments_backward_op,
+                                      (d_starts, d_final, *short[:4], starts, totals, C, precision))
             d_starts = torch.randn(B, H, -(-T // C), K, W, generator=gen)  # a start per chunk
             results = []
             for dtype in (torch.float32, torch.float64):
