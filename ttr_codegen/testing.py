@@ -297,15 +297,21 @@ class LayerChecks:
         (problem, state parts, output gradient, final-state gradient parts, whether the state is a tuple)."""
         problem = self.problem(T, K, V, seed=seed)
         generator = torch.Generator().manual_seed(seed + 1)
-        prefix = self.problem(5, K, V, seed=seed + 2)
-        prefix.inputs.update({n: x for n, x in problem.inputs.items() if not self.spec.input(n).per_token})
-        _, carried = self.naive(*prefix.args(), output_final_state=True)  # a realistic (e.g. SPD) state
+        carried = self.run_end_state(problem, K, V, seed=seed + 2)
         several = isinstance(carried, tuple)  # e.g. Titans' (S, Z)
         parts = carried if several else (carried,)
-        state = [x.detach() for x in parts]
+        state = list(parts)
         d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator) for x in parts]
         d_out = torch.randn(2, T, 2, V, dtype=torch.float64, generator=generator)
         return problem, state, d_out, d_final, several
+
+    def run_end_state(self, problem: Problem, K: int, V: int, seed: int, **shape):
+        """A realistic (e.g. SPD) state for `problem`, as naive_<name> returns it (a tensor, or a tuple of parts):
+        its final state after 5 fresh tokens with the problem's per-head inputs (shape: the prefix's B and H)."""
+        prefix = self.problem(5, K, V, seed=seed, **shape)
+        prefix.inputs.update({n: x for n, x in problem.inputs.items() if not self.spec.input(n).per_token})
+        _, carried = self.naive(*prefix.args(), output_final_state=True)
+        return tuple(x.detach() for x in carried) if isinstance(carried, tuple) else carried.detach()
 
     def _state_gradients(self, op, problem, state, d_out, d_final, several, **options) -> tuple:
         """Autograd of <d_out, o> + <d_final, final state> through `op`, for every input and state part."""
@@ -1590,9 +1596,7 @@ def _context_parallel_matches(package_dir: Path, spec_path: Path, rank: int, ran
         V = 3 if cu_seqlens is None else parts * K
         problem = checks.problem(T, K, V, B=B, H=H, seed=7)
         N = B if cu_seqlens is None else len(cu_seqlens) - 1
-        prefix = checks.problem(5, K, V, B=N, H=H, seed=9)  # a realistic (e.g. SPD) initial state: a run's end
-        prefix.inputs.update({n: x for n, x in problem.inputs.items() if not checks.spec.input(n).per_token})
-        initial = [x.detach() for x in state_tuple(checks.naive(*prefix.args(), output_final_state=True)[1])]
+        initial = list(state_tuple(checks.run_end_state(problem, K, V, seed=9, B=N, H=H)))
         generator = torch.Generator().manual_seed(8)
         d_o = torch.randn(B, T, H, V, dtype=torch.float64, generator=generator)
         d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator) * with_final for x in initial]
