@@ -12,7 +12,8 @@ H=16, K=V=64, bf16 inputs (our kernels compute in float32), mini-batches of 16 t
 per multiply-add; `dual_form_flops`); gap: the largest difference from the reference relative to its largest
 value, of the output (and of every input's gradient on fwd+bwd rows), against fla for ttt_linear and the
 PyTorch dual form in float32 otherwise. A layer whose state is too large for the training kernel
-(`online_triton.MAX_TRAINING_STATE`, ttt_mlp at K = 64) trains on the PyTorch form on both sides of its row.
+(`online_triton.MAX_TRAINING_STATE`: more than ttt_mlp's at K = 64) trains on the PyTorch form on both sides of
+its row.
 """
 
 from __future__ import annotations

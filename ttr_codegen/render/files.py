@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class RenderedFile:
     text: str
 
 
+@functools.cache  # one per process: it keeps the templates it compiled (and recompiles one whose file changed)
 def environment() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
