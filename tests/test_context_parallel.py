@@ -1,7 +1,8 @@
 """Context parallelism (`context_parallel_<name>`, generated for the layers whose state's affine map the layer
-itself gives): the sequence split over 2 and 4 processes of a gloo group, against the chunked op on the whole
-sequence in one process (float64): outputs, final states and every gradient, batch rows and packed sequences
-that cross the shards' ends."""
+itself gives, and for the attention layers with a streaming form, whose state is their cache of keys): the
+sequence split over 2 and 4 processes of a gloo group, against the chunked op (attention: the naive form) on the
+whole sequence in one process (float64): outputs, final states and every gradient, batch rows and packed
+sequences that cross the shards' ends."""
 
 from pathlib import Path
 
@@ -14,16 +15,20 @@ LAYERS = context_parallel_layers(ROOT / "generated")
 
 
 def test_layers_found():
-    """The gated, delta, momentum and second-order families' layers of the catalogue have it (not RLS)."""
+    """The gated, delta, momentum and second-order families' layers of the catalogue have it (not RLS), and the
+    attention layers with a streaming form (not kernel ridge's or local quadratic's, which have none)."""
     assert {"gated_delta_rule", "delta_rule", "gla", "kda", "linear_attention", "retnet", "titans_linear", "mesa",
-            "mesa_cg", "affine_mesa", "affine_mesa_cg"} <= set(LAYERS)
-    assert "rls" not in LAYERS
+            "mesa_cg", "affine_mesa", "affine_mesa_cg", "softmax_attention", "forgetting_attention",
+            "sliding_window_attention", "gaussian_kernel_attention", "local_linear_attention",
+            "local_linear_attention_cg"} <= set(LAYERS)
+    assert not {"rls", "kernel_ridge_attention", "local_quadratic_attention"} & set(LAYERS)
 
 
 # Four ranks (a sequence over three shards) for one layer of each structure: scalar-gated, per-key, sub-steps,
-# momentum's stacked state, the gated family, and the second order's decaying sums (an affine memory's five
-# parts); two ranks for every layer.
-FOUR_RANKS = ["gated_delta_rule", "kda", "delta_product", "titans_linear", "gla", "affine_mesa_cg"]
+# momentum's stacked state, the gated family, the second order's decaying sums (an affine memory's five
+# parts), and attention's cache (with a gate's cumulative decay); two ranks for every layer.
+FOUR_RANKS = ["gated_delta_rule", "kda", "delta_product", "titans_linear", "gla", "affine_mesa_cg",
+              "forgetting_attention"]
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
@@ -48,3 +53,19 @@ def test_refuses_offsets_of_another_length():
             context_parallel_gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 3, 10]))
         o, _ = context_parallel_gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 3, 8]))
         assert o.shape == (1, 8, 2, 3)
+
+
+def test_attention_refuses_a_cache_with_packed_sequences():
+    """An attention layer's initial cache is per batch row: with packed sequences it is refused, naming both."""
+    import torch
+
+    from generated.softmax_attention import context_parallel_softmax_attention
+
+    with gloo_group(0, 1, free_address()):
+        q = k = torch.randn(1, 8, 2, 4)
+        v = torch.randn(1, 8, 2, 3)
+        cache = (torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 3))
+        with pytest.raises(ValueError, match="initial_state .* cannot be combined with cu_seqlens"):
+            context_parallel_softmax_attention(q, k, v, initial_state=cache, cu_seqlens=torch.tensor([0, 3, 8]))
+        o, final = context_parallel_softmax_attention(q, k, v, initial_state=cache, output_final_state=True)
+        assert o.shape == (1, 8, 2, 3) and final[0].shape == (1, 10, 2, 4)

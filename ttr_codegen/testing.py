@@ -1574,24 +1574,33 @@ def gloo_group(rank: int, ranks: int, address: str):
         dist.destroy_process_group()
 
 
+def _context_parallel_cases(shard: int, ranks: int) -> list[tuple[str, int, torch.Tensor | None, bool]]:
+    """(what, B, cu_seqlens, whether a loss reads the final state) for shards of `shard` tokens: batch rows, and
+    packed sequences that cross the shards' ends (at four ranks one over three shards, one ending at a shard's
+    end, an empty one), each with and without that loss (without, rank 0's output reads nothing the other ranks
+    send, and its backward must still join theirs)."""
+    T = shard * ranks
+    lengths = [5, T - 5] if ranks == 2 else [3, shard - 3, 0, 2 * shard + 1, T - 3 * shard - 1]
+    packed = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    return [("batch rows", 2, None, True), ("batch rows, outputs only", 2, None, False),
+            (f"packed {lengths}", 1, packed, True), (f"packed {lengths}, outputs only", 1, packed, False)]
+
+
 def _context_parallel_matches(package_dir: Path, spec_path: Path, rank: int, ranks: int) -> None:
     from .fuzz import _import_package
 
     checks = LayerChecks(spec_path, None, None)
     name = checks.spec.name
     package = _import_package(package_dir)
+    if not hasattr(package, f"chunk_{name}"):  # an attention layer: its state is its cache
+        _context_parallel_attention_matches(package, checks, rank, ranks)
+        return
     split, checks.chunk = getattr(package, f"context_parallel_{name}"), getattr(package, f"chunk_{name}")
     checks.naive = getattr(package, f"naive_{name}")
     parts = checks.state_parts()  # Titans' (S, Z): 2
     shard, K, H = 6, 4, 2
     T = shard * ranks
-    lengths = [5, T - 5] if ranks == 2 else [3, shard - 3, 0, 2 * shard + 1, T - 3 * shard - 1]
-    packed = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    # (what, B, cu_seqlens, whether a loss reads the final state: without, rank 0's output reads nothing the
-    # other ranks send, and its backward must still join theirs)
-    cases = [("batch rows", 2, None, True), ("batch rows, outputs only", 2, None, False),
-             (f"packed {lengths}", 1, packed, True), (f"packed {lengths}, outputs only", 1, packed, False)]
-    for what, B, cu_seqlens, with_final in cases:
+    for what, B, cu_seqlens, with_final in _context_parallel_cases(shard, ranks):
         # Packed at V = the stacked state's key width too: the probe's values as wide as the layer's.
         V = 3 if cu_seqlens is None else parts * K
         problem = checks.problem(T, K, V, B=B, H=H, seed=7)
@@ -1634,6 +1643,63 @@ def _context_parallel_matches(package_dir: Path, spec_path: Path, rank: int, ran
                 steps = checks.steps if arg in ("k", "v") or arg in checks.per_step else 1
                 g_ref = g_ref[:, rank * shard * steps:(rank + 1) * shard * steps]
                 g = g[:, rank * shard * steps:(rank + 1) * shard * steps]
+            torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10, msg=lambda m, arg=arg: f"{label} d{arg}: {m}")
+
+
+def _context_parallel_attention_matches(package, checks: LayerChecks, rank: int, ranks: int) -> None:
+    """An attention layer's `context_parallel_<name>` on this rank's shard against `naive_<name>` on the whole
+    sequences in this process (float64): outputs, final states (the cache of every token) and the gradients of
+    every input and of the initial cache; batch rows from a cache of earlier tokens, and packed sequences that
+    cross the shards' ends (one over three shards at four ranks, one ending at a shard's end, an empty one), each
+    with and without a loss on the final state."""
+    name = checks.spec.name
+    split, naive = getattr(package, f"context_parallel_{name}"), getattr(package, f"naive_{name}")
+    shard, K, V, H = 6, 4, 3, 2
+    T = shard * ranks
+    for what, B, cu_seqlens, with_final in _context_parallel_cases(shard, ranks):
+        problem = checks.problem(T, K, V, B=B, H=H, seed=7)
+        # A cache of three earlier tokens for batch rows (packed sequences start from none).
+        initial = [] if cu_seqlens is not None else list(checks._cache_parts(checks.problem(3, K, V, B=B, H=H,
+                                                                                             seed=9))[1])
+        leaves = [x.clone().requires_grad_(True) for x in (*problem.args(), *initial)]
+        whole = Problem(*leaves[:3], dict(zip(problem.inputs, leaves[3:len(leaves) - len(initial)])))
+        if cu_seqlens is None:
+            o_ref, final_ref = naive(*whole.args(), initial_state=tuple(leaves[len(leaves) - len(initial):]),
+                                     output_final_state=True)
+        else:  # each sequence alone; the final state is the packed rows' cache
+            bounds = cu_seqlens.tolist()
+            o_ref = torch.cat([naive(*whole.tokens(a, b, 1, set(), checks.spec).args())[0]
+                               for a, b in zip(bounds[:-1], bounds[1:]) if b > a], dim=1)
+            final_ref = checks._cache_parts(whole)[1]
+        generator = torch.Generator().manual_seed(8)
+        d_o = torch.randn(o_ref.shape, dtype=torch.float64, generator=generator)
+        d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator) * with_final for x in final_ref]
+        grads_ref = torch.autograd.grad((o_ref * d_o).sum() + sum((f * d).sum() for f, d in zip(final_ref, d_final)),
+                                        leaves, allow_unused=True)
+
+        mine = [x.clone().requires_grad_(True) for x in (*problem.args(), *initial)]
+        local = Problem(*mine[:3], dict(zip(problem.inputs, mine[3:len(mine) - len(initial)]))).tokens(
+            rank * shard, (rank + 1) * shard, 1, set(), checks.spec)
+        o, final = split(*local.args(), initial_state=tuple(mine[len(mine) - len(initial):]) or None,
+                         output_final_state=with_final, cu_seqlens=cu_seqlens, block_size=4)
+        rows = slice(rank * shard, (rank + 1) * shard)
+        label = f"{name} {what}, rank {rank} of {ranks}"
+        torch.testing.assert_close(o, o_ref[:, rows], rtol=1e-10, atol=1e-10, msg=lambda m: f"{label} output: {m}")
+        loss = (o * d_o[:, rows]).sum()
+        if with_final:
+            torch.testing.assert_close(tuple(final), tuple(final_ref), rtol=0, atol=0,
+                                       msg=lambda m: f"{label} final: {m}")
+            if rank == 0:
+                loss = loss + sum((f * d).sum() for f, d in zip(final, d_final))
+        else:
+            assert final is None
+        grads = torch.autograd.grad(loss, mine, allow_unused=True)
+        names = ["q", "k", "v", *problem.inputs, *(f"initial_state[{i}]" for i in range(len(initial)))]
+        for arg, g, g_ref in zip(names, grads, grads_ref, strict=True):
+            g, g_ref = (torch.zeros_like(x) if d is None else d for x, d in ((mine[names.index(arg)], g),
+                                                                             (leaves[names.index(arg)], g_ref)))
+            if arg in ("q", "k", "v") or (arg in problem.inputs and checks.spec.input(arg).per_token):
+                g_ref, g = g_ref[:, rows], g[:, rows]
             torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10, msg=lambda m, arg=arg: f"{label} d{arg}: {m}")
 
 

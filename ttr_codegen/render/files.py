@@ -154,7 +154,8 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
     if chunk is not None and chunk.variant == "rls":
         templates["rls_triton.py"] = "rls_triton.py.j2"
     if context["context_parallel"]:
-        templates["context_parallel.py"] = "context_parallel.py.j2"
+        templates["context_parallel.py"] = ("context_parallel_attention.py.j2" if isinstance(plan, AttentionPlan)
+                                            else "context_parallel.py.j2")
     if chunk is not None:
         templates["chunk.py"] = {Family.MOMENTUM: "chunk_momentum.py.j2",
                                  Family.SECOND_ORDER: "chunk_second_order.py.j2"}.get(chunk.family, "chunk.py.j2")
@@ -167,12 +168,15 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
 
 
 def context_parallel(plan, chunk: ChunkPlan | None) -> bool:
-    """Whether a layer gets `context_parallel_<name>`: a chunked form whose state moves through a shard by an
+    """Whether a layer gets `context_parallel_<name>`: an attention layer with a streaming form (its state, the
+    cache of keys, gathered from the ranks before), or a chunked form whose state moves through a shard by an
     affine map that the layer itself gives. Either [K, V] parts under a transition on their key side that does
     not read the values (the gated, delta and momentum families; no input of the value's width: the map's probe
     runs the layer at another one), or weighted sums of the data that decay with its gates (the second-order
     family's moments, a linear or an affine memory's, solved exactly or by conjugate gradients; not recursive
     least squares, whose covariance moves by a map that reads it)."""
+    if isinstance(plan, AttentionPlan):  # its state is its cache of keys: gathered from the ranks before
+        return plan.streaming
     if chunk is None:
         return False
     if chunk.family == Family.SECOND_ORDER:
