@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|mlp_train|affine_first|affine_short|affine_tiny|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
+#                                    second_order_bench|second_order_tests|launch_sweep|mlp_train|affine_first|affine_short|affine_tiny|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -251,11 +251,18 @@ if [[ $WHAT == affine_first ]]; then  # the affine memory's sums in the kernels:
     cat "$OUT/bench_mesa.txt" "$OUT/bench_online.txt" "$OUT/steps.txt"
     exit 0
 fi
+if [[ $WHAT == launch_sweep ]]; then  # mesa_cg's launch table (cg_triton.LAUNCH): each entry's warps x stages
+    # varied alone, forward and forward+backward at both shapes (gap: to the table as set), against fla's rows
+    step bench_mesa 170 python3 benchmarks/second_order_gpu.py --layers mesa_cg \
+        --launch gradient:4x1 gradient:16x1 cg:8x1 scan:2x1
+    cat "$OUT/bench_mesa.txt" "$OUT/steps.txt"
+    exit 0
+fi
 if [[ $WHAT == mlp_train ]]; then  # ttt_mlp trains on the kernels at K = 64 (its GPU test passed): the MLP memories'
     # rows, then where mesa_cg's training step goes at B=2 T=8192 (the shape where it trails fla) with the walk's launch
     step bench_mlp 260 python3 benchmarks/online_gpu.py --layers ttt_linear ttt_mlp titans_mlp
     step bench_mesa 150 python3 benchmarks/second_order_gpu.py --layers mesa_cg --shapes 2x8192 --profile mesa_cg \
-        --scan-launch 8x1 4x2 2x1
+        --launch scan:8x1 scan:2x1 gradient:4x1 gradient:16x1
     cat "$OUT/bench_mlp.txt" "$OUT/bench_mesa.txt" "$OUT/steps.txt"
     exit 0
 fi
@@ -281,7 +288,7 @@ if [[ $WHAT == affine_tiny ]]; then  # the least of affine_first: the affine and
 fi
 if [[ $WHAT == cg_quick ]]; then  # the conjugate-gradient layers alone: timed against fla, profiled, their GPU tests
     step bench_mesa 200 python3 benchmarks/second_order_gpu.py --layers mesa_cg affine_mesa_cg --profile mesa_cg \
-        --scan-launch 8x1 4x2
+        --launch scan:8x1 scan:4x2
     step cg_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_second_order_gpu.py -q \
         -p no:cacheprovider -n 8 -rfE --tb=short -k "not 4096"
     cat "$OUT/bench_mesa.txt"

@@ -4,7 +4,7 @@ by conjugate gradients; the issue's goal for rls and the affine memory is 2x mes
 
     python benchmarks/second_order_gpu.py [--out log.txt] [--layers mesa_cg mesa rls affine_mesa affine_mesa_cg]
                                           [--shapes 4x2048 2x8192] [--cg-warps 4 8]
-                                          [--profile mesa_cg]
+                                          [--launch gradient:16x1 scan:8x1] [--profile mesa_cg]
 
 H=16, K=V=64, bf16 inputs (our chunked forms compute in float32); `triton.testing.do_bench` median ms of the
 forward and of forward+backward, the ratio fla / ours (> 1: ours is faster) and the largest gap to fla relative
@@ -54,8 +54,10 @@ def main() -> None:
                         help="also time the conjugate-gradient layers' forward with the steps kernel at these warps")
     parser.add_argument("--cg-precisions", nargs="*", default=[],
                         help="and the steps' products in these precisions (tf32x3, tf32); gap: to float32 inputs'")
-    parser.add_argument("--scan-launch", nargs="*", default=[],
-                        help="also time them with the walk over the chunks (the moments') at these warps x stages")
+    parser.add_argument("--launch", nargs="*", default=[],
+                        help="also time them with one entry of cg_triton.LAUNCH changed, as KERNELS:WARPSxSTAGES "
+                             "(scan:8x1 the walk over the chunks, gradient:16x1 the gradient kernel, cg:8x1 the steps "
+                             "and the moments' increments)")
     parser.add_argument("--profile", nargs="*", default=[],
                         help="then these layers' kernels by GPU time (torch.profiler), forward and forward+backward")
     args = parser.parse_args()
@@ -116,17 +118,23 @@ def main() -> None:
                                 f"{timed(lambda: ours(*grads), backward, grads, d_out):9.3f} {'':8s} {'':9s} "
                                 f"{gap(found[:1], exact[:1]):9.2e}")
                 launch["num_warps"], cg_triton.precision = default, chosen
-            if name.endswith("_cg") and args.scan_launch:  # the moments' walk: warps and pipeline stages
-                launch = importlib.import_module(f"generated.{name}.cg_triton").LAUNCH["scan"]
-                default = dict(launch)
-                for setting in args.scan_launch:
-                    launch["num_warps"], launch["num_stages"] = (int(x) for x in setting.split("x"))
+            if name.endswith("_cg") and args.launch:  # one launch entry's warps and pipeline stages
+                table = importlib.import_module(f"generated.{name}.cg_triton").LAUNCH
+                as_set = {backward: outputs(lambda: ours(*grads), backward, grads, d_out)
+                          for backward in (False, True)
+                          for grads in [[x.detach().requires_grad_(backward) for x in leaves]]}
+                for entry in args.launch:
+                    kernels, setting = entry.split(":")
+                    default = dict(table[kernels])
+                    table[kernels].update(zip(("num_warps", "num_stages"), (int(x) for x in setting.split("x"))))
                     for backward in (False, True):
                         grads = [x.detach().requires_grad_(backward) for x in leaves]
-                        what = f"s{setting}{' +bwd' if backward else ''}"
-                        say(f"{name:14s} {shape:>8s} {what:>8s} "
-                            f"{timed(lambda: ours(*grads), backward, grads, d_out):9.3f}")
-                launch.update(default)
+                        found = outputs(lambda: ours(*grads), backward, grads, d_out)
+                        what = f"{entry}{' +bwd' if backward else ''}"
+                        say(f"{name:14s} {shape:>8s} {what:>8s} "  # gap: to the table as set
+                            f"{timed(lambda: ours(*grads), backward, grads, d_out):9.3f} {'':8s} {'':9s} "
+                            f"{gap(found, as_set[backward]):9.2e}")
+                    table[kernels].update(default)
     B, T = (int(x) for x in args.shapes[0].split("x"))
     for name in args.profile:
         profile_layer(name, B, T, say)

@@ -1,8 +1,8 @@
-"""Context parallelism (`context_parallel_<name>`, generated for the layers whose state's affine map the layer
-itself gives, and for the attention layers with a streaming form, whose state is their cache of keys): the
-sequence split over 2 and 4 processes of a gloo group, against the chunked op (attention: the naive form) on the
-whole sequence in one process (float64): outputs, final states and every gradient, batch rows and packed
-sequences that cross the shards' ends."""
+"""Context parallelism (`context_parallel_<name>`, generated for every layer with a chunked or streaming form:
+the layers whose state's affine map the layer itself gives scan those maps, the attention layers gather their
+cache of keys, the others run as a pipeline over the ranks): the sequence split over 2 and 4 processes of a gloo
+group, against the chunked op (attention: the naive form) on the whole sequence in one process (float64):
+outputs, final states and every gradient, batch rows and packed sequences that cross the shards' ends."""
 
 from pathlib import Path
 
@@ -15,20 +15,20 @@ LAYERS = context_parallel_layers(ROOT / "generated")
 
 
 def test_layers_found():
-    """The gated, delta, momentum and second-order families' layers of the catalogue have it (not RLS), and the
-    attention layers with a streaming form (not kernel ridge's or local quadratic's, which have none)."""
-    assert {"gated_delta_rule", "delta_rule", "gla", "kda", "linear_attention", "retnet", "titans_linear", "mesa",
-            "mesa_cg", "affine_mesa", "affine_mesa_cg", "softmax_attention", "forgetting_attention",
-            "sliding_window_attention", "gaussian_kernel_attention", "local_linear_attention",
-            "local_linear_attention_cg"} <= set(LAYERS)
-    assert not {"rls", "kernel_ridge_attention", "local_quadratic_attention"} & set(LAYERS)
+    """Every layer of the catalogue with a chunked or streaming form has it: all but kernel ridge and local
+    quadratic attention, which have neither."""
+    generated = {p.name for p in (ROOT / "generated").iterdir() if (p / "__init__.py").exists()}
+    assert set(LAYERS) == generated - {"kernel_ridge_attention", "local_quadratic_attention"}
+    assert {"rls", "ttt_linear", "ttt_mlp", "titans_mlp", "softmax_attention", "local_linear_attention_cg",
+            "mesa_cg", "gated_delta_rule"} <= set(LAYERS)
 
 
 # Four ranks (a sequence over three shards) for one layer of each structure: scalar-gated, per-key, sub-steps,
 # momentum's stacked state, the gated family, the second order's decaying sums (an affine memory's five
-# parts), and attention's cache (with a gate's cumulative decay); two ranks for every layer.
+# parts), attention's cache (with a gate's cumulative decay), and the pipeline (RLS's covariance, a nonlinear
+# memory's whole state part-way into a mini-batch); two ranks for every layer.
 FOUR_RANKS = ["gated_delta_rule", "kda", "delta_product", "titans_linear", "gla", "affine_mesa_cg",
-              "forgetting_attention"]
+              "forgetting_attention", "rls", "ttt_linear"]
 
 
 @pytest.mark.parametrize("ranks", [2, 4])

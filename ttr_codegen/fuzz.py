@@ -289,7 +289,7 @@ def planned_checks(package, spec) -> list[tuple[str, object]]:
              ("chunk_online_triton_training",
               lambda: checks.triton_gradients_match_oracle(_submodule(package, "chunk"), T=21, K=16,
                                                            read_out_apart=True))]
-            if _submodule(package, "online_triton") is not None else [])
+            if _submodule(package, "online_triton") is not None else []) + _context_parallel_check(package, spec_path)
     chunk = getattr(package, f"chunk_{op}", None)
     fused_module, triton_module = _submodule(package, "fused_recurrent"), _submodule(package, "chunk_triton")
     checks = LayerChecks(spec_path, getattr(package, f"naive_{op}"), getattr(package, spec.camel_name),
@@ -335,12 +335,16 @@ def planned_checks(package, spec) -> list[tuple[str, object]]:
             plan += [("chunk_triton_backward", lambda: checks.triton_train_gradients(train, T=40, K=6, V=5)),
                      ("chunk_triton_backward_packed",
                       lambda: checks.triton_train_packed_gradients(train, lengths=(1, 17, 20), K=6, V=5))]
-    if _submodule(package, "context_parallel") is not None:  # the sequences split over two processes
-        from .testing import context_parallel_matches
+    return plan + _context_parallel_check(package, spec_path)
 
-        plan.append(("context_parallel",
-                     lambda: context_parallel_matches([(package.__path__[0], str(spec_path))], ranks=2)))
-    return plan
+
+def _context_parallel_check(package, spec_path: Path) -> list[tuple[str, object]]:
+    """The sequences split over two processes, where the package has `context_parallel_<name>`."""
+    if _submodule(package, "context_parallel") is None:
+        return []
+    from .testing import context_parallel_matches
+
+    return [("context_parallel", lambda: context_parallel_matches([(package.__path__[0], str(spec_path))], ranks=2))]
 
 
 def missing_fast_paths(compiled) -> str:

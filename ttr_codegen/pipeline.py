@@ -60,7 +60,7 @@ def compile_spec(spec_path: Path, out_root: Path) -> Compiled:
     compiled = _compile(spec, shown, spec_text, out_root)
     clashes = _layer_name_clashes(spec, compiled.files)
     if spec.inputs:
-        probe = _compile(spec.with_input_names(_probe_names(spec)), shown, spec_text, out_root)
+        probe = _compile(spec.with_input_names(_probe_names(spec)), shown, spec_text, out_root, stamped=False)
         clashes += name_clashes(spec, probe.files)
     if clashes:
         raise SpecError(clashes)
@@ -80,18 +80,18 @@ def _layer_name_clashes(spec: Spec, files: list[RenderedFile]) -> list[Diagnosti
                        f"choose another name, e.g. '{spec.name}_layer'")]
 
 
-def _compile(spec: Spec, shown_path: str, spec_text: str, out_root: Path) -> Compiled:
+def _compile(spec: Spec, shown_path: str, spec_text: str, out_root: Path, stamped: bool = True) -> Compiled:
     package_dir = out_root / spec.name
     if spec.regressor.cls == "mlp":  # a nonlinear memory: its own derivation (derive.online) and templates
         plan = lower_online(spec)
-        files = render_online_layer(plan, shown_path, spec_text, package_dir)
+        files = render_online_layer(plan, shown_path, spec_text, package_dir, stamped)
         return Compiled(spec, None, plan, None, None, None, package_dir, files, shown_path)
     rule = _derive(spec)
     plan = lower(spec, rule)
     chunk = lower_chunk(spec, rule)
     fused = lower_fused_recurrent(spec, rule)
     adjoint = lower_adjoint(spec, rule, plan)
-    files = render_layer(plan, shown_path, spec_text, package_dir, chunk, fused, adjoint)
+    files = render_layer(plan, shown_path, spec_text, package_dir, chunk, fused, adjoint, stamped)
     return Compiled(spec, rule, plan, chunk, fused, adjoint, package_dir, files, shown_path)
 
 

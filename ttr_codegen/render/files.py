@@ -69,6 +69,10 @@ def stamp(body: str, spec_path: str, spec_text: str) -> str:
     return header + body
 
 
+def _unstamped(body: str, spec_path: str, spec_text: str) -> str:
+    return body
+
+
 def recorded_spec_path(text: str) -> str | None:
     """The spec path a generated file's header names (see `stamp`), or None without a header."""
     first = text.split("\n", 1)[0]
@@ -103,8 +107,12 @@ def _triton_chunk_template(chunk: ChunkPlan | None) -> str | None:
 
 def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str,
                  package_dir: Path, chunk: ChunkPlan | None = None,
-                 fused: FusedRecurrentPlan | None = None, adjoint: AdjointPlan | None = None) -> list[RenderedFile]:
+                 fused: FusedRecurrentPlan | None = None, adjoint: AdjointPlan | None = None,
+                 stamped: bool = True) -> list[RenderedFile]:
+    """The layer's package. `stamped`: each file wrapped and headed as written (see `stamp`); False gives the
+    rendered code alone (what the name-clash probe reads)."""
     env = environment()
+    finish = stamp if stamped else _unstamped
     triton_template = _triton_chunk_template(chunk)
     context = {
         "plan": plan,
@@ -133,6 +141,7 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
         "triton_train": adjoint is not None and triton_template is not None,
         "adjoint": adjoint,
         "context_parallel": context_parallel(plan, chunk),
+        "chunk_size_argument": True,
         "state_dims": _state_dims(plan),
     }
     templates = {"__init__.py": "init.py.j2", "checks.py": "checks.py.j2", "naive.py": _NAIVE_TEMPLATE[context["form"]],
@@ -154,36 +163,41 @@ def render_layer(plan: NaivePlan | AttentionPlan, spec_path: str, spec_text: str
     if chunk is not None and chunk.variant == "rls":
         templates["rls_triton.py"] = "rls_triton.py.j2"
     if context["context_parallel"]:
-        templates["context_parallel.py"] = ("context_parallel_attention.py.j2" if isinstance(plan, AttentionPlan)
-                                            else "context_parallel.py.j2")
+        templates["context_parallel.py"] = context["context_parallel"]
     if chunk is not None:
         templates["chunk.py"] = {Family.MOMENTUM: "chunk_momentum.py.j2",
                                  Family.SECOND_ORDER: "chunk_second_order.py.j2"}.get(chunk.family, "chunk.py.j2")
     files = []
     for name, template in templates.items():
-        files.append(RenderedFile(name, stamp(env.get_template(template).render(context), spec_path, spec_text)))
+        files.append(RenderedFile(name, finish(env.get_template(template).render(context), spec_path, spec_text)))
     test_name = f"test_{plan.name}.py"
-    files.append(RenderedFile(test_name, stamp(env.get_template("test.py.j2").render(context), spec_path, spec_text)))
+    files.append(RenderedFile(test_name, finish(env.get_template("test.py.j2").render(context), spec_path, spec_text)))
     return files
 
 
-def context_parallel(plan, chunk: ChunkPlan | None) -> bool:
-    """Whether a layer gets `context_parallel_<name>`: an attention layer with a streaming form (its state, the
-    cache of keys, gathered from the ranks before), or a chunked form whose state moves through a shard by an
-    affine map that the layer itself gives. Either [K, V] parts under a transition on their key side that does
-    not read the values (the gated, delta and momentum families; no input of the value's width: the map's probe
-    runs the layer at another one), or weighted sums of the data that decay with its gates (the second-order
-    family's moments, a linear or an affine memory's, solved exactly or by conjugate gradients; not recursive
-    least squares, whose covariance moves by a map that reads it)."""
-    if isinstance(plan, AttentionPlan):  # its state is its cache of keys: gathered from the ranks before
-        return plan.streaming
+def context_parallel(plan, chunk: ChunkPlan | None) -> str | None:
+    """The template of a layer's `context_parallel_<name>`, or None: every layer with a chunked form gets one.
+    An attention layer with a streaming form gathers its state, the cache of keys, from the ranks before. A
+    chunked form whose state moves through a shard by an affine map that the layer itself gives scans those
+    maps over the ranks: [K, V] parts under a transition on their key side that does not read the values (the
+    gated, delta and momentum families; no input of the value's width: the map's probe runs the layer at
+    another one), or weighted sums of the data that decay with its gates (the second-order family's moments, a
+    linear or an affine memory's, solved exactly or by conjugate gradients). Any other chunked form (recursive
+    least squares, whose covariance moves by a map that reads it; the nonlinear memories) runs as a pipeline
+    over the ranks, each handing its end state to the next."""
+    if isinstance(plan, AttentionPlan):
+        return "context_parallel_attention.py.j2" if plan.streaming else None
+    if isinstance(plan, OnlinePlan):
+        return "context_parallel_pipeline.py.j2"
     if chunk is None:
-        return False
+        return None
     if chunk.family == Family.SECOND_ORDER:
-        return chunk.variant != "rls"
-    return (chunk.family in (Family.GATED, Family.DELTA, Family.MOMENTUM)
+        return "context_parallel.py.j2" if chunk.variant != "rls" else "context_parallel_pipeline.py.j2"
+    if (chunk.family in (Family.GATED, Family.DELTA, Family.MOMENTUM)
             and all(state.shape_code.replace(" ", "") == "(B,H,K,V)" for state in plan.states)
-            and not any("V" in i.shape_code for i in plan.inputs))
+            and not any("V" in i.shape_code for i in plan.inputs)):
+        return "context_parallel.py.j2"
+    return "context_parallel_pipeline.py.j2"
 
 
 def _state_dims(plan) -> list[list[str]]:
@@ -196,15 +210,20 @@ def _spec_from_package(spec_path: str, package_dir: Path) -> str:
     return str(PurePosixPath(os.path.relpath(Path(spec_path).resolve(), package_dir.resolve()).replace(os.sep, "/")))
 
 
-def render_online_layer(plan: OnlinePlan, spec_path: str, spec_text: str, package_dir: Path) -> list[RenderedFile]:
-    """A nonlinear memory's package: naive and chunked forms, the layer and its tests."""
+def render_online_layer(plan: OnlinePlan, spec_path: str, spec_text: str, package_dir: Path,
+                        stamped: bool = True) -> list[RenderedFile]:
+    """A nonlinear memory's package: naive and chunked forms, the layer and its tests (`stamped`: see
+    `render_layer`)."""
     env = environment()
-    context = {"plan": plan, "spec_path": spec_path, "spec_from_package": _spec_from_package(spec_path, package_dir)}
+    finish = stamp if stamped else _unstamped
+    context = {"plan": plan, "spec_path": spec_path, "spec_from_package": _spec_from_package(spec_path, package_dir),
+               "chunk_size_argument": False}  # its chunk op's mini-batches are the spec's
     templates = {"__init__.py": "init_online.py.j2", "checks.py": "checks.py.j2", "naive.py": "naive_online.py.j2",
                  "chunk.py": "chunk_online.py.j2",
                  "layer.py": "layer_online.py.j2", "modules.py": "modules.py.j2",
                  f"test_{plan.name}.py": "test_online.py.j2"}
     if plan.kernel is not None:
         templates["online_triton.py"] = "online_triton.py.j2"
-    return [RenderedFile(name, stamp(env.get_template(template).render(context), spec_path, spec_text))
+    templates["context_parallel.py"] = context_parallel(plan, None)
+    return [RenderedFile(name, finish(env.get_template(template).render(context), spec_path, spec_text))
             for name, template in templates.items()]
