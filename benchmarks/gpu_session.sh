@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|launch_sweep|mlp_train|affine_first|affine_short|affine_tiny|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
+#                                    second_order_bench|second_order_tests|context_parallel|launch_sweep|mlp_train|affine_first|affine_short|affine_tiny|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -249,6 +249,14 @@ if [[ $WHAT == affine_first ]]; then  # the affine memory's sums in the kernels:
     step bench_online 150 python3 benchmarks/online_gpu.py --layers ttt_linear --shapes 4x2048 2x8192 --profile
     grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/cg_tests.txt" | tail -n 30
     cat "$OUT/bench_mesa.txt" "$OUT/bench_online.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == context_parallel ]]; then  # context parallelism on the one GPU without NCCL: two gloo processes per
+    # layer share it (tests/gpu/test_context_parallel_gpu.py: one layer of each form, float32, the layers' GPU paths)
+    step cp_tests 300 timeout -s INT 290 python3 -m pytest -m gpu tests/gpu/test_context_parallel_gpu.py -q \
+        -p no:cacheprovider -n 6 -rfE --tb=short
+    grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/cp_tests.txt" | tail -n 30
+    cat "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == launch_sweep ]]; then  # mesa_cg's launch table (cg_triton.LAUNCH): each entry's warps x stages

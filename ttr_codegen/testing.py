@@ -1547,23 +1547,57 @@ def free_address() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def context_parallel_matches(layers: list[tuple[str, str]], ranks: int) -> None:
+def context_parallel_matches(layers: list[tuple[str, str]], ranks: int, device: str = "cpu") -> None:
     """`context_parallel_worker` in `ranks` processes of a fresh gloo group, for the generated packages in
-    `layers`: (package directory, spec path) pairs."""
+    `layers`: (package directory, spec path) pairs; on `device` ("cuda": every process on the one GPU)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(context_parallel_worker, args=(ranks, free_address(), layers), nprocs=ranks, join=True)
+    mp.spawn(context_parallel_worker, args=(ranks, free_address(), layers, device), nprocs=ranks, join=True)
 
 
-def context_parallel_worker(rank: int, ranks: int, address: str, layers: list[tuple[str, str]]) -> None:
+def context_parallel_worker(rank: int, ranks: int, address: str, layers: list[tuple[str, str]],
+                            device: str = "cpu") -> None:
     """One process of a gloo group of `ranks`: each layer's `context_parallel_<name>` (layers: (package
     directory, spec path) pairs) on this rank's shard against `chunk_<name>` on the whole sequences in this
-    process (float64): outputs, final states and the gradients of every input and of the initial state, batch
-    rows and packed sequences that cross the shards' ends (one over three shards at four ranks, one ending at
-    a shard's end, an empty one), with and without a loss on the final state."""
+    process: outputs, final states and the gradients of every input and of the initial state, batch rows and
+    packed sequences that cross the shards' ends (one over three shards at four ranks, one ending at a shard's
+    end, an empty one), with and without a loss on the final state (see `_ShardedRun` for what `device` sets)."""
+    run = _ON_CPU if device == "cpu" else _ON_GPU
     with gloo_group(rank, ranks, address):
         for package_dir, spec_path in layers:
-            _context_parallel_matches(Path(package_dir), Path(spec_path), rank, ranks)
+            _context_parallel_matches(Path(package_dir), Path(spec_path), rank, ranks, run)
+
+
+@dataclass(frozen=True)
+class _ShardedRun:
+    """Where and at what sizes a context-parallel check runs: on the CPU in float64 at small sizes, to rounding;
+    on a GPU in float32 at the kernels' sizes (K = 16, chunks of 16 that the shards' ends cut), to 1e-3 of each
+    reference's scale (the kernels round in other orders over other cuts of the sequence)."""
+
+    device: str
+    dtype: torch.dtype
+    shard: int  # tokens per rank
+    K: int
+    chunk: int  # the chunked op's chunk size (attention: its block size)
+
+    def to(self, tensors) -> list[torch.Tensor]:
+        """Fresh leaves on the device, floating ones in the run's dtype and needing gradients."""
+        return [x.detach().to(self.device, self.dtype if x.is_floating_point() else x.dtype)
+                .requires_grad_(x.is_floating_point()) for x in tensors]
+
+    def close(self, found, expected, rtol: float, what: str) -> None:
+        """found against expected: in float64 to `rtol` (and 1e-10), in float32 to the run's scale."""
+        if self.dtype == torch.float64:
+            tolerance = {"rtol": rtol, "atol": 1e-10}
+        else:
+            scale = max([1.0] + [x.abs().max().item() for x in (expected if isinstance(expected, (tuple, list))
+                                                                 else [expected]) if x.numel()])
+            tolerance = {"rtol": 1e-3, "atol": 1e-3 * scale}
+        torch.testing.assert_close(found, expected, **tolerance, msg=lambda m: f"{what}: {m}")
+
+
+_ON_CPU = _ShardedRun("cpu", torch.float64, shard=6, K=4, chunk=4)
+_ON_GPU = _ShardedRun("cuda", torch.float32, shard=40, K=16, chunk=16)
 
 
 @contextlib.contextmanager
@@ -1594,55 +1628,58 @@ def _context_parallel_cases(shard: int, ranks: int) -> list[tuple[str, int, torc
             (f"packed {lengths}", 1, packed, True), (f"packed {lengths}, outputs only", 1, packed, False)]
 
 
-def _context_parallel_matches(package_dir: Path, spec_path: Path, rank: int, ranks: int) -> None:
+def _context_parallel_matches(package_dir: Path, spec_path: Path, rank: int, ranks: int,
+                              run: _ShardedRun) -> None:
     from .fuzz import _import_package
 
     if load_spec(spec_path).regressor.cls == "mlp":  # a nonlinear memory: its state is its fast weights
-        _context_parallel_online_matches(_import_package(package_dir), spec_path, rank, ranks)
+        _context_parallel_online_matches(_import_package(package_dir), spec_path, rank, ranks, run)
         return
     checks = LayerChecks(spec_path, None, None)
     name = checks.spec.name
     package = _import_package(package_dir)
     if not hasattr(package, f"chunk_{name}"):  # an attention layer: its state is its cache
-        _context_parallel_attention_matches(package, checks, rank, ranks)
+        _context_parallel_attention_matches(package, checks, rank, ranks, run)
         return
     split, checks.chunk = getattr(package, f"context_parallel_{name}"), getattr(package, f"chunk_{name}")
     checks.naive = getattr(package, f"naive_{name}")
     parts = checks.state_parts()  # Titans' (S, Z): 2
-    shard, K, H = 6, 4, 2
+    shard, K, H = run.shard, run.K, 2
     T = shard * ranks
     for what, B, cu_seqlens, with_final in _context_parallel_cases(shard, ranks):
         # Packed at V = the stacked state's key width too: the probe's values as wide as the layer's.
-        V = 3 if cu_seqlens is None else parts * K
+        V = (3 if run.device == "cpu" else K) if cu_seqlens is None else parts * K
+        cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(run.device)
         problem = checks.problem(T, K, V, B=B, H=H, seed=7)
         N = B if cu_seqlens is None else len(cu_seqlens) - 1
         initial = list(state_tuple(checks.run_end_state(problem, K, V, seed=9, B=N, H=H)))
         generator = torch.Generator().manual_seed(8)
-        d_o = torch.randn(B, T, H, V, dtype=torch.float64, generator=generator)
-        d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator) * with_final for x in initial]
+        d_o = torch.randn(B, T, H, V, dtype=torch.float64, generator=generator).to(run.device, run.dtype)
+        d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator).to(run.device, run.dtype)
+                   * with_final for x in initial]
 
         def state(tensors):  # as the op takes it: one tensor, or a tuple of parts
             return tensors[0] if parts == 1 else tuple(tensors)
-        leaves = [x.clone().requires_grad_(True) for x in (*problem.args(), *initial)]
+        leaves = run.to((*problem.args(), *initial))
         whole = Problem(*leaves[:3], dict(zip(problem.inputs, leaves[3:-parts])))
         o_ref, final_ref = checks.chunk(*whole.args(), initial_state=state(leaves[-parts:]), output_final_state=True,
-                                        cu_seqlens=cu_seqlens, chunk_size=4)
+                                        cu_seqlens=cu_seqlens, chunk_size=run.chunk)
         final_ref = state_tuple(final_ref)
         grads_ref = torch.autograd.grad((o_ref * d_o).sum() + sum((f * d).sum() for f, d in zip(final_ref, d_final)),
                                         leaves)
 
-        mine = [x.clone().requires_grad_(True) for x in (*problem.args(), *initial)]
+        mine = run.to((*problem.args(), *initial))
         local = Problem(*mine[:3], dict(zip(problem.inputs, mine[3:-parts]))).tokens(
             rank * shard, (rank + 1) * shard, checks.steps, checks.per_step, checks.spec)
         o, final = split(*local.args(), initial_state=state(mine[-parts:]), output_final_state=with_final,
-                         cu_seqlens=cu_seqlens, chunk_size=4)
+                         cu_seqlens=cu_seqlens, chunk_size=run.chunk)
         rows = slice(rank * shard, (rank + 1) * shard)
         label = f"{name} {what}, rank {rank} of {ranks}"
-        torch.testing.assert_close(o, o_ref[:, rows], rtol=1e-10, atol=1e-10, msg=lambda m: f"{label} output: {m}")
+        run.close(o, o_ref[:, rows], 1e-10, f"{label} output")
         loss = (o * d_o[:, rows]).sum()
         if with_final:
             final = state_tuple(final)
-            torch.testing.assert_close(final, final_ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"{label} final: {m}")
+            run.close(final, final_ref, 1e-10, f"{label} final")
             if rank == 0:
                 loss = loss + sum((f * d).sum() for f, d in zip(final, d_final))
         else:
@@ -1658,53 +1695,51 @@ def _context_parallel_matches(package_dir: Path, spec_path: Path, rank: int, ran
                 # A K x K state (a covariance) is symmetric: only its gradient's symmetric part acts on it, and
                 # two correct runs may split the rest differently (RLS's P k against P^T k).
                 g, g_ref = (g + g.transpose(-1, -2)) / 2, (g_ref + g_ref.transpose(-1, -2)) / 2
-            torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10, msg=lambda m, arg=arg: f"{label} d{arg}: {m}")
+            run.close(g, g_ref, 1e-9, f"{label} d{arg}")
 
 
-def _context_parallel_online_matches(package, spec_path: Path, rank: int, ranks: int) -> None:
+def _context_parallel_online_matches(package, spec_path: Path, rank: int, ranks: int, run: _ShardedRun) -> None:
     """A nonlinear memory's `context_parallel_<name>` (a pipeline over the ranks) on this rank's shard against
-    `chunk_<name>` on the whole sequences in this process (float64): outputs, every part of the final state and
+    `chunk_<name>` on the whole sequences in this process: outputs, every part of the final state and
     the gradients of every input and of the initial state's weights. Each sequence starts from a whole state
     part-way into a mini-batch (start weights, gradient sums and its position: what the pipeline hands on, as a
     shard's end falls inside a mini-batch), for batch rows and for packed sequences that cross the shards' ends."""
     checks = OnlineChecks(spec_path, None, None, None)
     name = checks.spec.name
     split, chunk = getattr(package, f"context_parallel_{name}"), getattr(package, f"chunk_{name}")
-    shard, K, H = 6, 4, 2
+    shard, K, H = run.shard, run.K, 2
     T = shard * ranks
     for what, B, cu_seqlens, with_final in _context_parallel_cases(shard, ranks):
-        problem, _ = checks.problem(T, K, B=B, H=H, seed=7)
+        cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(run.device)
+        problem, _ = checks.problem(T, K, B=B, H=H, seed=7, calm=run.device != "cpu")
         N = B if cu_seqlens is None else len(cu_seqlens) - 1
         initial = list(checks.problem(1, K, B=N, H=H, seed=9, positions=[(3 * n + 1) for n in range(N)])[1])
         floating = [x.is_floating_point() for x in initial]
         count = 3 + len(problem.inputs)
 
-        def leaves_of(tensors):
-            return [x.clone().requires_grad_(x.is_floating_point()) for x in tensors]
-        leaves = leaves_of((*problem.args(), *initial))
+        leaves = run.to((*problem.args(), *initial))
         o_ref, final_ref = chunk(*leaves[:count], initial_state=tuple(leaves[count:]), output_final_state=True,
                                  cu_seqlens=cu_seqlens)
         generator = torch.Generator().manual_seed(8)
-        d_o = torch.randn(o_ref.shape, dtype=torch.float64, generator=generator)
-        d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator) * with_final
-                   if x.is_floating_point() else None for x in final_ref]
+        d_o = torch.randn(o_ref.shape, dtype=torch.float64, generator=generator).to(run.device, run.dtype)
+        d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator).to(run.device, run.dtype)
+                   * with_final if x.is_floating_point() else None for x in final_ref]
         wrt = [x for x in leaves if x.requires_grad]
         grads_ref = torch.autograd.grad((o_ref * d_o).sum() + sum((f * d).sum() for f, d in zip(final_ref, d_final)
                                                                   if d is not None), wrt)
 
-        mine = leaves_of((*problem.args(), *initial))
+        mine = run.to((*problem.args(), *initial))
         local = Problem(*mine[:3], dict(zip(problem.inputs, mine[3:count]))).tokens(
             rank * shard, (rank + 1) * shard, 1, set(), checks.spec)
         o, final = split(*local.args(), initial_state=tuple(mine[count:]), output_final_state=with_final,
                          cu_seqlens=cu_seqlens)
         rows = slice(rank * shard, (rank + 1) * shard)
         label = f"{name} {what}, rank {rank} of {ranks}"
-        torch.testing.assert_close(o, o_ref[:, rows], rtol=1e-9, atol=1e-10, msg=lambda m: f"{label} output: {m}")
+        run.close(o, o_ref[:, rows], 1e-9, f"{label} output")
         loss = (o * d_o[:, rows]).sum()
         if with_final:
             for index, (part, part_ref) in enumerate(zip(final, final_ref, strict=True)):
-                torch.testing.assert_close(part, part_ref, rtol=1e-9, atol=1e-10,
-                                           msg=lambda m, i=index: f"{label} final state part {i}: {m}")
+                run.close(part, part_ref, 1e-9, f"{label} final state part {index}")
             if rank == 0:
                 loss = loss + sum((f * d).sum() for f, d in zip(final, d_final) if d is not None)
         else:
@@ -1714,25 +1749,27 @@ def _context_parallel_online_matches(package, spec_path: Path, rank: int, ranks:
         for arg, g, g_ref in zip(names, grads, grads_ref, strict=True):
             if arg in ("q", "k", "v") or (arg in problem.inputs and checks.spec.input(arg).per_token):
                 g_ref, g = g_ref[:, rows], g[:, rows]
-            torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-10, msg=lambda m, arg=arg: f"{label} d{arg}: {m}")
+            run.close(g, g_ref, 1e-8, f"{label} d{arg}")
 
 
-def _context_parallel_attention_matches(package, checks: LayerChecks, rank: int, ranks: int) -> None:
+def _context_parallel_attention_matches(package, checks: LayerChecks, rank: int, ranks: int,
+                                       run: _ShardedRun) -> None:
     """An attention layer's `context_parallel_<name>` on this rank's shard against `naive_<name>` on the whole
-    sequences in this process (float64): outputs, final states (the cache of every token) and the gradients of
+    sequences in this process: outputs, final states (the cache of every token) and the gradients of
     every input and of the initial cache; batch rows from a cache of earlier tokens, and packed sequences that
     cross the shards' ends (one over three shards at four ranks, one ending at a shard's end, an empty one), each
     with and without a loss on the final state."""
     name = checks.spec.name
     split, naive = getattr(package, f"context_parallel_{name}"), getattr(package, f"naive_{name}")
-    shard, K, V, H = 6, 4, 3, 2
+    shard, K, V, H = run.shard, run.K, 3 if run.device == "cpu" else run.K, 2
     T = shard * ranks
     for what, B, cu_seqlens, with_final in _context_parallel_cases(shard, ranks):
+        cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(run.device)
         problem = checks.problem(T, K, V, B=B, H=H, seed=7)
         # A cache of three earlier tokens for batch rows (packed sequences start from none).
         initial = [] if cu_seqlens is not None else list(checks._cache_parts(checks.problem(3, K, V, B=B, H=H,
                                                                                              seed=9))[1])
-        leaves = [x.clone().requires_grad_(True) for x in (*problem.args(), *initial)]
+        leaves = run.to((*problem.args(), *initial))
         whole = Problem(*leaves[:3], dict(zip(problem.inputs, leaves[3:len(leaves) - len(initial)])))
         if cu_seqlens is None:
             o_ref, final_ref = naive(*whole.args(), initial_state=tuple(leaves[len(leaves) - len(initial):]),
@@ -1743,19 +1780,20 @@ def _context_parallel_attention_matches(package, checks: LayerChecks, rank: int,
                                for a, b in zip(bounds[:-1], bounds[1:]) if b > a], dim=1)
             final_ref = checks._cache_parts(whole)[1]
         generator = torch.Generator().manual_seed(8)
-        d_o = torch.randn(o_ref.shape, dtype=torch.float64, generator=generator)
-        d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator) * with_final for x in final_ref]
+        d_o = torch.randn(o_ref.shape, dtype=torch.float64, generator=generator).to(run.device, run.dtype)
+        d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator).to(run.device, run.dtype)
+                   * with_final for x in final_ref]
         grads_ref = torch.autograd.grad((o_ref * d_o).sum() + sum((f * d).sum() for f, d in zip(final_ref, d_final)),
                                         leaves, allow_unused=True)
 
-        mine = [x.clone().requires_grad_(True) for x in (*problem.args(), *initial)]
+        mine = run.to((*problem.args(), *initial))
         local = Problem(*mine[:3], dict(zip(problem.inputs, mine[3:len(mine) - len(initial)]))).tokens(
             rank * shard, (rank + 1) * shard, 1, set(), checks.spec)
         o, final = split(*local.args(), initial_state=tuple(mine[len(mine) - len(initial):]) or None,
-                         output_final_state=with_final, cu_seqlens=cu_seqlens, block_size=4)
+                         output_final_state=with_final, cu_seqlens=cu_seqlens, block_size=run.chunk)
         rows = slice(rank * shard, (rank + 1) * shard)
         label = f"{name} {what}, rank {rank} of {ranks}"
-        torch.testing.assert_close(o, o_ref[:, rows], rtol=1e-10, atol=1e-10, msg=lambda m: f"{label} output: {m}")
+        run.close(o, o_ref[:, rows], 1e-10, f"{label} output")
         loss = (o * d_o[:, rows]).sum()
         if with_final:
             torch.testing.assert_close(tuple(final), tuple(final_ref), rtol=0, atol=0,
@@ -1771,7 +1809,7 @@ def _context_parallel_attention_matches(package, checks: LayerChecks, rank: int,
                                                                              (leaves[names.index(arg)], g_ref)))
             if arg in ("q", "k", "v") or (arg in problem.inputs and checks.spec.input(arg).per_token):
                 g_ref, g = g_ref[:, rows], g[:, rows]
-            torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10, msg=lambda m, arg=arg: f"{label} d{arg}: {m}")
+            run.close(g, g_ref, 1e-9, f"{label} d{arg}")
 
 
 # --- sharded training (DDP, FSDP2), checked in processes of a gloo group ----------------------------------------
