@@ -1587,12 +1587,12 @@ class _ShardedRun:
 
     def close(self, found, expected, rtol: float, what: str) -> None:
         """found against expected: in float64 to `rtol` (and 1e-10), in float32 to the run's scale."""
-        if self.dtype == torch.float64:
-            tolerance = {"rtol": rtol, "atol": 1e-10}
-        else:
-            scale = max([1.0] + [x.abs().max().item() for x in (expected if isinstance(expected, (tuple, list))
-                                                                 else [expected]) if x.numel()])
-            tolerance = {"rtol": 1e-3, "atol": 1e-3 * scale}
+        if isinstance(expected, (tuple, list)):  # a state's parts, each at its own scale
+            for index, (part, part_ref) in enumerate(zip(found, expected, strict=True)):
+                self.close(part, part_ref, rtol, f"{what} part {index}")
+            return
+        tolerance = ({"rtol": rtol, "atol": 1e-10} if self.dtype == torch.float64
+                     else _at_scale({"rtol": 1e-3, "atol": 1e-3}, expected))
         torch.testing.assert_close(found, expected, **tolerance, msg=lambda m: f"{what}: {m}")
 
 
