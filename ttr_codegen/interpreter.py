@@ -31,12 +31,18 @@ def speed_up() -> None:
     skip_repeated_patching()
 
 
-def skip_unused_overflow_checks() -> bool:
-    """Turn off the integer overflow checks whose assertion is off (not in debug mode); whether they are off."""
+def _interpreter():
+    """Triton's interpreter module, or None where Triton is missing."""
     try:
         from triton.runtime import interpreter
     except ImportError:
-        return False
+        return None
+    return interpreter
+
+
+def skip_unused_overflow_checks() -> bool:
+    """Turn off the integer overflow checks whose assertion is off (not in debug mode); whether they are off."""
+    interpreter = _interpreter()
     builder = getattr(interpreter, "interpreter_builder", None)
     options = getattr(builder, "options", None)
     if not dataclasses.is_dataclass(options) or getattr(options, "debug", True) is not False:
@@ -48,10 +54,7 @@ def skip_unused_overflow_checks() -> bool:
 
 def skip_repeated_patching() -> bool:
     """Install the shortcut in Triton's interpreter (once); whether it is in place."""
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return False
+    interpreter = _interpreter()
     patch = getattr(interpreter, "_patch_lang", None)
     scope_type = getattr(interpreter, "_LangPatchScope", None)
     if patch is None or scope_type is None or len(inspect.signature(patch).parameters) != 1:
