@@ -12,8 +12,8 @@ and puts them back when the launch ends. Every call of a `@triton.jit` helper in
 again, although they are already swapped: a scan of the language's modules that costs about 150 µs, which for
 the generated kernels (small helpers, called per chunk and per solver step) is a sixth of a test's time.
 `skip_repeated_patching` makes a helper's call skip that scan when the launch in progress has already swapped
-every language module the helper sees; anything else (a launch, a helper that sees a module the kernel did
-not) patches as before.
+every language module the helper sees; anything else (a launch, the first call of a helper that sees a module
+the kernel did not, such as tl.sum) patches as before.
 
 Both touch Triton's private interpreter state, and change nothing where that is missing or shaped otherwise.
 """
@@ -62,11 +62,16 @@ def skip_repeated_patching() -> bool:
     if getattr(patch, "skips_repeats", False):
         return True
     languages = (interpreter.tl, interpreter.tl.core)
-    patched: list[frozenset[int]] = []  # the modules the launch in progress swapped (empty: no launch)
+    patched: list[set[int]] = []  # the modules the launch in progress swapped (empty: no launch)
 
-    def seen(fn) -> frozenset[int]:
-        return frozenset(id(value) for value in fn.__globals__.values()
-                         if any(value is language for language in languages))
+    seen_by: dict = {}
+
+    def seen(fn) -> set[int]:
+        """The language modules fn's globals hold (looked up once per function: a module's imports stay)."""
+        if fn not in seen_by:
+            seen_by[fn] = {id(value) for value in fn.__globals__.values()
+                           if any(value is language for language in languages)}
+        return seen_by[fn]
 
     @functools.wraps(patch)
     def patch_once(fn):
@@ -74,8 +79,9 @@ def skip_repeated_patching() -> bool:
         if patched and modules <= patched[-1]:
             return scope_type()  # a helper inside the launch: nothing to swap, nothing to put back
         scope = patch(fn)
-        if patched:
-            return scope  # a helper that sees more than its kernel: patched as Triton does
+        if patched:  # a helper that sees more than its kernel (tl.sum sees tl.core): patched as Triton does,
+            patched[-1] = patched[-1] | modules  # and left so (Triton never restores a helper's scope): once a launch
+            return scope
         patched.append(modules)
         restore = scope.restore
 
