@@ -123,3 +123,21 @@ def test_generated_files_follow_the_umask(tmp_path, monkeypatch):
     finally:
         os.umask(old)
     assert (tmp_path / "layers" / "safe_delta" / "naive.py").stat().st_mode & 0o777 == 0o644
+
+
+def test_an_input_a_closure_reads_is_not_rebound_after_it(tmp_path):
+    """The name-clash probe lets generated code rebind a variable named like an input once the input is read for
+    the last time (`beta = beta / ...`). A nested function reads its names whenever it is called: its reads count
+    as the enclosing definition's last line, so rebinding such a name after the closure's definition is a clash
+    (a context-parallel module rebound `decay` after a closure that passes the input `decay` on)."""
+    from ttr_codegen.pipeline import name_clashes
+    from ttr_codegen.render.files import RenderedFile
+    from ttr_codegen.spec import load_spec
+
+    spec = load_spec(write_spec(tmp_path))  # one input, beta: its probe name is zq0input
+    rebound_after_last_read = RenderedFile("a.py", "def f(zq0input):\n    beta = zq0input * 2\n    return beta\n")
+    rebound_after_closure = RenderedFile("b.py", "def f(zq0input):\n    def run():\n        return zq0input + 1\n"
+                                                 "    beta = run()\n    return run() + beta\n")
+    assert name_clashes(spec, [rebound_after_last_read]) == []
+    [clash] = name_clashes(spec, [rebound_after_closure])
+    assert "the name 'beta' clashes with 'beta'" in clash.message

@@ -141,6 +141,13 @@ def _scope(definition: ast.AST, module_names: set[str]) -> _Scope:
             first_binding[node.arg] = 0
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
             last_read[node.id] = max(last_read.get(node.id, 0), node.lineno)
+    # A nested function (a closure) reads its names whenever it is called, which may be after any line of the
+    # definition: its reads count as the definition's last line.
+    for nested in ast.walk(definition):
+        if nested is not definition and isinstance(nested, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            for node in ast.walk(nested):
+                if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                    last_read[node.id] = max(last_read.get(node.id, 0), definition.end_lineno)
     loops = tuple(({n.id for n in ast.walk(loop) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)},
                    {n.id for n in ast.walk(loop) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)})
                   for loop in ast.walk(definition) if isinstance(loop, (ast.For, ast.While)))
