@@ -1587,6 +1587,10 @@ class _ShardedRun:
         return [x.detach().to(self.device, self.dtype if x.is_floating_point() else x.dtype)
                 .requires_grad_(x.is_floating_point()) for x in tensors]
 
+    def noise(self, shape, generator: torch.Generator) -> torch.Tensor:
+        """A standard normal draw (float64 on the CPU, the same numbers on any device), in the run's dtype."""
+        return torch.randn(shape, dtype=torch.float64, generator=generator).to(self.device, self.dtype)
+
     def close(self, found, expected, rtol: float, what: str) -> None:
         """found against expected: in float64 to `rtol` (and 1e-10), in float32 to the run's scale."""
         if isinstance(expected, (tuple, list)):  # a state's parts, each at its own scale
@@ -1618,14 +1622,15 @@ def gloo_group(rank: int, ranks: int, address: str):
         dist.destroy_process_group()
 
 
-def _context_parallel_cases(shard: int, ranks: int) -> list[tuple[str, int, torch.Tensor | None, bool]]:
-    """(what, B, cu_seqlens, whether a loss reads the final state) for shards of `shard` tokens: batch rows, and
-    packed sequences that cross the shards' ends (at four ranks one over three shards, one ending at a shard's
+def _context_parallel_cases(run: _ShardedRun, ranks: int) -> list[tuple[str, int, torch.Tensor | None, bool]]:
+    """(what, B, cu_seqlens on the run's device, whether a loss reads the final state) for shards of `run.shard`
+    tokens: batch rows, and packed sequences that cross the shards' ends (at four ranks one over three shards, one ending at a shard's
     end, an empty one), each with and without that loss (without, rank 0's output reads nothing the other ranks
     send, and its backward must still join theirs)."""
+    shard = run.shard
     T = shard * ranks
     lengths = [5, T - 5] if ranks == 2 else [3, shard - 3, 0, 2 * shard + 1, T - 3 * shard - 1]
-    packed = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    packed = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=run.device)
     return [("batch rows", 2, None, True), ("batch rows, outputs only", 2, None, False),
             (f"packed {lengths}", 1, packed, True), (f"packed {lengths}, outputs only", 1, packed, False)]
 
@@ -1648,17 +1653,15 @@ def _context_parallel_matches(package_dir: Path, spec_path: Path, rank: int, ran
     parts = checks.state_parts()  # Titans' (S, Z): 2
     shard, K, H = run.shard, run.K, 2
     T = shard * ranks
-    for what, B, cu_seqlens, with_final in _context_parallel_cases(shard, ranks):
+    for what, B, cu_seqlens, with_final in _context_parallel_cases(run, ranks):
         # Packed at V = the stacked state's key width too: the probe's values as wide as the layer's.
         V = (3 if run.device == "cpu" else K) if cu_seqlens is None else parts * K
-        cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(run.device)
         problem = checks.problem(T, K, V, B=B, H=H, seed=7)
         N = B if cu_seqlens is None else len(cu_seqlens) - 1
         initial = list(state_tuple(checks.run_end_state(problem, K, V, seed=9, B=N, H=H)))
         generator = torch.Generator().manual_seed(8)
-        d_o = torch.randn(B, T, H, V, dtype=torch.float64, generator=generator).to(run.device, run.dtype)
-        d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator).to(run.device, run.dtype)
-                   * with_final for x in initial]
+        d_o = run.noise((B, T, H, V), generator)
+        d_final = [run.noise(x.shape, generator) * with_final for x in initial]
 
         def state(tensors):  # as the op takes it: one tensor, or a tuple of parts
             return tensors[0] if parts == 1 else tuple(tensors)
@@ -1711,8 +1714,7 @@ def _context_parallel_online_matches(package, spec_path: Path, rank: int, ranks:
     split, chunk = getattr(package, f"context_parallel_{name}"), getattr(package, f"chunk_{name}")
     shard, K, H = run.shard, run.K, 2
     T = shard * ranks
-    for what, B, cu_seqlens, with_final in _context_parallel_cases(shard, ranks):
-        cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(run.device)
+    for what, B, cu_seqlens, with_final in _context_parallel_cases(run, ranks):
         problem, _ = checks.problem(T, K, B=B, H=H, seed=7, calm=run.device != "cpu")
         N = B if cu_seqlens is None else len(cu_seqlens) - 1
         initial = list(checks.problem(1, K, B=N, H=H, seed=9, positions=[(3 * n + 1) for n in range(N)])[1])
@@ -1723,9 +1725,8 @@ def _context_parallel_online_matches(package, spec_path: Path, rank: int, ranks:
         o_ref, final_ref = chunk(*leaves[:count], initial_state=tuple(leaves[count:]), output_final_state=True,
                                  cu_seqlens=cu_seqlens)
         generator = torch.Generator().manual_seed(8)
-        d_o = torch.randn(o_ref.shape, dtype=torch.float64, generator=generator).to(run.device, run.dtype)
-        d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator).to(run.device, run.dtype)
-                   * with_final if x.is_floating_point() else None for x in final_ref]
+        d_o = run.noise(o_ref.shape, generator)
+        d_final = [run.noise(x.shape, generator) * with_final if x.is_floating_point() else None for x in final_ref]
         wrt = [x for x in leaves if x.requires_grad]
         grads_ref = torch.autograd.grad((o_ref * d_o).sum() + sum((f * d).sum() for f, d in zip(final_ref, d_final)
                                                                   if d is not None), wrt)
@@ -1765,8 +1766,7 @@ def _context_parallel_attention_matches(package, checks: LayerChecks, rank: int,
     split, naive = getattr(package, f"context_parallel_{name}"), getattr(package, f"naive_{name}")
     shard, K, V, H = run.shard, run.K, 3 if run.device == "cpu" else run.K, 2
     T = shard * ranks
-    for what, B, cu_seqlens, with_final in _context_parallel_cases(shard, ranks):
-        cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(run.device)
+    for what, B, cu_seqlens, with_final in _context_parallel_cases(run, ranks):
         problem = checks.problem(T, K, V, B=B, H=H, seed=7)
         # A cache of three earlier tokens for batch rows (packed sequences start from none).
         initial = [] if cu_seqlens is not None else list(checks._cache_parts(checks.problem(3, K, V, B=B, H=H,
@@ -1782,9 +1782,8 @@ def _context_parallel_attention_matches(package, checks: LayerChecks, rank: int,
                                for a, b in zip(bounds[:-1], bounds[1:]) if b > a], dim=1)
             final_ref = checks._cache_parts(whole)[1]
         generator = torch.Generator().manual_seed(8)
-        d_o = torch.randn(o_ref.shape, dtype=torch.float64, generator=generator).to(run.device, run.dtype)
-        d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator).to(run.device, run.dtype)
-                   * with_final for x in final_ref]
+        d_o = run.noise(o_ref.shape, generator)
+        d_final = [run.noise(x.shape, generator) * with_final for x in final_ref]
         grads_ref = torch.autograd.grad((o_ref * d_o).sum() + sum((f * d).sum() for f, d in zip(final_ref, d_final)),
                                         leaves, allow_unused=True)
 
