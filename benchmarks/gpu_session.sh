@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|context_parallel|launch_sweep|mlp_train|affine_first|affine_short|affine_tiny|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
+#                                    second_order_bench|second_order_tests|context_parallel|first_rows|launch_sweep|mlp_train|affine_first|affine_short|affine_tiny|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -257,6 +257,19 @@ if [[ $WHAT == context_parallel ]]; then  # context parallelism on the one GPU w
         -p no:cacheprovider -n 6 -rfE --tb=short
     grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/cp_tests.txt" | tail -n 30
     cat "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == first_rows ]]; then  # a fresh chip's first call: the single-GPU context-parallel check, then the
+    # peers' rows of the second-order and nonlinear memories (ttt_linear, mesa_cg), each profiled, and where the
+    # host's time goes in their calls
+    step cp_tests 180 timeout -s INT 170 python3 -m pytest -m gpu tests/gpu/test_context_parallel_gpu.py -q \
+        -p no:cacheprovider -n 6 -rfE --tb=short
+    step bench_online 100 python3 benchmarks/online_gpu.py --layers ttt_linear --profile
+    step bench_mesa 130 python3 benchmarks/second_order_gpu.py --layers mesa_cg rls affine_mesa_cg --profile mesa_cg
+    step host 60 python3 benchmarks/host_overhead_gpu.py --layers mesa_cg ttt_linear gated_delta_rule
+    grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/cp_tests.txt" | tail -n 30
+    cat "$OUT/bench_online.txt" "$OUT/bench_mesa.txt" "$OUT/steps.txt"
+    grep -E "issues a call|a call \(own" "$OUT/host.txt"
     exit 0
 fi
 if [[ $WHAT == launch_sweep ]]; then  # mesa_cg's launch table (cg_triton.LAUNCH): each entry's warps x stages
