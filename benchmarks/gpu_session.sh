@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|context_parallel|first_rows|launch_sweep|mlp_train|affine_first|affine_short|affine_tiny|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
+#                                    second_order_bench|second_order_tests|context_parallel|first_rows|twins|launch_sweep|mlp_train|affine_first|affine_short|affine_tiny|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -270,6 +270,14 @@ if [[ $WHAT == first_rows ]]; then  # a fresh chip's first call: the single-GPU 
     grep -E "FAILED|ERROR|Error|assert|passed|failed" "$OUT/cp_tests.txt" | tail -n 30
     cat "$OUT/bench_online.txt" "$OUT/bench_mesa.txt" "$OUT/steps.txt"
     grep -E "issues a call|a call \(own" "$OUT/host.txt"
+    exit 0
+fi
+if [[ $WHAT == twins ]]; then  # the custom ops' eager twins: host time against the ops (alternating), then mesa_cg
+    # against fla at both shapes (its training step was host-bound at B=4 T=2048)
+    step host 100 python3 benchmarks/host_overhead_gpu.py --layers mesa_cg gated_delta_rule --no-peer --top 30
+    step bench_mesa 180 python3 benchmarks/second_order_gpu.py --layers mesa_cg
+    grep -E "issues a call|a call \(own" "$OUT/host.txt"
+    cat "$OUT/bench_mesa.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == launch_sweep ]]; then  # mesa_cg's launch table (cg_triton.LAUNCH): each entry's warps x stages

@@ -1618,6 +1618,9 @@ def gloo_group(rank: int, ranks: int, address: str):
                             timeout=datetime.timedelta(seconds=60))
     try:
         yield
+        # Every rank past its last collective before any tears the group down: a rank that destroyed it while
+        # another's asynchronous work (FSDP2's) was still in flight aborted that process now and then.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
