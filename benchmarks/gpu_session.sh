@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|context_parallel|first_rows|twins|launch_sweep|mlp_train|affine_first|affine_short|affine_tiny|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
+#                                    second_order_bench|second_order_tests|context_parallel|first_rows|twins|last_rows|launch_sweep|mlp_train|affine_first|affine_short|affine_tiny|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -278,6 +278,13 @@ if [[ $WHAT == twins ]]; then  # the custom ops' eager twins: host time against 
     step bench_mesa 180 python3 benchmarks/second_order_gpu.py --layers mesa_cg
     grep -E "issues a call|a call \(own" "$OUT/host.txt"
     cat "$OUT/bench_mesa.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == last_rows ]]; then  # the least device time: the second-order rows (mesa_cg against fla, the affine
+    # memory and rls) and ttt_linear against fla, nothing profiled
+    step bench_mesa 100 python3 benchmarks/second_order_gpu.py --layers mesa_cg affine_mesa_cg rls
+    step bench_online 70 python3 benchmarks/online_gpu.py --layers ttt_linear
+    cat "$OUT/bench_mesa.txt" "$OUT/bench_online.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == launch_sweep ]]; then  # mesa_cg's launch table (cg_triton.LAUNCH): each entry's warps x stages
