@@ -70,3 +70,17 @@ def test_fake_tensors_take_the_op(layer):
         args = case(lambda *shape: torch.empty(*shape))
         found = twin(*args)
     assert found[0].shape == (B, T, H, K)
+
+
+def test_a_second_derivative_is_refused_as_the_op_refuses_it():
+    """The kernels' backward has no derivative of its own: with create_graph the twin's backward runs the backward
+    op, whose missing autograd formula PyTorch reports, rather than first-order gradients that silently require
+    no grad."""
+    twin, _, case = ops("gated_delta_rule")
+    generator = torch.Generator().manual_seed(0)
+    args = case(lambda *shape: torch.randn(*shape, generator=generator))
+    q, k = args[0].requires_grad_(True), args[1].requires_grad_(True)
+    (dq,) = torch.autograd.grad(twin(*args)[0].sum(), [q], create_graph=True)
+    assert dq.requires_grad
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(dq.sum(), [k])
