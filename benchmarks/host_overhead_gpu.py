@@ -65,14 +65,15 @@ def through_dispatcher(name: str):
             setattr(kernels, attribute, twin)
 
 
+# Layers that take second_order_gpu.py's inputs (q, k, v, g, beta, lamb: unit keys, gates near 1), as many of them
+# as each reads.
+SECOND_ORDER_INPUTS = {"mesa_cg": 6, "affine_mesa_cg": 6, "mesa": 6, "affine_mesa": 6, "rls": 4, "gated_delta_rule": 5}
+
+
 def leaves_for(name: str, B: int, T: int) -> list[torch.Tensor]:
-    if name == "gated_delta_rule":  # unit keys, gates near 1 (fla's conventions)
+    if name in SECOND_ORDER_INPUTS:
         from second_order_gpu import inputs
-        q, k, v, g, beta, _ = inputs(B, T)
-        return [q, k, v, g, beta]
-    if name in ("mesa_cg", "affine_mesa_cg", "mesa", "affine_mesa", "rls"):
-        from second_order_gpu import inputs
-        return inputs(B, T)[:4] if name == "rls" else inputs(B, T)
+        return inputs(B, T)[:SECOND_ORDER_INPUTS[name]]
     from online_gpu import inputs
     from ttr_codegen.spec import load_spec
     return inputs(load_spec(ROOT / "specs" / f"{name}.yaml"), B, T)
@@ -122,12 +123,15 @@ def main() -> None:
                 def step(run=run, grads=grads, backward=backward):
                     timed_step(lambda: run(*grads), backward, grads, d_out)
                 label = f"{who} {name} {'fwd+bwd' if backward else 'fwd'}"
-                for _ in range(1 if who == "fla" else 2):  # twice, alternating: the first call's order is no factor
+                if who == "fla":
+                    report(label, step)
+                    continue
+                for _ in range(2):  # twice, alternating: the first call's order is no factor
                     report(label, step)
                     with through_dispatcher(name) as has_ops:
-                        if has_ops and who == "ours":
+                        if has_ops:
                             report(f"{label}, the custom ops through the dispatcher", step)
-                if backward and who == "ours":
+                if backward:
                     profile(step, args.calls, args.top)
 
 

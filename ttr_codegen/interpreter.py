@@ -79,8 +79,11 @@ def skip_repeated_patching() -> bool:
         if patched and modules <= patched[-1]:
             return scope_type()  # a helper inside the launch: nothing to swap, nothing to put back
         scope = patch(fn)
-        if patched:  # a helper that sees more than its kernel (tl.sum sees tl.core): patched as Triton does,
-            patched[-1] = patched[-1] | modules  # and left so (Triton never restores a helper's scope): once a launch
+        if patched:
+            # A helper that sees more than its kernel (tl.sum sees tl.core) is patched as Triton does; Triton never
+            # restores a helper's scope, so those modules stay patched until the launch ends: its later helpers
+            # that see them skip the scan too.
+            patched[-1] = patched[-1] | modules
             return scope
         patched.append(modules)
         restore = scope.restore

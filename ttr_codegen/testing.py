@@ -1627,9 +1627,9 @@ def gloo_group(rank: int, ranks: int, address: str):
 
 def _context_parallel_cases(run: _ShardedRun, ranks: int) -> list[tuple[str, int, torch.Tensor | None, bool]]:
     """(what, B, cu_seqlens on the run's device, whether a loss reads the final state) for shards of `run.shard`
-    tokens: batch rows, and packed sequences that cross the shards' ends (at four ranks one over three shards, one ending at a shard's
-    end, an empty one), each with and without that loss (without, rank 0's output reads nothing the other ranks
-    send, and its backward must still join theirs)."""
+    tokens: batch rows, and packed sequences that cross the shards' ends (at four ranks one over three shards,
+    one ending at a shard's end, an empty one), each with and without that loss (without, rank 0's output reads
+    nothing the other ranks send, and its backward must still join theirs)."""
     shard = run.shard
     T = shard * ranks
     lengths = [5, T - 5] if ranks == 2 else [3, shard - 3, 0, 2 * shard + 1, T - 3 * shard - 1]
