@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|context_parallel|first_rows|twins|last_rows|launch_sweep|mlp_train|affine_first|affine_short|affine_tiny|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
+#                                    second_order_bench|second_order_tests|context_parallel|first_rows|twins|last_rows|frontier_rows|walk_warps|long_tests|rls_chunks|launch_sweep|mlp_train|affine_first|affine_short|affine_tiny|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -282,9 +282,54 @@ if [[ $WHAT == twins ]]; then  # the custom ops' eager twins: host time against 
 fi
 if [[ $WHAT == last_rows ]]; then  # the least device time: the second-order rows (mesa_cg against fla, the affine
     # memory and rls) and ttt_linear against fla, nothing profiled
-    step bench_mesa 100 python3 benchmarks/second_order_gpu.py --layers mesa_cg affine_mesa_cg rls
+    step bench_mesa 270 python3 benchmarks/second_order_gpu.py --layers mesa_cg affine_mesa_cg rls
     step bench_online 70 python3 benchmarks/online_gpu.py --layers ttt_linear
     cat "$OUT/bench_mesa.txt" "$OUT/bench_online.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == frontier_rows ]]; then  # the walk storing its rows' products with the weights (the read-out's frontier)
+    # instead of the weights, against the generated walk; a two-layer memory's walk with its weights streamed
+    # through the cache against the generated one; then every row of #21 (the second-order layers, ttt_linear
+    # against fla, the MLP memories)
+    step walk_study 130 python3 benchmarks/online_walk_study.py --variants generated "no checkpoints" frontier x2 \
+        "x2, frontier" "x2, no checkpoints" "tma checkpoints"
+    step mlp_walk 120 python3 benchmarks/mlp_walk_study.py
+    step bench_mesa 100 python3 benchmarks/second_order_gpu.py --layers mesa_cg affine_mesa_cg rls
+    step bench_online 70 python3 benchmarks/online_gpu.py --layers ttt_linear
+    step bench_mlp 120 python3 benchmarks/online_gpu.py --layers ttt_mlp titans_mlp --no-peer
+    cat "$OUT/walk_study.txt" "$OUT/mlp_walk.txt" "$OUT/bench_mesa.txt" "$OUT/bench_online.txt" "$OUT/bench_mlp.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == walk_warps ]]; then  # the second-order rows (their first calls compile for minutes: fla's autotuning
+    # and ours), then the walk with fewer warps against fla's walk (and the warps fla's autotuner picks)
+    step bench_mesa 270 python3 benchmarks/second_order_gpu.py --layers mesa_cg affine_mesa_cg rls
+    step walk_study 120 python3 benchmarks/online_walk_study.py --variants generated x2 "x2, warps 2" \
+        "fla's precision" "fla's precision, warps 2" "fla's precision, warps 1" lean "lean, warps 2"
+    cat "$OUT/bench_mesa.txt" "$OUT/walk_study.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == long_tests ]]; then  # the second-order kernels' GPU tests at T = 4096 (rls, mesa_cg, affine_mesa_cg:
+    # fp32/fp16/bf16 against naive_<name> in float64), then ttt_linear's and mesa_cg's rows against fla, then where
+    # ttt_mlp's training step spends its GPU time
+    step long_tests 170 timeout -s INT 160 python3 -m pytest -m gpu tests/gpu/test_rls_gpu.py \
+        tests/gpu/test_second_order_gpu.py -q -p no:cacheprovider -n 9 -rfE --tb=short -k 4096
+    step bench_online 70 python3 benchmarks/online_gpu.py --layers ttt_linear
+    step bench_mesa 200 python3 benchmarks/second_order_gpu.py --layers mesa_cg
+    step profile_mlp 90 python3 benchmarks/online_gpu.py --layers ttt_mlp --shapes 4x2048 --no-peer --profile
+    tail -n 15 "$OUT/long_tests.txt"
+    cat "$OUT/bench_online.txt" "$OUT/bench_mesa.txt" "$OUT/steps.txt"
+    grep -E "ttt_mlp|kernel|Self CUDA" "$OUT/profile_mlp.txt" | head -n 40
+    exit 0
+fi
+if [[ $WHAT == rls_chunks ]]; then  # rls's forward by chunks: its GPU tests (both forwards, every dtype, T up to
+    # 4096, training), then its rows with each forward beside mesa_cg's (fla left out: the issue's goal is rls within
+    # 2x of mesa_cg's time)
+    step rls_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_rls_gpu.py -q -p no:cacheprovider \
+        -n 12 -rfE --tb=short
+    step bench_rls 200 python3 benchmarks/second_order_gpu.py --layers mesa_cg rls --no-peer \
+        --rls-forwards tokens chunks
+    tail -n 15 "$OUT/rls_tests.txt"
+    cat "$OUT/bench_rls.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == launch_sweep ]]; then  # mesa_cg's launch table (cg_triton.LAUNCH): each entry's warps x stages

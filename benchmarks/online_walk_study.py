@@ -48,6 +48,13 @@ def _exact_dot2(exact, b, acc):
     return tl.dot(a, low, tl.dot(a, high, acc))
 
 
+@triton.jit
+def _frontier(x, at, key_rows, query_rows, K: tl.constexpr, V: tl.constexpr, BS: tl.constexpr):
+    where = x + at * K * V + tl.arange(0, BS)[:, None] * V + tl.arange(0, V)[None, :]
+    tl.store(where, key_rows)
+    tl.store(where + BS * V, query_rows)
+
+
 """
 ANCHOR = "@triton.jit\ndef _state_dot("
 STEP = ("W_mix_end_step = _state_dot(tl.trans(x), mix_end_d_z_1, STATE_DOT, False)\n"
@@ -55,6 +62,18 @@ STEP = ("W_mix_end_step = _state_dot(tl.trans(x), mix_end_d_z_1, STATE_DOT, Fals
 STATE_X2 = [(STATE_PRODUCT, "_exact_dot2(x, W, tl.zeros([BS, V], tl.float32))")]
 STEPS_X2 = [(STEP, "W_end = _exact_dot2(tl.trans(x), mix_end_d_z_1, W)")]
 TMA_STORE = [(CHECKPOINT_STORE, "W_checkpoints.store([at * K, 0], W)")]
+# The walk stores, instead of the weights, the products of the mini-batch's rows with them that a read-out needs
+# (key rows' xW and query rows' x_q W, [2 * BS, V] of the weights' [K, V] slot): the frontier of what touches
+# the state, whose read-out needs no weights.
+FRONTIER = [
+    ("            " + CHECKPOINT_STORE + "\n", ""),
+    ("(out, W_end, b_end) = _mini_batch(", "(out, W_end, b_end, xW_s, xq_s) = _mini_batch("),
+    ("        if READ_OUT:\n            _store_rows(o, first, n, i_h, out, H, V, BS)\n",
+     "        if CHECKPOINT:\n            _frontier(W_checkpoints, at, xW_s, xq_s, K, V, BS)\n"
+     "        if READ_OUT:\n            _store_rows(o, first, n, i_h, out, H, V, BS)\n"),
+    ("    return (out, W_end, b_end)", "    return (out, W_end, b_end, xW, xW_q_read)"),
+    ("out, _, _ = _mini_batch(", "out, _, _, _, _ = _mini_batch("),
+]
 
 # name: (substitutions in the source, overrides of _sizes, checkpoints stored: False, True, "bf16" or "tma")
 VARIANTS = {
@@ -85,6 +104,13 @@ VARIANTS = {
     # The checkpoint written by TMA from shared memory (no conversion to a blocked layout in registers).
     "tma checkpoints": (TMA_STORE, {}, "tma"),
     "x2, tma checkpoints": (STATE_X2 + STEPS_X2 + TMA_STORE, {}, "tma"),
+    "frontier": (FRONTIER, {}, True),
+    "x2, frontier": (STATE_X2 + STEPS_X2 + FRONTIER, {}, True),
+    # Fewer warps (a mini-batch's 16 rows: with 4 warps the row sums cross warps), at fla's precision too.
+    "x2, warps 2": (STATE_X2 + STEPS_X2, {"num_warps": 2}, True),
+    "fla's precision, warps 2": (FLA_PRODUCTS, {"num_warps": 2}, True),
+    "fla's precision, warps 1": (FLA_PRODUCTS, {"num_warps": 1}, True),
+    "lean, warps 2": ([(LAST_RATE, LAST_RATE_LOADED)] + FLA_PRODUCTS, {"num_warps": 2}, False),
     "warps 2": ([], {"num_warps": 2}, True),
     "warps 8": ([], {"num_warps": 8}, True),
     "stages 1": ([], {"num_stages": 1}, True),
@@ -288,7 +314,10 @@ def main() -> None:
                                           output_final_state=True, chunk_size=16)
         fla_walk()
         ms = triton.testing.do_bench(fla_walk)
-        best = getattr(chunk_ttt_linear_fwd_kernel_h, "best_config", None)
+        tuner = chunk_ttt_linear_fwd_kernel_h  # its autotuner, under any heuristics' wrappers
+        while not hasattr(tuner, "best_config") and hasattr(tuner, "fn"):
+            tuner = tuner.fn
+        best = getattr(tuner, "best_config", None)
         say(f"{'fla walk':18s} {B}x{T:<5d} {'walk':>10s} {ms:8.3f} {1000 * ms / steps:8.2f} {'':9s} {best}")
 
 

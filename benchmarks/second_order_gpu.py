@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -58,15 +59,20 @@ def main() -> None:
                         help="also time them with one entry of cg_triton.LAUNCH changed, as KERNELS:WARPSxSTAGES "
                              "(scan:8x1 the walk over the chunks, gradient:16x1 the gradient kernel, cg:8x1 the steps "
                              "and the moments' increments)")
+    parser.add_argument("--no-peer", action="store_true", help="leave fla's rows out")
+    parser.add_argument("--rls-forwards", nargs="*", default=[],
+                        help="time rls with each of these forwards of its kernels (rls_triton.FORWARD: tokens, "
+                             "chunks; default: the module's own)")
     parser.add_argument("--profile", nargs="*", default=[],
                         help="then these layers' kernels by GPU time (torch.profiler), forward and forward+backward")
     args = parser.parse_args()
     say = teller(args.out)
 
+    chunk_mesa_net = None
     try:
-        from fla.ops.mesa_net import chunk_mesa_net
+        if not args.no_peer:
+            from fla.ops.mesa_net import chunk_mesa_net
     except ImportError as error:  # the rows of our own layers still print
-        chunk_mesa_net = None
         say(f"fla-core not importable ({error}): no peer rows")
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 inputs, H=16 K=V=64")
     say(f"{'layer':14s} {'shape':>8s} {'pass':>8s} {'ours ms':>9s} {'fla ms':>8s} {'fla/ours':>9s} {'gap':>9s} "
@@ -80,7 +86,10 @@ def main() -> None:
             if name == "rls":  # one log-decay, no weight or ridge input
                 leaves = leaves[:4]
             d_out = torch.randn_like(leaves[2])
-            for backward in (False, True):
+            forwards = args.rls_forwards if name == "rls" and args.rls_forwards else [None]
+            for forward, backward in itertools.product(forwards, (False, True)):
+                if forward is not None:
+                    importlib.import_module("generated.rls.rls_triton").FORWARD = forward
                 grads = [x.detach().requires_grad_(backward) for x in leaves]
 
                 def run_ours(grads=grads):
@@ -99,7 +108,8 @@ def main() -> None:
                     reference = outputs(run_fla, backward, grads, d_out)
                     fla_ms = timed(run_fla, backward, grads, d_out)
                     gap_text = f"{gap(found, reference):.2e}"
-                say(f"{name:14s} {shape:>8s} {'fwd+bwd' if backward else 'fwd':>8s} {ours_ms:9.3f} {fla_ms:8.3f} "
+                label = name if forward is None else f"{name} {forward}"
+                say(f"{label:14s} {shape:>8s} {'fwd+bwd' if backward else 'fwd':>8s} {ours_ms:9.3f} {fla_ms:8.3f} "
                     f"{fla_ms / ours_ms:9.2f} {gap_text:>9s} {first:12.1f}")
             if name.endswith("_cg") and (args.cg_warps or args.cg_precisions):  # the steps kernel's settings
                 cg_triton = importlib.import_module(f"generated.{name}.cg_triton")

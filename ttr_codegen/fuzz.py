@@ -322,7 +322,7 @@ def planned_checks(package, spec) -> list[tuple[str, object]]:
         if _submodule(package, "cg_triton") is not None:  # the solver's steps in Triton (the GPU's path)
             chunk_module = _submodule(package, "chunk")
             plan.append(("chunk_cg_triton", lambda: checks.triton_steps_match_oracle(chunk_module, T=37, K=6, V=5)))
-        if _submodule(package, "rls_triton") is not None:  # recursive least squares' token loop in Triton
+        if _submodule(package, "rls_triton") is not None:  # recursive least squares in Triton
             rls_chunk = _submodule(package, "chunk")
             plan.append(("chunk_rls_triton", lambda: checks.rls_triton_matches_oracle(rls_chunk, T=21, K=4, V=3)))
     if checks.fused_recurrent is not None:

@@ -1,7 +1,8 @@
-"""Recursive least squares (specs/rls.yaml) on a CUDA device: chunk_rls, whose token loop runs in Triton there
-(`rls_triton`, float32, forward and backward), in float32, float16 and bfloat16 against naive_rls in float64 on
-the same device (checked against the oracle in the CPU suite): outputs from a carried state, final states, packed
-sequences, and the gradients of every input and of the initial state.
+"""Recursive least squares (specs/rls.yaml) on a CUDA device: chunk_rls, which runs in Triton there (`rls_triton`,
+float32, forward and backward; each test with both of its forwards, token by token and by chunks), in float32,
+float16 and bfloat16 against naive_rls in float64 on the same device (checked against the oracle in the CPU
+suite): outputs from a carried state, final states, packed sequences, and the gradients of every input and of the
+initial state.
 
 Run on a GPU machine: python -m pytest -m gpu tests/gpu.
 """
@@ -34,6 +35,15 @@ def _problem(T: int, B: int = 2):
                 F.logsigmoid(randn(B, rows, H) + 4)]
     _, state = naive_rls(*draw(100), output_final_state=True)
     return draw(T), state
+
+
+@pytest.fixture(autouse=True, params=["tokens", "chunks"])
+def forward(request, monkeypatch):
+    """Every test with each of the kernels' forwards (`rls_triton.FORWARD`: token by token, by chunks)."""
+    from generated.rls import rls_triton
+
+    monkeypatch.setattr(rls_triton, "FORWARD", request.param)
+    return request.param
 
 
 def _rounded(tensors, dtype):
