@@ -8,7 +8,8 @@ forward (z2 summed over the blocks), the layer norm's loss gradient, then each b
 its weights' step, stored back. Both walks are timed alone (no read-out, no checkpoints: the part of a call
 that runs one mini-batch after another), bf16, H = 16, K = V = 64, hidden 256, mini-batches of 16.
 
-    python benchmarks/mlp_walk_study.py [--out FILE] [--blocks 32 64 128] [--check]
+    python benchmarks/mlp_walk_study.py [--out FILE] [--blocks 32 64 128] [--warps 4 8]
+    TRITON_INTERPRET=1 python benchmarks/mlp_walk_study.py --check
 """
 
 from __future__ import annotations

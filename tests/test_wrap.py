@@ -1,12 +1,13 @@
 """Generated code reads like hand-written code: lines of at most 120 characters, code wrapped inside its
 brackets or at a sum's signs (`ttr_codegen/render/wrap.py`) without changing what it means, prose (docstrings,
-comments) at its spaces."""
+comments) at its spaces; no name imported and never read (`ttr_codegen/render/hygiene.py`)."""
 
 import ast
 from pathlib import Path
 
 import pytest
 
+from ttr_codegen.render.hygiene import unused_imports
 from ttr_codegen.render.wrap import long_code_lines, long_lines, wrap_long_lines, wrap_long_prose
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,6 +18,19 @@ GENERATED = sorted((ROOT / "generated").glob("*/*.py"))
 def test_catalogue_lines_fit(path):
     text = path.read_text()
     assert long_lines(text) == [], f"{path.name}: lines over 120 characters"
+
+
+@pytest.mark.parametrize("path", [p for p in GENERATED if p.name != "__init__.py"],
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_catalogue_imports_only_what_it_reads(path):
+    """No generated module imports a name it never reads (a package's __init__ re-exports: not asked)."""
+    assert unused_imports(path.read_text()) == [], f"{path.parent.name}/{path.name}: unused imports"
+
+
+def test_unused_imports_are_found():
+    text = ("from __future__ import annotations\nimport torch\nimport torch.nn.functional as F\n"
+            "from .a import b, c\nx = torch.ones(1) + c\n")
+    assert unused_imports(text) == ["F (line 3)", "b (line 4)"]
 
 
 @pytest.mark.parametrize("path", GENERATED[::3], ids=lambda p: f"{p.parent.name}/{p.name}")

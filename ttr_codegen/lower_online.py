@@ -55,6 +55,9 @@ class OnlineKernel:
     # stores for it as (name, shape over BS, K, V, HIDDEN and 1), and the element-wise lines that make the rest.
     walk_stored: tuple[tuple[str, tuple[str, str]], ...]
     walk_forward_lines: tuple[str, ...]
+    # The forward's lines the output rows' share reads (with the tiles it stores for the walk back): the end
+    # state is left out there.
+    read_out_forward_lines: tuple[str, ...]
     read_out_lines: tuple[str, ...]
     read_out_adjoints: tuple[tuple[str, str], ...]  # (input, the name of its share): rows, state, norm, coefficients
     walk_lines: tuple[str, ...]
@@ -185,6 +188,9 @@ def _kernel(net: online.MemoryNetwork, keep: bool, momentum: bool, residual: boo
         end_state=tuple(t.name for t in batch.end_state),
         walk_stored=tuple((t.name, tuple("BS" if d == "n" else d for d in t.shape)) for t in stored),
         walk_forward_lines=tuple(dual_form.print_ops(recomputed, online.TRITON)),
+        read_out_forward_lines=tuple(dual_form.print_ops(
+            dual_form.needed(forward_ops, reverse.read_out_ops, {t.name for t in stored}), online.TRITON, state_path,
+            exact_left)),
         read_out_lines=tuple(dual_form.print_ops(reverse.read_out_ops, online.TRITON)),
         read_out_adjoints=tuple((name, tile.name) for name, tile in reverse.read_out.items()),
         walk_lines=tuple(dual_form.print_ops(reverse.walk_ops, online.TRITON)),
