@@ -699,16 +699,17 @@ class LayerChecks:
         """Recursive least squares in Triton (`rls_triton`, whose backward runs token by token; chunk_<name>
         takes it on a GPU; here forced, under the interpreter on a CPU, with a checkpoint every 16 tokens, one
         chunk of the forward, so that the backward walks several spans, the last one short), float32 against the
-        float64 reference: the output and the final state, and the gradient of every input and of
-        the initial state with gradients flowing into both the output and the final state; packed sequences from
+        float64 reference: the output and the final state, and the gradient of every input and of the initial
+        state with gradients flowing into both the output and the final state; packed sequences from
         per-sequence initial states, outputs, final states and gradients; float16 inputs; for the chunk forward,
         sixteen chunks under strong forgetting. Both forwards (`rls_triton.FORWARD`: token by token, by chunks)."""
         kernels = importlib.import_module(chunk_module.__name__.rsplit(".", 1)[0] + ".rls_triton")
         original = chunk_module._rls_in_triton, kernels.CHECKPOINT, kernels.FORWARD
         chunk_module._rls_in_triton, kernels.CHECKPOINT = (lambda *args: True), kernels.CHUNK
         try:
-            for kernels.FORWARD in ("tokens", "chunks"):
-                self._rls_triton_checks(T, K, V, kernels.FORWARD)
+            for forward in ("tokens", "chunks"):
+                kernels.FORWARD = forward
+                self._rls_triton_checks(T, K, V, forward)
         finally:
             chunk_module._rls_in_triton, kernels.CHECKPOINT, kernels.FORWARD = original
 
