@@ -1,13 +1,13 @@
 """Generated code reads like hand-written code: lines of at most 120 characters, code wrapped inside its
 brackets or at a sum's signs (`ttr_codegen/render/wrap.py`) without changing what it means, prose (docstrings,
-comments) at its spaces; no name imported and never read (`ttr_codegen/render/hygiene.py`)."""
+comments) at its spaces; no name imported or assigned and never read (`ttr_codegen/render/hygiene.py`)."""
 
 import ast
 from pathlib import Path
 
 import pytest
 
-from ttr_codegen.render.hygiene import unused_imports
+from ttr_codegen.render.hygiene import unused_imports, unused_locals
 from ttr_codegen.render.wrap import long_code_lines, long_lines, wrap_long_lines, wrap_long_prose
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +31,18 @@ def test_unused_imports_are_found():
     text = ("from __future__ import annotations\nimport torch\nimport torch.nn.functional as F\n"
             "from .a import b, c\nx = torch.ones(1) + c\n")
     assert unused_imports(text) == ["F (line 3)", "b (line 4)"]
+
+
+@pytest.mark.parametrize("path", GENERATED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_catalogue_reads_what_it_computes(path):
+    """No generated function assigns a value that nothing in it reads."""
+    assert unused_locals(path.read_text()) == [], f"{path.parent.name}/{path.name}: values never read"
+
+
+def test_unused_locals_are_found():
+    text = ("def f(x):\n    a = x + 1\n    b = 2\n    c = 0\n    c += a\n    _ = 3\n    def g():\n"
+            "        return x\n    return g\n")
+    assert unused_locals(text) == ["f: b (line 3)"]
 
 
 @pytest.mark.parametrize("path", GENERATED[::3], ids=lambda p: f"{p.parent.name}/{p.name}")

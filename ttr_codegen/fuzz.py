@@ -367,7 +367,7 @@ def missing_fast_paths(compiled) -> str:
 def check_document(document: dict, workdir: Path) -> Outcome:
     """Compile one spec document in `workdir` and run every check of its generated package."""
     from .pipeline import compile_spec
-    from .render.hygiene import unused_imports
+    from .render.hygiene import unused_imports, unused_locals
     from .render.wrap import long_lines
     from .render.writer import plan_changes, write_atomically
     from .spec import SpecError, load_spec
@@ -394,6 +394,10 @@ def check_document(document: dict, workdir: Path) -> Outcome:
               for name in unused_imports(f.text)]
     if unused:  # nor names imported and never read
         return Outcome("failed", str(compiled.structure), check="unused_imports", error=", ".join(unused[:5]))
+    unread = [f"{f.relative_path}: {name}" for f in compiled.files if f.relative_path.endswith(".py")
+              for name in unused_locals(f.text)]
+    if unread:  # nor values computed and never read
+        return Outcome("failed", str(compiled.structure), check="unused_locals", error=", ".join(unread[:5]))
     try:
         write_atomically(plan_changes(compiled.package_dir, compiled.files), force=True)
         package = _import_package(compiled.package_dir)

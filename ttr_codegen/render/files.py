@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -34,9 +35,15 @@ class RenderedFile:
     text: str
 
 
+def reads(code: str, name: str) -> bool:
+    """Whether generated code names `name` (a whole word): a template prints a line that defines a value only
+    where the lines after it read that value."""
+    return re.search(rf"(?<![\w.]){re.escape(name)}\b", code) is not None
+
+
 @functools.cache  # one per process: it keeps the templates it compiled (and recompiles one whose file changed)
 def environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -44,6 +51,8 @@ def environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,
     )
+    env.tests["reading"] = reads
+    return env
 
 
 def templates_hash() -> str:
