@@ -1,6 +1,7 @@
 """What each generated Triton kernel asks of an H100, found without one: registers, local memory and shared
 memory of every kernel a training step launches (and, for attention layers, decoding; for nonlinear memories, a
-training step through their Triton kernels; for conjugate-gradient solves, a training step and an inference call),
+training step through their Triton kernels; for conjugate-gradient solves, a training step and an inference call;
+for recursive least squares, a training step),
 compiled for sm_90a by the installed Triton.
 
     python benchmarks/kernel_resources.py [layer ...] [--K 128 --V 100] [--dtype float32 bfloat16]
@@ -81,6 +82,15 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
         # Inference with the read-out apart (the walk without it, then the read-out).
         with online_kernels_forced(chunk, read_out_apart=True), torch.no_grad():
             online.chunk(*leaves, initial_state=state)
+        return launches
+    if (ROOT / "generated" / name / "rls_triton.py").exists():  # recursive least squares: a training step
+        chunk = importlib.import_module(f"generated.{name}.chunk")
+        chunk._rls_in_triton = lambda *args: True
+        problem = checks.problem(T, K, V, B=1, H=2, seed=0)
+        InterpretedFunction.run = record
+        leaves = _leaves(problem, dtype)
+        o, _ = getattr(chunk, f"chunk_{name}")(*leaves)
+        torch.autograd.grad(o.float().sum(), leaves)
         return launches
     if (ROOT / "generated" / name / "cg_triton.py").exists():  # conjugate-gradient steps: a training step, then inference
         chunk = importlib.import_module(f"generated.{name}.chunk")

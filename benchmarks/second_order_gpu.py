@@ -60,9 +60,9 @@ def main() -> None:
                              "(scan:8x1 the walk over the chunks, gradient:16x1 the gradient kernel, cg:8x1 the steps "
                              "and the moments' increments)")
     parser.add_argument("--no-peer", action="store_true", help="leave fla's rows out")
-    parser.add_argument("--rls-forwards", nargs="*", default=[],
-                        help="time rls with each of these forwards of its kernels (rls_triton.FORWARD: tokens, "
-                             "chunks; default: the module's own)")
+    parser.add_argument("--rls-algorithms", nargs="*", default=[],
+                        help="time rls with each of these algorithms of its kernels (rls_triton.ALGORITHM: chunks, "
+                             "tokens; default: the module's own)")
     parser.add_argument("--profile", nargs="*", default=[],
                         help="then these layers' kernels by GPU time (torch.profiler), forward and forward+backward")
     args = parser.parse_args()
@@ -86,10 +86,10 @@ def main() -> None:
             if name == "rls":  # one log-decay, no weight or ridge input
                 leaves = leaves[:4]
             d_out = torch.randn_like(leaves[2])
-            forwards = args.rls_forwards if name == "rls" and args.rls_forwards else [None]
-            for forward, backward in itertools.product(forwards, (False, True)):
-                if forward is not None:
-                    importlib.import_module("generated.rls.rls_triton").FORWARD = forward
+            algorithms = args.rls_algorithms if name == "rls" and args.rls_algorithms else [None]
+            for algorithm, backward in itertools.product(algorithms, (False, True)):
+                if algorithm is not None:
+                    importlib.import_module("generated.rls.rls_triton").ALGORITHM = algorithm
                 grads = [x.detach().requires_grad_(backward) for x in leaves]
 
                 def run_ours(grads=grads):
@@ -108,7 +108,7 @@ def main() -> None:
                     reference = outputs(run_fla, backward, grads, d_out)
                     fla_ms = timed(run_fla, backward, grads, d_out)
                     gap_text = f"{gap(found, reference):.2e}"
-                label = name if forward is None else f"{name} {forward}"
+                label = name if algorithm is None else f"{name} {algorithm}"
                 say(f"{label:14s} {shape:>8s} {'fwd+bwd' if backward else 'fwd':>8s} {ours_ms:9.3f} {fla_ms:8.3f} "
                     f"{fla_ms / ours_ms:9.2f} {gap_text:>9s} {first:12.1f}")
             if name.endswith("_cg") and (args.cg_warps or args.cg_precisions):  # the steps kernel's settings

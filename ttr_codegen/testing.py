@@ -696,36 +696,38 @@ class LayerChecks:
             assert_within(g, g_ref, 1e-2, f"d/d{name}, float16 inputs, steps in Triton")
 
     def rls_triton_matches_oracle(self, chunk_module, T: int = 45, K: int = 6, V: int = 5) -> None:
-        """Recursive least squares in Triton (`rls_triton`, whose backward runs token by token; chunk_<name>
-        takes it on a GPU; here forced, under the interpreter on a CPU, with a checkpoint every 16 tokens, one
-        chunk of the forward, so that the backward walks several spans, the last one short), float32 against the
-        float64 reference: the output and the final state, and the gradient of every input and of the initial
-        state with gradients flowing into both the output and the final state; packed sequences from
-        per-sequence initial states, outputs, final states and gradients; float16 inputs; for the chunk forward,
-        sixteen chunks under strong forgetting. Both forwards (`rls_triton.FORWARD`: token by token, by chunks)."""
+        """Recursive least squares in Triton (`rls_triton`; chunk_<name> takes it on a GPU; here forced, under the
+        interpreter on a CPU, with a checkpoint every two chunks, so that the backward walks several spans of
+        several chunks, the last one short), float32 against the float64 reference: the output and the final
+        state, and the gradient of every input and of the initial state with gradients flowing into both the
+        output and the final state; packed sequences from per-sequence initial states, outputs, final states and
+        gradients; float16 inputs; for chunks, sixteen of them under strong forgetting, with every gradient; the
+        kernels' op with sample weights. Both algorithms (`rls_triton.ALGORITHM`: by chunks, token by token),
+        forward and backward."""
         kernels = importlib.import_module(chunk_module.__name__.rsplit(".", 1)[0] + ".rls_triton")
-        original = chunk_module._rls_in_triton, kernels.CHECKPOINT, kernels.FORWARD
-        chunk_module._rls_in_triton, kernels.CHECKPOINT = (lambda *args: True), kernels.CHUNK
+        original = chunk_module._rls_in_triton, kernels.CHECKPOINT, kernels.ALGORITHM
+        chunk_module._rls_in_triton, kernels.CHECKPOINT = (lambda *args: True), 2 * kernels.CHUNK
         try:
-            for forward in ("tokens", "chunks"):
-                kernels.FORWARD = forward
-                self._rls_triton_checks(T, K, V, forward)
+            for algorithm in ("chunks", "tokens"):
+                kernels.ALGORITHM = algorithm
+                self._rls_triton_checks(T, K, V, algorithm)
+                self._rls_kernel_sample_weights(kernels, algorithm)
         finally:
-            chunk_module._rls_in_triton, kernels.CHECKPOINT, kernels.FORWARD = original
+            chunk_module._rls_in_triton, kernels.CHECKPOINT, kernels.ALGORITHM = original
 
-    def _rls_triton_checks(self, T: int, K: int, V: int, forward: str) -> None:
+    def _rls_triton_checks(self, T: int, K: int, V: int, algorithm: str) -> None:
         problem, state, d_out, d_final, several = self._with_states(T, K, V, seed=42)
         o_ref, final_ref = self.naive(*problem.args(), initial_state=tuple(state), output_final_state=True)
         o, final = self.chunk(*problem.to(torch.float32).args(), initial_state=tuple(x.float() for x in state),
                               output_final_state=True)
         assert o.dtype == torch.float32 and all(x.dtype == torch.float32 for x in final)
-        assert_within(o, o_ref, 1e-4, f"output, Triton {forward}")
+        assert_within(o, o_ref, 1e-4, f"output, Triton {algorithm}")
         for i, (x, x_ref) in enumerate(zip(final, final_ref, strict=True)):
-            assert_within(x, x_ref, 1e-4, f"final state[{i}], Triton {forward}")
+            assert_within(x, x_ref, 1e-4, f"final state[{i}], Triton {algorithm}")
         expected = self._state_gradients(self.naive, problem, state, d_out, d_final, several)
         found = self._state_gradients(self.chunk, problem.to(torch.float32), [x.float() for x in state],
                                       d_out.float(), [x.float() for x in d_final], several)
-        self._assert_gradients_within(found, expected, problem, len(state), 1e-4, f"Triton {forward}")
+        self._assert_gradients_within(found, expected, problem, len(state), 1e-4, f"Triton {algorithm}")
 
         lengths = (1, 17, 40, 9)
         problems, packed, cu_seqlens = self.packed_problems(lengths, K, V, seed=43)
@@ -757,23 +759,23 @@ class LayerChecks:
             loss = (o * d_out.to(dtype)).sum() + sum((f * d.to(dtype)).sum() for f, d in zip(final, d_final))
             results.append((o, final, torch.autograd.grad(loss, leaves)))
         (o, final, grads), (o_ref, final_ref, grads_ref) = results
-        assert_within(o, o_ref, 1e-4, f"packed sequences' output, Triton {forward}")
+        assert_within(o, o_ref, 1e-4, f"packed sequences' output, Triton {algorithm}")
         for i, (x, x_ref) in enumerate(zip(final, final_ref, strict=True)):
-            assert_within(x, x_ref, 1e-4, f"packed sequences' final state[{i}], Triton {forward}")
+            assert_within(x, x_ref, 1e-4, f"packed sequences' final state[{i}], Triton {algorithm}")
         self._assert_gradients_within(grads, grads_ref, packed, len(initial), 1e-4,
-                                      f"packed sequences, Triton {forward}")
+                                      f"packed sequences, Triton {algorithm}")
 
         low = problem.to(torch.float16)
         o_low, _ = self.chunk(*low.args())
         o_low_ref, _ = self.naive(*low.to(torch.float64).args())
         assert o_low.dtype == torch.float16
-        assert_within(o_low, o_low_ref, 1e-2, f"float16 inputs, Triton {forward}")
+        assert_within(o_low, o_low_ref, 1e-2, f"float16 inputs, Triton {algorithm}")
 
-        if forward != "chunks":
+        if algorithm != "chunks":
             return
         # 256 tokens (sixteen chunks) under strong forgetting (log-decays down to -0.2 a token), where P spans
         # orders of magnitude: without symmetrising P at every chunk's end the chunk forward's rounding grows past
-        # any bound (1e9 of the output's largest value here).
+        # any bound (1e9 of the output's largest value here); the backward walks the sixteen chunks back.
         long = self.problem(256, 16, 16, B=1, H=1, seed=49)
         for name in long.inputs:
             if self.spec.input(name).role == "log_decay":
@@ -781,9 +783,49 @@ class LayerChecks:
                                                       generator=torch.Generator().manual_seed(50))
         o_ref, final_ref = self.naive(*long.args(), output_final_state=True)
         o, final = self.chunk(*long.to(torch.float32).args(), output_final_state=True)
-        assert_within(o, o_ref, 1e-3, f"output after 256 tokens of strong forgetting, Triton {forward}")
+        assert_within(o, o_ref, 1e-3, f"output after 256 tokens of strong forgetting, Triton {algorithm}")
         for i, (x, x_ref) in enumerate(zip(final, final_ref, strict=True)):
-            assert_within(x, x_ref, 1e-3, f"final state[{i}] after 256 tokens of strong forgetting, Triton {forward}")
+            assert_within(x, x_ref, 1e-3, f"final state[{i}] after 256 tokens of strong forgetting, Triton {algorithm}")
+        state = [x.to(torch.float32) for x in self.naive(*self.problem(8, 16, 16, B=1, H=1, seed=51).args(),
+                                                          output_final_state=True)[1]]
+        generator = torch.Generator().manual_seed(52)
+        d_out = torch.randn(o_ref.shape, dtype=torch.float64, generator=generator)
+        d_final = [torch.randn(x.shape, dtype=torch.float64, generator=generator) for x in state]
+        expected = self._state_gradients(self.naive, long, [x.double() for x in state], d_out, d_final, True)
+        found = self._state_gradients(self.chunk, long.to(torch.float32), state, d_out.float(),
+                                      [x.float() for x in d_final], True)
+        self._assert_gradients_within(found, expected, long, len(state), 1e-3,
+                                      f"256 tokens of strong forgetting, Triton {algorithm}")
+
+    @staticmethod
+    def _rls_kernel_sample_weights(kernels, algorithm: str, T: int = 40, K: int = 4, V: int = 3) -> None:
+        """The kernels' own op (`rls_triton.recursive_least_squares`) with per-token sample weights, which no layer
+        passes yet (its layers weigh every token 1): output, final state and every gradient, sample weights'
+        included, against the weighted ridge regression solved exactly token by token (`_weighted_ridge`)."""
+        generator = torch.Generator().manual_seed(53)
+        q, k = (torch.randn(1, T, 2, K, dtype=torch.float64, generator=generator) for _ in range(2))
+        k = F.normalize(k, dim=-1)
+        v = torch.randn(1, T, 2, V, dtype=torch.float64, generator=generator)
+        g = -0.1 * torch.rand(1, T, 2, dtype=torch.float64, generator=generator)
+        w = 0.2 + torch.rand(1, T, 2, dtype=torch.float64, generator=generator)
+        S = torch.randn(1, 2, K, V, dtype=torch.float64, generator=generator)
+        X = torch.randn(1, 2, K, K, dtype=torch.float64, generator=generator)
+        P = torch.linalg.inv(X @ X.transpose(-1, -2) / K + torch.eye(K, dtype=torch.float64))
+        d_o, d_S, d_P = (torch.randn(x.shape, dtype=torch.float64, generator=generator)
+                         for x in (v, S, P))
+        results = []
+        for run, dtype in ((kernels.recursive_least_squares, torch.float32), (_weighted_ridge, torch.float64)):
+            leaves = [x.to(dtype).requires_grad_(True) for x in (q, k, v, g, w, S, P)]
+            o, S_final, P_final = run(*leaves, 0.5)
+            loss = (o * d_o.to(dtype)).sum() + (S_final * d_S.to(dtype)).sum() + (P_final * d_P.to(dtype)).sum()
+            results.append((o, S_final, P_final, torch.autograd.grad(loss, leaves)))
+        (*found, grads), (*expected, grads_ref) = results
+        for name, x, x_ref in zip(("output", "final S", "final P"), found, expected, strict=True):
+            assert_within(x, x_ref, 1e-4, f"{name} with sample weights, Triton {algorithm}")
+        for name, x, x_ref in zip(("q", "k", "v", "g", "w", "S", "P"), grads, grads_ref, strict=True):
+            if name == "P":  # only the symmetric part acts on a covariance (see _compare_gradients)
+                x, x_ref = (x + x.transpose(-1, -2)) / 2, (x_ref + x_ref.transpose(-1, -2)) / 2
+            assert_within(x, x_ref, 1e-4, f"d/d{name} with sample weights, Triton {algorithm}")
 
     def _assert_gradients_within(self, found, expected, problem, n_states: int, relative: float, what: str) -> None:
         """`_compare_gradients` at a tolerance relative to each gradient's largest entry (float32 ops)."""
@@ -1902,3 +1944,22 @@ class _Mixer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.layer(x)[0]
+
+
+def _weighted_ridge(q, k, v, g, w, S, P, scale):
+    """Recursive least squares' regression solved outright at every token (float64, autograd): after t tokens
+    the memory minimises sum_(s<=t) w_s (A_t/A_s) |v_s - M^T k_s|^2 + A_t tr((M - S)^T P^-1 (M - S)), A_t the
+    product of the decays e^g so far, so M_t = H_t^-1 (A_t P^-1 S + sum w_s (A_t/A_s) k_s v_s^T) with
+    H_t = A_t P^-1 + sum w_s (A_t/A_s) k_s k_s^T; o_t = M_t^T (scale q_t); the final state (M_T, H_T^-1).
+    q, k: [B, T, H, K], v: [B, T, H, V], g, w: [B, T, H], S: [B, H, K, V], P: [B, H, K, K]."""
+    prior = torch.linalg.inv(P)
+    logs = torch.cumsum(g, dim=1)
+    outputs = []
+    for t in range(q.shape[1]):
+        kept = w[:, :t + 1] * torch.exp(logs[:, t:t + 1] - logs[:, :t + 1])  # [B, t + 1, H]
+        decay = torch.exp(logs[:, t])[..., None, None]  # [B, H, 1, 1]
+        H_t = decay * prior + torch.einsum("bsh,bshi,bshj->bhij", kept, k[:, :t + 1], k[:, :t + 1])
+        M_t = torch.linalg.solve(H_t, decay * prior @ S + torch.einsum("bsh,bshi,bshj->bhij", kept, k[:, :t + 1],
+                                                                       v[:, :t + 1]))
+        outputs.append(torch.einsum("bhkv,bhk->bhv", M_t, scale * q[:, t]))
+    return torch.stack(outputs, dim=1), M_t, torch.linalg.inv(H_t)

@@ -1,5 +1,5 @@
 """Recursive least squares (specs/rls.yaml) on a CUDA device: chunk_rls, which runs in Triton there (`rls_triton`,
-float32, forward and backward; each test with both of its forwards, token by token and by chunks), in float32,
+float32, forward and backward; each test with both of its algorithms, by chunks and token by token), in float32,
 float16 and bfloat16 against naive_rls in float64 on the same device (checked against the oracle in the CPU
 suite): outputs from a carried state, final states, packed sequences, and the gradients of every input and of the
 initial state.
@@ -23,7 +23,7 @@ H, K, V = 4, 64, 64
 
 
 @cache
-def _problem(T: int, B: int = 2):
+def _problem(T: int, B: int = 2, K: int = K, V: int = V):
     """float64 inputs on the device (unit keys, decays near 1) and a carried state (S, P)."""
     generator = torch.Generator(device="cuda").manual_seed(T)
 
@@ -37,12 +37,12 @@ def _problem(T: int, B: int = 2):
     return draw(T), state
 
 
-@pytest.fixture(autouse=True, params=["tokens", "chunks"])
-def forward(request, monkeypatch):
-    """Every test with each of the kernels' forwards (`rls_triton.FORWARD`: token by token, by chunks)."""
+@pytest.fixture(autouse=True, params=["chunks", "tokens"])
+def algorithm(request, monkeypatch):
+    """Every test with each of the kernels' algorithms (`rls_triton.ALGORITHM`: by chunks, token by token)."""
     from generated.rls import rls_triton
 
-    monkeypatch.setattr(rls_triton, "FORWARD", request.param)
+    monkeypatch.setattr(rls_triton, "ALGORITHM", request.param)
     return request.param
 
 
@@ -98,21 +98,34 @@ def test_packed_sequences_on_cuda(dtype):
 @pytest.mark.parametrize("T", [63, 1000])
 def test_gradients_on_cuda(T, dtype):
     """Every input's gradient and the initial state's, with gradients into the output and the final state."""
-    inputs, state = _problem(T)
+    _check_gradients(T, dtype, K, V)
+
+
+@pytest.mark.parametrize("K_, V_", [(128, 128), (96, 32), (32, 128)], ids=["K128V128", "K96V32", "K32V128"])
+def test_other_widths_on_cuda(K_, V_):
+    """Keys and values of other widths (past K = 64 the backward runs token by token: rls_triton)."""
+    _check_gradients(200, torch.float32, K_, V_)
+
+
+def _check_gradients(T, dtype, K, V):
+    inputs, state = _problem(T, K=K, V=V)
     rounded = _rounded(inputs, dtype)
     generator = torch.Generator("cuda").manual_seed(1)
     d_out = torch.randn(2, T, H, V, device="cuda", dtype=torch.float64, generator=generator)
     d_final = [torch.randn(s.shape, device="cuda", dtype=torch.float64, generator=generator) for s in state]
 
-    def gradients(op, leaves):
+    def run(op, leaves):
         o, final = op(*leaves[:4], initial_state=tuple(leaves[4:]), output_final_state=True)
         loss = (o.double() * d_out).sum() + sum((f.double() * d).sum() for f, d in zip(final, d_final))
-        return torch.autograd.grad(loss, leaves)
+        return o, final, torch.autograd.grad(loss, leaves)
 
-    found = gradients(chunk_rls, [x.requires_grad_(True) for x in _on(dtype, rounded)]
-                      + [s.float().requires_grad_(True) for s in state])
-    expected = gradients(naive_rls, [x.clone().requires_grad_(True) for x in (*rounded, *state)])
+    o, final, found = run(chunk_rls, [x.requires_grad_(True) for x in _on(dtype, rounded)]
+                          + [s.float().requires_grad_(True) for s in state])
+    o_ref, final_ref, expected = run(naive_rls, [x.clone().requires_grad_(True) for x in (*rounded, *state)])
+    assert_within(o, o_ref, TOLERANCE[dtype], f"output, T={T} K={K} V={V}")
+    for name, part, part_ref in zip("SP", final, final_ref):
+        assert_within(part, part_ref, TOLERANCE[torch.float32], f"final {name}, T={T} K={K} V={V}")
     for what, g, g_ref in zip(["q", "k", "v", "g", "S", "P"], found, expected, strict=True):
         if what == "P":  # a covariance is symmetric: only a symmetric change is a state's
             g, g_ref = (g + g.transpose(-1, -2)) / 2, (g_ref + g_ref.transpose(-1, -2)) / 2
-        assert_within(g, g_ref, 5 * TOLERANCE[dtype], f"d/d{what}, T={T}")
+        assert_within(g, g_ref, 5 * TOLERANCE[dtype], f"d/d{what}, T={T} K={K} V={V}")
