@@ -702,20 +702,21 @@ class LayerChecks:
         state, and the gradient of every input and of the initial state with gradients flowing into both the
         output and the final state; packed sequences from per-sequence initial states, outputs, final states and
         gradients; float16 inputs; for chunks, sixteen of them under strong forgetting, with every gradient; the
-        kernels' op with sample weights. Both algorithms (`rls_triton.ALGORITHM`: by chunks, token by token),
-        forward and backward."""
+        kernels' op with sample weights. Each forward with each backward (`rls_triton.FORWARD`, `BACKWARD`: by
+        chunks, token by token) but the token loop's forward with the chunk backward."""
         kernels = importlib.import_module(chunk_module.__name__.rsplit(".", 1)[0] + ".rls_triton")
-        original = chunk_module._rls_in_triton, kernels.CHECKPOINT, kernels.ALGORITHM
+        original = chunk_module._rls_in_triton, kernels.CHECKPOINT, kernels.FORWARD, kernels.BACKWARD
         chunk_module._rls_in_triton, kernels.CHECKPOINT = (lambda *args: True), 2 * kernels.CHUNK
         try:
-            for algorithm in ("chunks", "tokens"):
-                kernels.ALGORITHM = algorithm
-                self._rls_triton_checks(T, K, V, algorithm)
+            for forward, backward in (("chunks", "chunks"), ("chunks", "tokens"), ("tokens", "tokens")):
+                kernels.FORWARD, kernels.BACKWARD = forward, backward
+                algorithm = f"{forward} forward, {backward} backward"
+                self._rls_triton_checks(T, K, V, algorithm, forgetting=forward == "chunks")
                 self._rls_kernel_sample_weights(kernels, algorithm)
         finally:
-            chunk_module._rls_in_triton, kernels.CHECKPOINT, kernels.ALGORITHM = original
+            chunk_module._rls_in_triton, kernels.CHECKPOINT, kernels.FORWARD, kernels.BACKWARD = original
 
-    def _rls_triton_checks(self, T: int, K: int, V: int, algorithm: str) -> None:
+    def _rls_triton_checks(self, T: int, K: int, V: int, algorithm: str, forgetting: bool) -> None:
         problem, state, d_out, d_final, several = self._with_states(T, K, V, seed=42)
         o_ref, final_ref = self.naive(*problem.args(), initial_state=tuple(state), output_final_state=True)
         o, final = self.chunk(*problem.to(torch.float32).args(), initial_state=tuple(x.float() for x in state),
@@ -771,7 +772,7 @@ class LayerChecks:
         assert o_low.dtype == torch.float16
         assert_within(o_low, o_low_ref, 1e-2, f"float16 inputs, Triton {algorithm}")
 
-        if algorithm != "chunks":
+        if not forgetting:
             return
         # 256 tokens (sixteen chunks) under strong forgetting (log-decays down to -0.2 a token), where P spans
         # orders of magnitude: without symmetrising P at every chunk's end the chunk forward's rounding grows past

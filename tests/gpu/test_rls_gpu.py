@@ -1,5 +1,5 @@
 """Recursive least squares (specs/rls.yaml) on a CUDA device: chunk_rls, which runs in Triton there (`rls_triton`,
-float32, forward and backward; each test with both of its algorithms, by chunks and token by token), in float32,
+float32, forward and backward; each test with its forward and backward by chunks or token by token), in float32,
 float16 and bfloat16 against naive_rls in float64 on the same device (checked against the oracle in the CPU
 suite): outputs from a carried state, final states, packed sequences, and the gradients of every input and of the
 initial state.
@@ -37,12 +37,15 @@ def _problem(T: int, B: int = 2, K: int = K, V: int = V):
     return draw(T), state
 
 
-@pytest.fixture(autouse=True, params=["chunks", "tokens"])
+@pytest.fixture(autouse=True, params=["chunks:chunks", "chunks:tokens", "tokens:tokens"])
 def algorithm(request, monkeypatch):
-    """Every test with each of the kernels' algorithms (`rls_triton.ALGORITHM`: by chunks, token by token)."""
+    """Every test with each forward and backward of the kernels (`rls_triton.FORWARD`, `BACKWARD`: by chunks,
+    token by token), as FORWARD:BACKWARD."""
     from generated.rls import rls_triton
 
-    monkeypatch.setattr(rls_triton, "ALGORITHM", request.param)
+    forward, backward = request.param.split(":")
+    monkeypatch.setattr(rls_triton, "FORWARD", forward)
+    monkeypatch.setattr(rls_triton, "BACKWARD", backward)
     return request.param
 
 
