@@ -336,7 +336,7 @@ class LayerChecks:
             if i >= len(names) - n_states and g.shape[-1] == g.shape[-2] == problem.k.shape[-1]:
                 # A K x K state (a covariance) is symmetric: only its gradient's symmetric part acts on it,
                 # and two correct ops may split the rest differently (P k against P^T k).
-                g, g_ref = (g + g.transpose(-1, -2)) / 2, (g_ref + g_ref.transpose(-1, -2)) / 2
+                g, g_ref = _symmetric(g), _symmetric(g_ref)
             torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-8, msg=lambda m, name=name: f"d/d{name}: {m}")
 
     def derived_backward(self, T: int = 9, K: int = 5, V: int = 4) -> None:
@@ -524,7 +524,7 @@ class LayerChecks:
         def run(*flat):
             carried = flat[len(args):]
             if self.spec.optimiser.solver == "cg":  # conjugate gradients assume the symmetric h_kk its state holds
-                carried = tuple((s + s.transpose(-1, -2)) / 2 if s.shape[-2:] == (K, K) else s for s in carried)
+                carried = tuple(_symmetric(s) if s.shape[-2:] == (K, K) else s for s in carried)
             o, final = self.naive(*flat[:len(args)], initial_state=carried if len(carried) > 1 else carried[0],
                                   output_final_state=True)
             return (o, *(final if isinstance(final, tuple) else (final,)))
@@ -825,7 +825,7 @@ class LayerChecks:
             assert_within(x, x_ref, 1e-4, f"{name} with sample weights, Triton {algorithm}")
         for name, x, x_ref in zip(("q", "k", "v", "g", "w", "S", "P"), grads, grads_ref, strict=True):
             if name == "P":  # only the symmetric part acts on a covariance (see _compare_gradients)
-                x, x_ref = (x + x.transpose(-1, -2)) / 2, (x_ref + x_ref.transpose(-1, -2)) / 2
+                x, x_ref = _symmetric(x), _symmetric(x_ref)
             assert_within(x, x_ref, 1e-4, f"d/d{name} with sample weights, Triton {algorithm}")
 
     def _assert_gradients_within(self, found, expected, problem, n_states: int, relative: float, what: str) -> None:
@@ -833,7 +833,7 @@ class LayerChecks:
         names = self._gradient_names(problem, n_states)
         for i, (name, g, g_ref) in enumerate(zip(names, found, expected, strict=True)):
             if i >= len(names) - n_states and g.shape[-1] == g.shape[-2] == problem.k.shape[-1]:
-                g, g_ref = (g + g.transpose(-1, -2)) / 2, (g_ref + g_ref.transpose(-1, -2)) / 2  # see there
+                g, g_ref = _symmetric(g), _symmetric(g_ref)  # see there
             assert_within(g, g_ref, relative, f"d/d{name}, {what}")
 
     def rls_triton_compiles(self, chunk_module) -> None:
@@ -1767,7 +1767,7 @@ def _context_parallel_matches(package_dir: Path, spec_path: Path, rank: int, ran
             elif arg.startswith("initial_state") and g.shape[-1] == g.shape[-2] == K:
                 # A K x K state (a covariance) is symmetric: only its gradient's symmetric part acts on it, and
                 # two correct runs may split the rest differently (RLS's P k against P^T k).
-                g, g_ref = (g + g.transpose(-1, -2)) / 2, (g_ref + g_ref.transpose(-1, -2)) / 2
+                g, g_ref = _symmetric(g), _symmetric(g_ref)
             run.close(g, g_ref, 1e-9, f"{label} d{arg}")
 
 
@@ -1945,6 +1945,12 @@ class _Mixer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.layer(x)[0]
+
+
+def _symmetric(x: torch.Tensor) -> torch.Tensor:
+    """The symmetric part of a K x K matrix: of a covariance rounded off symmetry, or of its gradient (the only part
+    that acts on a symmetric state)."""
+    return (x + x.transpose(-1, -2)) / 2
 
 
 def _weighted_ridge(q, k, v, g, w, S, P, scale):
