@@ -83,14 +83,17 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
         with online_kernels_forced(chunk, read_out_apart=True), torch.no_grad():
             online.chunk(*leaves, initial_state=state)
         return launches
-    if (ROOT / "generated" / name / "rls_triton.py").exists():  # recursive least squares: a training step
+    if (ROOT / "generated" / name / "rls_triton.py").exists():  # recursive least squares: a training step each way
         chunk = importlib.import_module(f"generated.{name}.chunk")
+        rls_triton = importlib.import_module(f"generated.{name}.rls_triton")
         chunk._rls_in_triton = lambda *args: True
         problem = checks.problem(T, K, V, B=1, H=2, seed=0)
         InterpretedFunction.run = record
         leaves = _leaves(problem, dtype)
-        o, _ = getattr(chunk, f"chunk_{name}")(*leaves)
-        torch.autograd.grad(o.float().sum(), leaves)
+        for algorithm in ("chunks", "tokens"):  # by chunks (the token loop past CHUNK_KEYS), then token by token
+            rls_triton.FORWARD = rls_triton.BACKWARD = algorithm
+            o, _ = getattr(chunk, f"chunk_{name}")(*leaves)
+            torch.autograd.grad(o.float().sum(), leaves)
         return launches
     if (ROOT / "generated" / name / "cg_triton.py").exists():  # conjugate-gradient steps: a training step, then inference
         chunk = importlib.import_module(f"generated.{name}.chunk")
