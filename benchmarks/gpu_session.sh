@@ -322,12 +322,13 @@ if [[ $WHAT == long_tests ]]; then  # the second-order kernels' GPU tests at T =
     exit 0
 fi
 if [[ $WHAT == rls_chunks ]]; then  # rls by chunks, forward and backward: its GPU tests (each forward and backward,
-    # every dtype, T up to 4096, training), then its rows with each beside mesa_cg's (fla left out: the issue's goal
-    # is rls within 2x of mesa_cg's time) and the kernels by GPU time (the last pair: both by chunks)
+    # the chunks' gains by rows and by columns, every dtype, T up to 4096, training), then its rows with each beside
+    # mesa_cg's (fla left out: the issue's goal is rls within 2x of mesa_cg's time) and the kernels by GPU time (the
+    # last setting: chunks both ways, gains by columns)
     step rls_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_rls_gpu.py -q -p no:cacheprovider \
         -n 12 -rfE --tb=short
     step bench_rls 240 python3 benchmarks/second_order_gpu.py --layers mesa_cg rls --no-peer \
-        --rls-algorithms tokens:tokens chunks:tokens chunks:chunks --profile rls
+        --rls-algorithms tokens:tokens chunks:tokens chunks:chunks chunks:chunks:columns --profile rls
     tail -n 15 "$OUT/rls_tests.txt"
     cat "$OUT/bench_rls.txt" "$OUT/steps.txt"
     exit 0

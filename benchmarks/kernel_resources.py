@@ -90,8 +90,10 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
         problem = checks.problem(T, K, V, B=1, H=2, seed=0)
         InterpretedFunction.run = record
         leaves = _leaves(problem, dtype)
-        for algorithm in ("chunks", "tokens"):  # by chunks (the token loop past CHUNK_KEYS), then token by token
+        # By chunks (the token loop past CHUNK_KEYS) with their gains by rows, then by columns; token by token.
+        for algorithm, gains in (("chunks", "rows"), ("chunks", "columns"), ("tokens", "rows")):
             rls_triton.FORWARD = rls_triton.BACKWARD = algorithm
+            rls_triton.GAINS = gains
             o, _ = getattr(chunk, f"chunk_{name}")(*leaves)
             torch.autograd.grad(o.float().sum(), leaves)
         return launches

@@ -1,7 +1,7 @@
 """How accurate `rls_triton`'s gradients are in float32, by chunks and token by token, as forgetting grows (CPU).
 
 Runs the generated kernels themselves under Triton's interpreter (TRITON_INTERPRET=1, set here) for each
-FORWARD:BACKWARD pair, a forward and a backward with gradients into the output and both final states, against
+FORWARD:BACKWARD pair (by chunks both ways, also with their gains by columns: GAINS), a forward and a backward with gradients into the output and both final states, against
 autograd through naive_rls in float64, and prints the largest error of every gradient relative to its largest
 reference value (P's symmetric part: only that acts on a covariance).
 
@@ -27,7 +27,7 @@ from generated.rls import chunk, rls_triton  # noqa: E402
 from generated.rls.naive import naive_rls  # noqa: E402
 from rls_chunk_study import problem, relative  # noqa: E402
 
-PAIRS = ("tokens:tokens", "chunks:tokens", "chunks:chunks")
+PAIRS = ("tokens:tokens", "chunks:tokens", "chunks:chunks", "chunks:chunks:columns")  # FORWARD:BACKWARD[:GAINS]
 NAMES = ("q", "k", "v", "g", "S", "P")
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     say(f"rls_triton's gradients in float32 (interpreter) against autograd through naive_rls in float64: B={B} "
         f"H={H} K=V={args.D} T={args.T}, checkpoint every {rls_triton.CHECKPOINT} tokens, log-decays uniform in "
         "[-forget, 0]; the largest error of each gradient relative to its largest reference value")
-    say(f"{'forward:backward':16s} {'forget':>7s} " + " ".join(f"{'d' + n:>9s}" for n in NAMES))
+    say(f"{'forward:backward':21s} {'forget':>7s} " + " ".join(f"{'d' + n:>9s}" for n in NAMES))
     for forget in args.forgets:
         inputs, state = problem(B, args.T, H, args.D, forget)
         generator = torch.Generator().manual_seed(1)
@@ -61,9 +61,9 @@ def main() -> None:
         d_state = [torch.randn(s.shape, dtype=torch.float64, generator=generator) for s in state]
         expected = gradients(naive_rls, inputs, state, d_out, d_state, torch.float64)
         for pair in PAIRS:
-            rls_triton.FORWARD, rls_triton.BACKWARD = pair.split(":")
+            rls_triton.FORWARD, rls_triton.BACKWARD, rls_triton.GAINS = (pair + ":rows").split(":")[:3]
             found = gradients(chunk.chunk_rls, inputs, state, d_out, d_state, torch.float32)
-            say(f"{pair:16s} {forget:7.2f} " + " ".join(f"{relative(f, e):9.2e}" for f, e in zip(found, expected)))
+            say(f"{pair:21s} {forget:7.2f} " + " ".join(f"{relative(f, e):9.2e}" for f, e in zip(found, expected)))
 
 
 if __name__ == "__main__":

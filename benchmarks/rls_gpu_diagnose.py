@@ -1,9 +1,11 @@
 """Which launch setting of rls_triton's chunk kernels changes their results on a GPU: every gradient's error
-(relative to 1 + its largest float64 value, naive_rls on the device as the reference) for each forward:backward
-pair under each warps / dot-precision override, each in its own process (a fault poisons the CUDA context).
+(relative to 1 + its largest float64 value, naive_rls on the device as the reference) for each
+FORWARD:BACKWARD[:GAINS] under each warps / dot-precision override, each in its own process (a fault poisons
+the CUDA context).
 
     python benchmarks/rls_gpu_diagnose.py [--T 16 63] [--widths 64x64 128x128] [--warps 0 4 8 16] [--dots tf32x3 ieee]
-(warps 0: the module's own choice) [--mma v3 v2]."""
+(warps 0: the module's own choice) [--mma v3 v2]. Each row compiles its kernels afresh: about a minute a row on
+the H100 host, so ask for few rows in one device call."""
 
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def check(T: int, K: int, V: int, warps: int, dot: str, pair: str) -> str:
         return settings
 
     rls_triton._launch = overridden
-    rls_triton.FORWARD, rls_triton.BACKWARD = pair.split(":")
+    rls_triton.FORWARD, rls_triton.BACKWARD, rls_triton.GAINS = (pair + ":rows").split(":")[:3]
     generator = torch.Generator(device=device).manual_seed(T)
 
     def randn(*shape):
@@ -83,22 +85,16 @@ def main():
         T, K, V, warps, dot, pair = args.one
         print(check(int(T), int(K), int(V), int(warps), dot, pair))
         return
-    for width in args.widths:
+    settings = itertools.product(args.widths, args.T, args.pairs, args.warps, args.dots, args.mma)
+    for width, T, pair, warps, dot, mma in settings:
         K, V = width.split("x")
-        for T in args.T:
-            for pair in args.pairs:
-                for warps in args.warps:
-                    for dot, mma in itertools.product(args.dots, args.mma):
-                        env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1", TRITON_CACHE_DIR=f"/tmp/triton-cache-{mma}")
-                        if mma == "v2":
-                            env["DISABLE_MMA_V3"] = "1"
-                        result = subprocess.run([sys.executable, __file__, "--one", str(T), K, V, str(warps), dot, pair],
-                                                capture_output=True, text=True, timeout=300,
-                                                env=env)
-                        lines = (result.stdout.strip() or result.stderr.strip().splitlines()[-1:] or ["?"])
-                        last = lines if isinstance(lines, str) else lines[-1]
-                        print(f"K={K} V={V} T={T} {pair} warps={warps or 'own'} dot={dot} mma={mma}: {last}", flush=True)
-
+        env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1", TRITON_CACHE_DIR=f"/tmp/triton-cache-{mma}")
+        if mma == "v2":
+            env["DISABLE_MMA_V3"] = "1"
+        result = subprocess.run([sys.executable, __file__, "--one", str(T), K, V, str(warps), dot, pair],
+                                capture_output=True, text=True, timeout=300, env=env)
+        last = (result.stdout.strip() or result.stderr.strip() or "?").splitlines()[-1]
+        print(f"K={K} V={V} T={T} {pair} warps={warps or 'own'} dot={dot} mma={mma}: {last}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -61,8 +61,9 @@ def main() -> None:
                              "and the moments' increments)")
     parser.add_argument("--no-peer", action="store_true", help="leave fla's rows out")
     parser.add_argument("--rls-algorithms", nargs="*", default=[],
-                        help="time rls with each of these FORWARD:BACKWARD of its kernels (rls_triton.FORWARD and "
-                             "BACKWARD, each chunks or tokens, e.g. chunks:tokens; default: the module's own)")
+                        help="time rls with each of these FORWARD:BACKWARD[:GAINS] of its kernels (rls_triton.FORWARD "
+                             "and BACKWARD, each chunks or tokens, and GAINS, rows or columns, e.g. chunks:tokens or "
+                             "chunks:chunks:columns; default: the module's own)")
     parser.add_argument("--profile", nargs="*", default=[],
                         help="then these layers' kernels by GPU time (torch.profiler), forward and forward+backward")
     args = parser.parse_args()
@@ -90,7 +91,7 @@ def main() -> None:
             for algorithm, backward in itertools.product(algorithms, (False, True)):
                 if algorithm is not None:
                     kernels = importlib.import_module("generated.rls.rls_triton")
-                    kernels.FORWARD, kernels.BACKWARD = algorithm.split(":")
+                    kernels.FORWARD, kernels.BACKWARD, kernels.GAINS = (algorithm + ":rows").split(":")[:3]
                 grads = [x.detach().requires_grad_(backward) for x in leaves]
 
                 def run_ours(grads=grads):

@@ -703,18 +703,21 @@ class LayerChecks:
         output and the final state; packed sequences from per-sequence initial states, outputs, final states and
         gradients; float16 inputs; for chunks, sixteen of them under strong forgetting, with every gradient; the
         kernels' op with sample weights. Each forward with each backward (`rls_triton.FORWARD`, `BACKWARD`: by
-        chunks, token by token) but the token loop's forward with the chunk backward."""
+        chunks, token by token) but the token loop's forward with the chunk backward, and chunks both ways with
+        their gains by eliminating columns (`GAINS`)."""
         kernels = importlib.import_module(chunk_module.__name__.rsplit(".", 1)[0] + ".rls_triton")
-        original = chunk_module._rls_in_triton, kernels.CHECKPOINT, kernels.FORWARD, kernels.BACKWARD
+        original = chunk_module._rls_in_triton, kernels.CHECKPOINT, kernels.FORWARD, kernels.BACKWARD, kernels.GAINS
         chunk_module._rls_in_triton, kernels.CHECKPOINT = (lambda *args: True), 2 * kernels.CHUNK
         try:
-            for forward, backward in (("chunks", "chunks"), ("chunks", "tokens"), ("tokens", "tokens")):
-                kernels.FORWARD, kernels.BACKWARD = forward, backward
-                algorithm = f"{forward} forward, {backward} backward"
+            for forward, backward, gains in (("chunks", "chunks", "rows"), ("chunks", "tokens", "rows"),
+                                             ("tokens", "tokens", "rows"), ("chunks", "chunks", "columns")):
+                kernels.FORWARD, kernels.BACKWARD, kernels.GAINS = forward, backward, gains
+                algorithm = f"{forward} forward, {backward} backward, gains by {gains}"
                 self._rls_triton_checks(T, K, V, algorithm, forgetting=forward == "chunks")
                 self._rls_kernel_sample_weights(kernels, algorithm)
         finally:
-            chunk_module._rls_in_triton, kernels.CHECKPOINT, kernels.FORWARD, kernels.BACKWARD = original
+            (chunk_module._rls_in_triton, kernels.CHECKPOINT, kernels.FORWARD, kernels.BACKWARD,
+             kernels.GAINS) = original
 
     def _rls_triton_checks(self, T: int, K: int, V: int, algorithm: str, forgetting: bool) -> None:
         problem, state, d_out, d_final, several = self._with_states(T, K, V, seed=42)

@@ -37,15 +37,16 @@ def _problem(T: int, B: int = 2, K: int = K, V: int = V):
     return draw(T), state
 
 
-@pytest.fixture(autouse=True, params=["chunks:chunks", "chunks:tokens", "tokens:tokens"])
+@pytest.fixture(autouse=True, params=["chunks:chunks", "chunks:tokens", "tokens:tokens", "chunks:chunks:columns"])
 def algorithm(request, monkeypatch):
     """Every test with each forward and backward of the kernels (`rls_triton.FORWARD`, `BACKWARD`: by chunks,
-    token by token), as FORWARD:BACKWARD."""
+    token by token) and, by chunks, each way to their gains (`GAINS`: rows, columns), as FORWARD:BACKWARD[:GAINS]."""
     from generated.rls import rls_triton
 
-    forward, backward = request.param.split(":")
+    forward, backward, gains = (request.param + ":rows").split(":")[:3]
     monkeypatch.setattr(rls_triton, "FORWARD", forward)
     monkeypatch.setattr(rls_triton, "BACKWARD", backward)
+    monkeypatch.setattr(rls_triton, "GAINS", gains)
     return request.param
 
 
