@@ -8,7 +8,8 @@ compiled for sm_90a by the installed Triton.
 
 A kernel that spills keeps its spilled values in local memory, and the driver reserves local memory for
 every thread the GPU can hold at once (2048 per SM, 132 SMs): 1 KiB of stack per thread costs about 264 MiB
-per process, whatever the kernel's grid. The last column is that reservation. Matches the device where the
+per process, whatever the kernel's grid. "local MiB" is that reservation; "barriers" counts the barriers in
+the kernel's code (`barriers`). Matches the device where the
 installed Triton is the device's version (3.6 on our H100s; `pip install triton==3.6.0` in a virtual
 environment to check against it).
 
@@ -166,6 +167,19 @@ def compile_for_hopper(module: str, kernel: str, arguments: dict):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options), options
 
 
+def label(kernel: str, arguments: dict, launches: list) -> str:
+    """The kernel's name, with the text settings that tell its launches apart (e.g. "_chunk_forward_kernel columns")."""
+    varying = [key for key, value in arguments.items() if isinstance(value[1], str)
+               and any(other[1] == kernel and other[2].get(key) != value for other in launches)]
+    return " ".join([kernel] + [arguments[key][1] for key in varying])
+
+
+def barriers(ptx: str) -> int:
+    """The barriers written in a kernel's PTX (each loop body's once; static_range loops are unrolled): where a
+    program's work is one long chain, as in a walk over a sequence, each is a wait of all its warps."""
+    return len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("layers", nargs="*")
@@ -185,8 +199,8 @@ def main() -> None:
     from ttr_codegen.testing import triton_trained_layers
 
     print(f"sm_90a, Triton {triton.__version__}, K={args.K} V={args.V}, a training step (forward and backward)")
-    print(f"{'layer':20s} {'dtype':9s} {'kernel':22s} {'regs':>5s} {'stack B':>8s} {'shared B':>9s} "
-          f"{'warps':>5s} {'stages':>6s} {'local MiB':>9s}")
+    print(f"{'layer':20s} {'dtype':9s} {'kernel':30s} {'regs':>5s} {'stack B':>8s} {'shared B':>9s} "
+          f"{'warps':>5s} {'stages':>6s} {'local MiB':>9s} {'barriers':>8s}")
     attention = sorted(p.parent.name for p in (ROOT / "generated").glob("*/flash_triton.py"))
     online = sorted(p.parent.name for p in (ROOT / "generated").glob("*/online_triton.py"))
     for name in args.layers or triton_trained_layers(ROOT / "generated") + attention + online:
@@ -197,8 +211,9 @@ def main() -> None:
             if child.returncode:
                 print(f"{name:20s} {dtype:9s} recording failed:\n{child.stderr[-2000:]}")
                 continue
+            launches = json.loads(child.stdout.splitlines()[-1])
             seen = set()
-            for module, kernel, arguments in json.loads(child.stdout.splitlines()[-1]):
+            for module, kernel, arguments in launches:
                 key = json.dumps([kernel, arguments], sort_keys=True)
                 if key in seen:  # the backward recomputes the forward's kernels with the same arguments
                     continue
@@ -214,9 +229,9 @@ def main() -> None:
                     stem = f"{name}-{dtype}-{kernel}-{len(seen)}"
                     (folder / f"{stem}.ttgir").write_text(compiled.asm["ttgir"])
                     (folder / f"{stem}.ptx").write_text(compiled.asm["ptx"])
-                print(f"{name:20s} {dtype:9s} {kernel:22s} {registers:5d} {stack:8d} "
+                print(f"{name:20s} {dtype:9s} {label(kernel, arguments, launches):30s} {registers:5d} {stack:8d} "
                       f"{compiled.metadata.shared:9d} {options.get('num_warps', 4):5d} {options.get('num_stages', 3):6d} "
-                      f"{stack * THREADS_PER_GPU / 2**20:9.0f}", flush=True)
+                      f"{stack * THREADS_PER_GPU / 2**20:9.0f} {barriers(compiled.asm['ptx']):8d}", flush=True)
 
 
 if __name__ == "__main__":
