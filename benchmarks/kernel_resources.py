@@ -42,7 +42,7 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
     import torch
     from triton.runtime.interpreter import InterpretedFunction
 
-    from ttr_codegen.testing import LayerChecks
+    from ttr_codegen.testing import LayerChecks, rls_kernel_settings
 
     launches = []
 
@@ -92,9 +92,8 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
         InterpretedFunction.run = record
         leaves = _leaves(problem, dtype)
         # By chunks (the token loop past CHUNK_KEYS) with their gains by rows, then by columns; token by token.
-        for algorithm, gains in (("chunks", "rows"), ("chunks", "columns"), ("tokens", "rows")):
-            rls_triton.FORWARD = rls_triton.BACKWARD = algorithm
-            rls_triton.GAINS = gains
+        for setting in ("chunks:chunks", "chunks:chunks:columns", "tokens:tokens"):
+            vars(rls_triton).update(rls_kernel_settings(setting))
             o, _ = getattr(chunk, f"chunk_{name}")(*leaves)
             torch.autograd.grad(o.float().sum(), leaves)
         return launches

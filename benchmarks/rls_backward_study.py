@@ -1,9 +1,10 @@
 """How accurate `rls_triton`'s gradients are in float32, by chunks and token by token, as forgetting grows (CPU).
 
-Runs the generated kernels themselves under Triton's interpreter (TRITON_INTERPRET=1, set here) for each
-FORWARD:BACKWARD pair (by chunks both ways, also with their gains by columns: GAINS), a forward and a backward with gradients into the output and both final states, against
-autograd through naive_rls in float64, and prints the largest error of every gradient relative to its largest
-reference value (P's symmetric part: only that acts on a covariance).
+Runs the generated kernels themselves under Triton's interpreter (TRITON_INTERPRET=1, set here) with each
+setting the tests run (testing.RLS_KERNEL_SETTINGS: FORWARD:BACKWARD[:GAINS]), a forward and a backward with
+gradients into the output and both final states, against autograd through naive_rls in float64, and prints
+the largest error of every gradient relative to its largest reference value (P's symmetric part: only that acts
+on a covariance).
 
     python benchmarks/rls_backward_study.py [--out FILE] [--T 256] [--D 32]
 """
@@ -26,8 +27,8 @@ from delta_family_gpu import teller  # noqa: E402  (this folder is on sys.path w
 from generated.rls import chunk, rls_triton  # noqa: E402
 from generated.rls.naive import naive_rls  # noqa: E402
 from rls_chunk_study import problem, relative  # noqa: E402
+from ttr_codegen.testing import RLS_KERNEL_SETTINGS, rls_kernel_settings, symmetric_part  # noqa: E402
 
-PAIRS = ("tokens:tokens", "chunks:tokens", "chunks:chunks", "chunks:chunks:columns")  # FORWARD:BACKWARD[:GAINS]
 NAMES = ("q", "k", "v", "g", "S", "P")
 
 
@@ -36,7 +37,7 @@ def gradients(op, inputs, state, d_out, d_state, dtype) -> tuple:
     o, final = op(*leaves[:4], initial_state=tuple(leaves[4:]), output_final_state=True)
     loss = (o * d_out.to(dtype)).sum() + sum((f * d.to(dtype)).sum() for f, d in zip(final, d_state))
     found = list(torch.autograd.grad(loss, leaves))
-    found[-1] = (found[-1] + found[-1].transpose(-1, -2)) / 2
+    found[-1] = symmetric_part(found[-1])
     return found
 
 
@@ -60,8 +61,8 @@ def main() -> None:
         d_out = torch.randn(inputs[2].shape, dtype=torch.float64, generator=generator)
         d_state = [torch.randn(s.shape, dtype=torch.float64, generator=generator) for s in state]
         expected = gradients(naive_rls, inputs, state, d_out, d_state, torch.float64)
-        for pair in PAIRS:
-            rls_triton.FORWARD, rls_triton.BACKWARD, rls_triton.GAINS = (pair + ":rows").split(":")[:3]
+        for pair in RLS_KERNEL_SETTINGS:
+            vars(rls_triton).update(rls_kernel_settings(pair))
             found = gradients(chunk.chunk_rls, inputs, state, d_out, d_state, torch.float32)
             say(f"{pair:21s} {forget:7.2f} " + " ".join(f"{relative(f, e):9.2e}" for f, e in zip(found, expected)))
 

@@ -26,6 +26,7 @@ def check(T: int, K: int, V: int, warps: int, dot: str, pair: str) -> str:
 
     sys.path.insert(0, str(ROOT))
     from generated.rls import chunk, chunk_rls, naive_rls, rls_triton
+    from ttr_codegen.testing import rls_kernel_settings, symmetric_part
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU: the kernels under TRITON_INTERPRET=1
     if device == "cpu":
@@ -42,7 +43,7 @@ def check(T: int, K: int, V: int, warps: int, dot: str, pair: str) -> str:
         return settings
 
     rls_triton._launch = overridden
-    rls_triton.FORWARD, rls_triton.BACKWARD, rls_triton.GAINS = (pair + ":rows").split(":")[:3]
+    vars(rls_triton).update(rls_kernel_settings(pair))
     generator = torch.Generator(device=device).manual_seed(T)
 
     def randn(*shape):
@@ -65,7 +66,7 @@ def check(T: int, K: int, V: int, warps: int, dot: str, pair: str) -> str:
     found = run(chunk_rls, [x.float().requires_grad_(True) for x in inputs] + [s.float().requires_grad_(True)
                                                                                  for s in state])
     expected = run(naive_rls, [x.clone().requires_grad_(True) for x in (*inputs, *state)])
-    found[-1], expected[-1] = ((p + p.transpose(-1, -2)) / 2 for p in (found[-1], expected[-1]))
+    found[-1], expected[-1] = symmetric_part(found[-1]), symmetric_part(expected[-1])
     names = ["o", "S_T", "P_T", "dq", "dk", "dv", "dg", "dS", "dP"]
     return " ".join(f"{n}={((a.double() - b).abs().max() / (1 + b.abs().max())).item():.1e}"
                     for n, a, b in zip(names, found, expected))
@@ -95,6 +96,7 @@ def main():
                                 capture_output=True, text=True, timeout=300, env=env)
         last = (result.stdout.strip() or result.stderr.strip() or "?").splitlines()[-1]
         print(f"K={K} V={V} T={T} {pair} warps={warps or 'own'} dot={dot} mma={mma}: {last}", flush=True)
+
 
 if __name__ == "__main__":
     main()

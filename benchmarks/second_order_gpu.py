@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from delta_family_gpu import gap, outputs, teller, timed  # noqa: E402  (this folder is on sys.path when a script here runs)
+from ttr_codegen.testing import rls_kernel_settings  # noqa: E402
 
 
 def inputs(B: int, T: int, H: int = 16, D: int = 64) -> list[torch.Tensor]:
@@ -90,8 +91,7 @@ def main() -> None:
             algorithms = args.rls_algorithms if name == "rls" and args.rls_algorithms else [None]
             for algorithm, backward in itertools.product(algorithms, (False, True)):
                 if algorithm is not None:
-                    kernels = importlib.import_module("generated.rls.rls_triton")
-                    kernels.FORWARD, kernels.BACKWARD, kernels.GAINS = (algorithm + ":rows").split(":")[:3]
+                    vars(importlib.import_module("generated.rls.rls_triton")).update(rls_kernel_settings(algorithm))
                 grads = [x.detach().requires_grad_(backward) for x in leaves]
 
                 def run_ours(grads=grads):

@@ -336,7 +336,7 @@ class LayerChecks:
             if i >= len(names) - n_states and g.shape[-1] == g.shape[-2] == problem.k.shape[-1]:
                 # A K x K state (a covariance) is symmetric: only its gradient's symmetric part acts on it,
                 # and two correct ops may split the rest differently (P k against P^T k).
-                g, g_ref = _symmetric(g), _symmetric(g_ref)
+                g, g_ref = symmetric_part(g), symmetric_part(g_ref)
             torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-8, msg=lambda m, name=name: f"d/d{name}: {m}")
 
     def derived_backward(self, T: int = 9, K: int = 5, V: int = 4) -> None:
@@ -524,7 +524,7 @@ class LayerChecks:
         def run(*flat):
             carried = flat[len(args):]
             if self.spec.optimiser.solver == "cg":  # conjugate gradients assume the symmetric h_kk its state holds
-                carried = tuple(_symmetric(s) if s.shape[-2:] == (K, K) else s for s in carried)
+                carried = tuple(symmetric_part(s) if s.shape[-2:] == (K, K) else s for s in carried)
             o, final = self.naive(*flat[:len(args)], initial_state=carried if len(carried) > 1 else carried[0],
                                   output_final_state=True)
             return (o, *(final if isinstance(final, tuple) else (final,)))
@@ -702,19 +702,15 @@ class LayerChecks:
         state, and the gradient of every input and of the initial state with gradients flowing into both the
         output and the final state; packed sequences from per-sequence initial states, outputs, final states and
         gradients; float16 inputs; for chunks, sixteen of them under strong forgetting, with every gradient; the
-        kernels' op with sample weights. Each forward with each backward (`rls_triton.FORWARD`, `BACKWARD`: by
-        chunks, token by token) but the token loop's forward with the chunk backward, and chunks both ways with
-        their gains by eliminating columns (`GAINS`)."""
+        kernels' op with sample weights. Every setting of RLS_KERNEL_SETTINGS."""
         kernels = importlib.import_module(chunk_module.__name__.rsplit(".", 1)[0] + ".rls_triton")
         original = chunk_module._rls_in_triton, kernels.CHECKPOINT, kernels.FORWARD, kernels.BACKWARD, kernels.GAINS
         chunk_module._rls_in_triton, kernels.CHECKPOINT = (lambda *args: True), 2 * kernels.CHUNK
         try:
-            for forward, backward, gains in (("chunks", "chunks", "rows"), ("chunks", "tokens", "rows"),
-                                             ("tokens", "tokens", "rows"), ("chunks", "chunks", "columns")):
-                kernels.FORWARD, kernels.BACKWARD, kernels.GAINS = forward, backward, gains
-                algorithm = f"{forward} forward, {backward} backward, gains by {gains}"
-                self._rls_triton_checks(T, K, V, algorithm, forgetting=forward == "chunks")
-                self._rls_kernel_sample_weights(kernels, algorithm)
+            for setting in RLS_KERNEL_SETTINGS:
+                vars(kernels).update(rls_kernel_settings(setting))
+                self._rls_triton_checks(T, K, V, setting, forgetting=kernels.FORWARD == "chunks")
+                self._rls_kernel_sample_weights(kernels, setting)
         finally:
             (chunk_module._rls_in_triton, kernels.CHECKPOINT, kernels.FORWARD, kernels.BACKWARD,
              kernels.GAINS) = original
@@ -828,7 +824,7 @@ class LayerChecks:
             assert_within(x, x_ref, 1e-4, f"{name} with sample weights, Triton {algorithm}")
         for name, x, x_ref in zip(("q", "k", "v", "g", "w", "S", "P"), grads, grads_ref, strict=True):
             if name == "P":  # only the symmetric part acts on a covariance (see _compare_gradients)
-                x, x_ref = _symmetric(x), _symmetric(x_ref)
+                x, x_ref = symmetric_part(x), symmetric_part(x_ref)
             assert_within(x, x_ref, 1e-4, f"d/d{name} with sample weights, Triton {algorithm}")
 
     def _assert_gradients_within(self, found, expected, problem, n_states: int, relative: float, what: str) -> None:
@@ -836,7 +832,7 @@ class LayerChecks:
         names = self._gradient_names(problem, n_states)
         for i, (name, g, g_ref) in enumerate(zip(names, found, expected, strict=True)):
             if i >= len(names) - n_states and g.shape[-1] == g.shape[-2] == problem.k.shape[-1]:
-                g, g_ref = _symmetric(g), _symmetric(g_ref)  # see there
+                g, g_ref = symmetric_part(g), symmetric_part(g_ref)  # see there
             assert_within(g, g_ref, relative, f"d/d{name}, {what}")
 
     def rls_triton_compiles(self, chunk_module) -> None:
@@ -1770,7 +1766,7 @@ def _context_parallel_matches(package_dir: Path, spec_path: Path, rank: int, ran
             elif arg.startswith("initial_state") and g.shape[-1] == g.shape[-2] == K:
                 # A K x K state (a covariance) is symmetric: only its gradient's symmetric part acts on it, and
                 # two correct runs may split the rest differently (RLS's P k against P^T k).
-                g, g_ref = _symmetric(g), _symmetric(g_ref)
+                g, g_ref = symmetric_part(g), symmetric_part(g_ref)
             run.close(g, g_ref, 1e-9, f"{label} d{arg}")
 
 
@@ -1950,7 +1946,20 @@ class _Mixer(torch.nn.Module):
         return x + self.layer(x)[0]
 
 
-def _symmetric(x: torch.Tensor) -> torch.Tensor:
+# rls_triton's settings as FORWARD:BACKWARD[:GAINS] (rls_kernel_settings), the ones its tests run: each forward
+# with each backward but the token loop's forward with the chunk backward, and chunks both ways with their gains
+# by eliminating columns.
+RLS_KERNEL_SETTINGS = ("chunks:chunks", "chunks:tokens", "tokens:tokens", "chunks:chunks:columns")
+
+
+def rls_kernel_settings(setting: str) -> dict:
+    """rls_triton's module settings from FORWARD:BACKWARD[:GAINS], e.g. "chunks:tokens" (GAINS "rows" when left
+    out): {"FORWARD": ..., "BACKWARD": ..., "GAINS": ...}."""
+    forward, backward, gains = (*setting.split(":"), "rows")[:3]
+    return {"FORWARD": forward, "BACKWARD": backward, "GAINS": gains}
+
+
+def symmetric_part(x: torch.Tensor) -> torch.Tensor:
     """The symmetric part of a K x K matrix: of a covariance rounded off symmetry, or of its gradient (the only part
     that acts on a symmetric state)."""
     return (x + x.transpose(-1, -2)) / 2

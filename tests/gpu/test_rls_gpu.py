@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from generated.rls import chunk_rls, naive_rls
-from ttr_codegen.testing import assert_within
+from ttr_codegen.testing import RLS_KERNEL_SETTINGS, assert_within, rls_kernel_settings, symmetric_part
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
@@ -37,16 +37,14 @@ def _problem(T: int, B: int = 2, K: int = K, V: int = V):
     return draw(T), state
 
 
-@pytest.fixture(autouse=True, params=["chunks:chunks", "chunks:tokens", "tokens:tokens", "chunks:chunks:columns"])
+@pytest.fixture(autouse=True, params=RLS_KERNEL_SETTINGS)
 def algorithm(request, monkeypatch):
-    """Every test with each forward and backward of the kernels (`rls_triton.FORWARD`, `BACKWARD`: by chunks,
-    token by token) and, by chunks, each way to their gains (`GAINS`: rows, columns), as FORWARD:BACKWARD[:GAINS]."""
+    """Every test with each setting of the kernels the CPU suite checks (`rls_triton.FORWARD`, `BACKWARD`: by
+    chunks, token by token; `GAINS`: rows, columns), as FORWARD:BACKWARD[:GAINS]."""
     from generated.rls import rls_triton
 
-    forward, backward, gains = (request.param + ":rows").split(":")[:3]
-    monkeypatch.setattr(rls_triton, "FORWARD", forward)
-    monkeypatch.setattr(rls_triton, "BACKWARD", backward)
-    monkeypatch.setattr(rls_triton, "GAINS", gains)
+    for name, value in rls_kernel_settings(request.param).items():
+        monkeypatch.setattr(rls_triton, name, value)
     return request.param
 
 
@@ -131,5 +129,5 @@ def _check_gradients(T, dtype, K, V):
         assert_within(part, part_ref, TOLERANCE[torch.float32], f"final {name}, T={T} K={K} V={V}")
     for what, g, g_ref in zip(["q", "k", "v", "g", "S", "P"], found, expected, strict=True):
         if what == "P":  # a covariance is symmetric: only a symmetric change is a state's
-            g, g_ref = (g + g.transpose(-1, -2)) / 2, (g_ref + g_ref.transpose(-1, -2)) / 2
+            g, g_ref = symmetric_part(g), symmetric_part(g_ref)
         assert_within(g, g_ref, 5 * TOLERANCE[dtype], f"d/d{what}, T={T} K={K} V={V}")
