@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ttr_codegen.testing import assert_within
+from ttr_codegen.testing import assert_within, symmetric_part
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
@@ -105,5 +105,5 @@ def test_gradients_on_cuda(name, T, dtype):
     names = ["q", "k", "v", "g", "beta", "lamb", *(f"initial_state[{i}]" for i in range(len(state)))]
     for what, g, g_ref in zip(names, found, expected, strict=True):
         if g.dim() == 4 and g.shape[-1] == g.shape[-2] == K:  # h_kk: only a symmetric change is a state's
-            g, g_ref = (g + g.transpose(-1, -2)) / 2, (g_ref + g_ref.transpose(-1, -2)) / 2
+            g, g_ref = symmetric_part(g), symmetric_part(g_ref)
         assert_within(g, g_ref, 5 * TOLERANCE[dtype], f"{name} d/d{what}, T={T}")
