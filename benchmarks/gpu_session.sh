@@ -329,8 +329,12 @@ if [[ $WHAT == rls_chunks ]]; then  # rls by chunks, forward and backward: its G
         -n 12 -rfE --tb=short
     step bench_rls 240 python3 benchmarks/second_order_gpu.py --layers mesa_cg rls --no-peer \
         --rls-algorithms tokens:tokens chunks:tokens chunks:chunks chunks:chunks:columns --profile rls
+    # chunks of 32 tokens (half the chunks' chain of products, twice the gains' steps a chunk) and the products in
+    # float32 multiply-adds off the tensor cores
+    step bench_rls32 110 python3 benchmarks/second_order_gpu.py --layers rls --no-peer --shapes 4x2048 \
+        --rls-algorithms chunks:tokens:rows:32 chunks:tokens:columns:32 chunks:tokens:columns:16:ieee
     tail -n 15 "$OUT/rls_tests.txt"
-    cat "$OUT/bench_rls.txt" "$OUT/steps.txt"
+    cat "$OUT/bench_rls.txt" "$OUT/bench_rls32.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == launch_sweep ]]; then  # mesa_cg's launch table (cg_triton.LAUNCH): each entry's warps x stages

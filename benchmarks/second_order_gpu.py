@@ -62,9 +62,10 @@ def main() -> None:
                              "and the moments' increments)")
     parser.add_argument("--no-peer", action="store_true", help="leave fla's rows out")
     parser.add_argument("--rls-algorithms", nargs="*", default=[],
-                        help="time rls with each of these FORWARD:BACKWARD[:GAINS] of its kernels (rls_triton.FORWARD "
-                             "and BACKWARD, each chunks or tokens, and GAINS, rows or columns, e.g. chunks:tokens or "
-                             "chunks:chunks:columns; default: the module's own)")
+                        help="time rls with each of these FORWARD:BACKWARD[:GAINS[:CHUNK[:PRODUCTS]]] of its "
+                             "kernels (rls_triton's settings: chunks or tokens each way, gains by rows or columns, "
+                             "the chunks' tokens and products, e.g. chunks:tokens or chunks:chunks:columns:32:ieee; "
+                             "default: the module's own)")
     parser.add_argument("--profile", nargs="*", default=[],
                         help="then these layers' kernels by GPU time (torch.profiler), forward and forward+backward")
     args = parser.parse_args()
@@ -89,9 +90,12 @@ def main() -> None:
                 leaves = leaves[:4]
             d_out = torch.randn_like(leaves[2])
             algorithms = args.rls_algorithms if name == "rls" and args.rls_algorithms else [None]
+            if name == "rls":
+                rls_triton = importlib.import_module("generated.rls.rls_triton")
+                own = {"CHUNK": rls_triton.CHUNK, "PRODUCTS": rls_triton.PRODUCTS}
             for algorithm, backward in itertools.product(algorithms, (False, True)):
-                if algorithm is not None:
-                    vars(importlib.import_module("generated.rls.rls_triton")).update(rls_kernel_settings(algorithm))
+                if algorithm is not None:  # the module's chunks unless the setting names them
+                    vars(rls_triton).update(own | rls_kernel_settings(algorithm))
                 grads = [x.detach().requires_grad_(backward) for x in leaves]
 
                 def run_ours(grads=grads):

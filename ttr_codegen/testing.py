@@ -1953,10 +1953,16 @@ RLS_KERNEL_SETTINGS = ("chunks:chunks", "chunks:tokens", "tokens:tokens", "chunk
 
 
 def rls_kernel_settings(setting: str) -> dict:
-    """rls_triton's module settings from FORWARD:BACKWARD[:GAINS], e.g. "chunks:tokens" (GAINS "rows" when left
-    out): {"FORWARD": ..., "BACKWARD": ..., "GAINS": ...}."""
-    forward, backward, gains = (*setting.split(":"), "rows")[:3]
-    return {"FORWARD": forward, "BACKWARD": backward, "GAINS": gains}
+    """rls_triton's module settings from FORWARD:BACKWARD[:GAINS[:CHUNK[:PRODUCTS]]], e.g. "chunks:tokens" (GAINS
+    "rows" when left out; CHUNK, the chunks' tokens, and PRODUCTS, their precision, only where given):
+    {"FORWARD": ..., "BACKWARD": ..., "GAINS": ...}."""
+    forward, backward, *rest = setting.split(":")
+    settings = {"FORWARD": forward, "BACKWARD": backward, "GAINS": rest[0] if rest else "rows"}
+    if len(rest) > 1:
+        settings["CHUNK"] = int(rest[1])
+    if len(rest) > 2:
+        settings["PRODUCTS"] = rest[2]
+    return settings
 
 
 def symmetric_part(x: torch.Tensor) -> torch.Tensor:
