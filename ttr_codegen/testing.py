@@ -1948,8 +1948,9 @@ class _Mixer(torch.nn.Module):
 
 # rls_triton's settings as FORWARD:BACKWARD[:GAINS] (rls_kernel_settings), the ones its tests run: each forward
 # with each backward but the token loop's forward with the chunk backward, and chunks both ways with their gains
-# by eliminating columns.
-RLS_KERNEL_SETTINGS = ("chunks:chunks", "chunks:tokens", "tokens:tokens", "chunks:chunks:columns")
+# by eliminating columns, and by each warp eliminating its own copy.
+RLS_KERNEL_SETTINGS = ("chunks:chunks", "chunks:tokens", "tokens:tokens", "chunks:chunks:columns",
+                       "chunks:chunks:warps")
 
 
 def rls_kernel_settings(setting: str) -> dict:
