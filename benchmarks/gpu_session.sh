@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|context_parallel|first_rows|twins|last_rows|frontier_rows|walk_warps|long_tests|rls_chunks|launch_sweep|mlp_train|affine_first|affine_short|affine_tiny|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
+#                                    second_order_bench|second_order_tests|context_parallel|first_rows|twins|last_rows|frontier_rows|walk_warps|long_tests|rls_chunks|rls_warps|launch_sweep|mlp_train|affine_first|affine_short|affine_tiny|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -336,6 +336,16 @@ if [[ $WHAT == rls_chunks ]]; then  # rls by chunks, forward and backward: its G
         --rls-algorithms chunks:tokens:warps:32 chunks:tokens:warps:16:ieee
     tail -n 15 "$OUT/rls_tests.txt"
     cat "$OUT/bench_rls.txt" "$OUT/bench_rls32.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == rls_warps ]]; then  # rls by chunks both ways with each warp eliminating its own copy of a chunk's
+    # gains problem: its GPU tests alone, then its rows beside mesa_cg's, and the kernels by GPU time
+    step rls_tests 200 timeout -s INT 190 python3 -m pytest -m gpu tests/gpu/test_rls_gpu.py -q -p no:cacheprovider \
+        -n 12 -rfE --tb=short -k "chunks:chunks:warps"
+    step bench_rls 200 python3 benchmarks/second_order_gpu.py --layers mesa_cg rls --no-peer \
+        --rls-algorithms chunks:chunks:warps --profile rls
+    tail -n 15 "$OUT/rls_tests.txt"
+    cat "$OUT/bench_rls.txt" "$OUT/steps.txt"
     exit 0
 fi
 if [[ $WHAT == launch_sweep ]]; then  # mesa_cg's launch table (cg_triton.LAUNCH): each entry's warps x stages
