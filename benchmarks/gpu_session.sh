@@ -339,11 +339,11 @@ if [[ $WHAT == rls_chunks ]]; then  # rls by chunks, forward and backward: its G
     exit 0
 fi
 if [[ $WHAT == rls_warps ]]; then  # rls by chunks both ways with each warp eliminating its own copy of a chunk's
-    # gains problem: its GPU tests alone, then its rows beside mesa_cg's, and the kernels by GPU time
-    step rls_tests 135 timeout -s INT 125 python3 -m pytest -m gpu tests/gpu/test_rls_gpu.py -q -p no:cacheprovider \
+    # gains problem: its GPU tests alone, then its rows beside mesa_cg's
+    step rls_tests 125 timeout -s INT 115 python3 -m pytest -m gpu tests/gpu/test_rls_gpu.py -q -p no:cacheprovider \
         -n 14 -rfE --tb=short -k "chunks:chunks:warps"
-    step bench_rls 90 python3 benchmarks/second_order_gpu.py --layers mesa_cg rls --no-peer \
-        --rls-algorithms chunks:chunks:warps --profile rls
+    step bench_rls 80 python3 benchmarks/second_order_gpu.py --layers mesa_cg rls --no-peer \
+        --rls-algorithms chunks:chunks:warps
     tail -n 15 "$OUT/rls_tests.txt"
     cat "$OUT/bench_rls.txt" "$OUT/steps.txt"
     exit 0
