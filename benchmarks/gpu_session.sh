@@ -3,7 +3,7 @@
 # time for the rest; logs go to $OUT (or ./gpu-logs). Run from the repository root on the device (carry the
 # git-ignored wheels/ folder: fla-core, einops, pyyaml, pytest-xdist, execnet):
 #     bash benchmarks/gpu_session.sh [tests|bench|train|train_bench|tune_delta|tune_gla|tune_kda|kda|attention|mqar|mesa|online|online_tests|
-#                                    second_order_bench|second_order_tests|context_parallel|first_rows|twins|last_rows|frontier_rows|walk_warps|long_tests|rls_chunks|rls_warps|launch_sweep|mlp_train|affine_first|affine_short|affine_tiny|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
+#                                    second_order_bench|second_order_tests|context_parallel|first_rows|twins|last_rows|frontier_rows|walk_warps|long_tests|rls_chunks|rls_warps|rls_running|launch_sweep|mlp_train|affine_first|affine_short|affine_tiny|second_order_quick|cg_quick|kernel_tests|kernel_bench|kernel_all|kernel_recheck|kernel_baseline|online_verify|online_next|walk_variants|rows_x2|diagnose|all]
 # "tests" runs the gpu-marked suite on 8 workers (Triton compiles on the CPU); "bench" times the forward
 # kernels against fla and profiles them (KDA's and gated DeltaProduct's: "kda", fla's autotuning takes
 # minutes); "train"
@@ -322,13 +322,23 @@ if [[ $WHAT == long_tests ]]; then  # the second-order kernels' GPU tests at T =
     exit 0
 fi
 if [[ $WHAT == rls_chunks ]]; then  # rls by chunks, forward and backward: its GPU tests (each setting of
-    # testing.RLS_KERNEL_SETTINGS, every dtype, T up to 4096, training; the chunk backward's first call compiles for
-    # about a minute), then its rows beside mesa_cg's (fla left out: the issue's goal is rls within 2x of mesa_cg's
-    # time) and the kernels by GPU time (the last setting: chunks both ways, gains by each warp's copy)
+    # testing.RLS_KERNEL_SETTINGS with unrolled gains, every dtype, T up to 4096, training; the chunk backward's
+    # first call compiles for about a minute), then its rows beside mesa_cg's (fla left out: the issue's goal is rls
+    # within 2x of mesa_cg's time) and the kernels by GPU time (the last setting: chunks both ways, gains by warps)
     step rls_tests 330 timeout -s INT 320 python3 -m pytest -m gpu tests/gpu/test_rls_gpu.py -q -p no:cacheprovider \
-        -n 14 -rfE --tb=short
+        -n 14 -rfE --tb=short -k "not running"
     step bench_rls 200 python3 benchmarks/second_order_gpu.py --layers mesa_cg rls --no-peer \
         --rls-algorithms chunks:tokens chunks:chunks:columns chunks:chunks:warps --profile rls
+    tail -n 15 "$OUT/rls_tests.txt"
+    cat "$OUT/bench_rls.txt" "$OUT/steps.txt"
+    exit 0
+fi
+if [[ $WHAT == rls_running ]]; then  # rls's chunk kernels with the gains' steps in loops that run (LOOPS):
+    # their GPU tests, then their rows beside the unrolled ones' (each first call's compile time in the last column)
+    step rls_tests 240 timeout -s INT 230 python3 -m pytest -m gpu tests/gpu/test_rls_gpu.py -q -p no:cacheprovider \
+        -n 14 -rfE --tb=short -k "running"
+    step bench_rls 240 python3 benchmarks/second_order_gpu.py --layers mesa_cg rls --no-peer \
+        --rls-algorithms chunks:chunks:rows:16:tf32x3:running chunks:chunks:warps:16:tf32x3:running chunks:chunks:warps
     tail -n 15 "$OUT/rls_tests.txt"
     cat "$OUT/bench_rls.txt" "$OUT/steps.txt"
     exit 0

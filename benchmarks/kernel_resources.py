@@ -91,8 +91,11 @@ def record_launches(name: str, K: int, V: int, dtype: str, T: int = 130) -> list
         problem = checks.problem(T, K, V, B=1, H=2, seed=0)
         InterpretedFunction.run = record
         leaves = _leaves(problem, dtype)
-        # By chunks (the token loop past CHUNK_KEYS) with their gains by each way; token by token.
-        for setting in ("chunks:chunks", "chunks:chunks:columns", "chunks:chunks:warps", "tokens:tokens"):
+        # By chunks (the token loop past CHUNK_KEYS) with their gains by each way, unrolled and running; token by
+        # token.
+        for setting in ("chunks:chunks", "chunks:chunks:columns", "chunks:chunks:warps",
+                        "chunks:chunks:rows:16:tf32x3:running", "chunks:chunks:warps:16:tf32x3:running",
+                        "tokens:tokens"):
             vars(rls_triton).update(rls_kernel_settings(setting))
             o, _ = getattr(chunk, f"chunk_{name}")(*leaves)
             torch.autograd.grad(o.float().sum(), leaves)

@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--D", type=int, default=32, help="K = V")
     parser.add_argument("--forgets", nargs="*", type=float, default=[0.0, 0.02, 0.1, 0.2])
     parser.add_argument("--settings", nargs="*", default=RLS_KERNEL_SETTINGS,
-                        help="FORWARD:BACKWARD[:GAINS[:CHUNK[:PRODUCTS]]] (testing.rls_kernel_settings); "
+                        help="FORWARD:BACKWARD[:GAINS[:CHUNK[:PRODUCTS[:LOOPS]]]] (testing.rls_kernel_settings); "
                              "default: the tests'")
     args = parser.parse_args()
     say = teller(args.out)

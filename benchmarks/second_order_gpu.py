@@ -62,10 +62,10 @@ def main() -> None:
                              "and the moments' increments)")
     parser.add_argument("--no-peer", action="store_true", help="leave fla's rows out")
     parser.add_argument("--rls-algorithms", nargs="*", default=[],
-                        help="time rls with each of these FORWARD:BACKWARD[:GAINS[:CHUNK[:PRODUCTS]]] of its "
-                             "kernels (rls_triton's settings: chunks or tokens each way, gains by rows or columns, "
-                             "the chunks' tokens and products, e.g. chunks:tokens or chunks:chunks:columns:32:ieee; "
-                             "default: the module's own)")
+                        help="time rls with each of these FORWARD:BACKWARD[:GAINS[:CHUNK[:PRODUCTS[:LOOPS]]]] of its "
+                             "kernels (rls_triton's settings: chunks or tokens each way, gains by rows, columns or "
+                             "warps, the chunks' tokens and products, the gains' loops unrolled or running, e.g. "
+                             "chunks:tokens or chunks:chunks:warps:16:tf32x3:running; default: the module's own)")
     parser.add_argument("--profile", nargs="*", default=[],
                         help="then these layers' kernels by GPU time (torch.profiler), forward and forward+backward")
     args = parser.parse_args()

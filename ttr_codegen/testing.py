@@ -704,7 +704,8 @@ class LayerChecks:
         gradients; float16 inputs; for chunks, sixteen of them under strong forgetting, with every gradient; the
         kernels' op with sample weights. Every setting of RLS_KERNEL_SETTINGS."""
         kernels = importlib.import_module(chunk_module.__name__.rsplit(".", 1)[0] + ".rls_triton")
-        original = chunk_module._rls_in_triton, kernels.CHECKPOINT, kernels.FORWARD, kernels.BACKWARD, kernels.GAINS
+        settings = ("CHECKPOINT", "FORWARD", "BACKWARD", "GAINS", "CHUNK", "PRODUCTS", "LOOPS")
+        original, in_triton = {name: getattr(kernels, name) for name in settings}, chunk_module._rls_in_triton
         chunk_module._rls_in_triton, kernels.CHECKPOINT = (lambda *args: True), 2 * kernels.CHUNK
         try:
             for setting in RLS_KERNEL_SETTINGS:
@@ -712,8 +713,8 @@ class LayerChecks:
                 self._rls_triton_checks(T, K, V, setting, forgetting=kernels.FORWARD == "chunks")
                 self._rls_kernel_sample_weights(kernels, setting)
         finally:
-            (chunk_module._rls_in_triton, kernels.CHECKPOINT, kernels.FORWARD, kernels.BACKWARD,
-             kernels.GAINS) = original
+            vars(kernels).update(original)
+            chunk_module._rls_in_triton = in_triton
 
     def _rls_triton_checks(self, T: int, K: int, V: int, algorithm: str, forgetting: bool) -> None:
         problem, state, d_out, d_final, several = self._with_states(T, K, V, seed=42)
@@ -1946,19 +1947,22 @@ class _Mixer(torch.nn.Module):
         return x + self.layer(x)[0]
 
 
-# rls_triton's settings as FORWARD:BACKWARD[:GAINS] (rls_kernel_settings), the ones its tests run: each forward
-# with each backward but the token loop's forward with the chunk backward, and chunks both ways with their gains
-# by eliminating columns, and by each warp eliminating its own copy.
+# rls_triton's settings as FORWARD:BACKWARD[:GAINS[:CHUNK[:PRODUCTS[:LOOPS]]]] (rls_kernel_settings), the ones its
+# tests run: each forward with each backward but the token loop's forward with the chunk backward, chunks both ways
+# with their gains by eliminating columns and by each warp eliminating its own copy, and each way's gains in loops
+# that run instead of unrolled ones.
 RLS_KERNEL_SETTINGS = ("chunks:chunks", "chunks:tokens", "tokens:tokens", "chunks:chunks:columns",
-                       "chunks:chunks:warps")
+                       "chunks:chunks:warps", "chunks:chunks:rows:16:tf32x3:running",
+                       "chunks:tokens:columns:16:tf32x3:running", "chunks:chunks:warps:16:tf32x3:running")
 
 
 def rls_kernel_settings(setting: str) -> dict:
-    """rls_triton's module settings from FORWARD:BACKWARD[:GAINS[:CHUNK[:PRODUCTS]]], e.g. "chunks:tokens" (GAINS
-    "rows" when left out; CHUNK, the chunks' tokens, and PRODUCTS, their precision, only where given):
-    {"FORWARD": ..., "BACKWARD": ..., "GAINS": ...}."""
+    """rls_triton's module settings from FORWARD:BACKWARD[:GAINS[:CHUNK[:PRODUCTS[:LOOPS]]]], e.g. "chunks:tokens"
+    (GAINS "rows" and LOOPS "unrolled" when left out; CHUNK, the chunks' tokens, and PRODUCTS, their precision, only
+    where given): {"FORWARD": ..., "BACKWARD": ..., "GAINS": ..., "LOOPS": ...}."""
     forward, backward, *rest = setting.split(":")
-    settings = {"FORWARD": forward, "BACKWARD": backward, "GAINS": rest[0] if rest else "rows"}
+    settings = {"FORWARD": forward, "BACKWARD": backward, "GAINS": rest[0] if rest else "rows",
+                "LOOPS": rest[3] if len(rest) > 3 else "unrolled"}
     if len(rest) > 1:
         settings["CHUNK"] = int(rest[1])
     if len(rest) > 2:
