@@ -1,12 +1,12 @@
 """How accurate `rls_triton`'s gradients are in float32, by chunks and token by token, as forgetting grows (CPU).
 
 Runs the generated kernels themselves under Triton's interpreter (TRITON_INTERPRET=1, set here) with each
-setting the tests run (testing.RLS_KERNEL_SETTINGS: FORWARD:BACKWARD[:GAINS]) or those given, a forward and a
-backward with gradients into the output and both final states, against autograd through naive_rls in float64, and prints
-the largest error of every gradient relative to its largest reference value (P's symmetric part: only that acts
-on a covariance).
+setting the tests run (testing.RLS_KERNEL_SETTINGS, FORWARD:BACKWARD[:GAINS[:CHUNK[:PRODUCTS[:LOOPS]]]]) or those
+given, a forward and a backward with gradients into the output and both final states, against autograd through
+naive_rls in float64, and prints the largest error of every gradient relative to its largest reference value (P's
+symmetric part: only that acts on a covariance).
 
-    python benchmarks/rls_backward_study.py [--out FILE] [--T 256] [--D 32] [--settings chunks:chunks:columns:32 ...]
+    python benchmarks/rls_backward_study.py [--out FILE] [--T 256] [--D 32] [--settings chunks:chunks:warps:32 ...]
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ def main() -> None:
     args = parser.parse_args()
     say = teller(args.out)
     chunk._rls_in_triton = lambda *args: True  # the kernels take the call on the CPU
-    own = {"CHUNK": rls_triton.CHUNK, "PRODUCTS": rls_triton.PRODUCTS}
     B, H = 1, 2
     say(f"rls_triton's gradients in float32 (interpreter) against autograd through naive_rls in float64: B={B} "
         f"H={H} K=V={args.D} T={args.T}, checkpoint every {rls_triton.CHECKPOINT} tokens, log-decays uniform in "
@@ -65,8 +64,8 @@ def main() -> None:
         d_out = torch.randn(inputs[2].shape, dtype=torch.float64, generator=generator)
         d_state = [torch.randn(s.shape, dtype=torch.float64, generator=generator) for s in state]
         expected = gradients(naive_rls, inputs, state, d_out, d_state, torch.float64)
-        for pair in args.settings:  # the module's chunks unless the setting names them
-            vars(rls_triton).update(own | rls_kernel_settings(pair))
+        for pair in args.settings:
+            vars(rls_triton).update(rls_kernel_settings(pair))
             found = gradients(chunk.chunk_rls, inputs, state, d_out, d_state, torch.float32)
             say(f"{pair:21s} {forget:7.2f} " + " ".join(f"{relative(f, e):9.2e}" for f, e in zip(found, expected)))
 

@@ -90,12 +90,9 @@ def main() -> None:
                 leaves = leaves[:4]
             d_out = torch.randn_like(leaves[2])
             algorithms = args.rls_algorithms if name == "rls" and args.rls_algorithms else [None]
-            if name == "rls":
-                rls_triton = importlib.import_module("generated.rls.rls_triton")
-                own = {"CHUNK": rls_triton.CHUNK, "PRODUCTS": rls_triton.PRODUCTS}
             for algorithm, backward in itertools.product(algorithms, (False, True)):
-                if algorithm is not None:  # the module's chunks unless the setting names them
-                    vars(rls_triton).update(own | rls_kernel_settings(algorithm))
+                if algorithm is not None:
+                    vars(importlib.import_module("generated.rls.rls_triton")).update(rls_kernel_settings(algorithm))
                 grads = [x.detach().requires_grad_(backward) for x in leaves]
 
                 def run_ours(grads=grads):

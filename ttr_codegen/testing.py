@@ -1957,17 +1957,13 @@ RLS_KERNEL_SETTINGS = ("chunks:chunks", "chunks:tokens", "tokens:tokens", "chunk
 
 
 def rls_kernel_settings(setting: str) -> dict:
-    """rls_triton's module settings from FORWARD:BACKWARD[:GAINS[:CHUNK[:PRODUCTS[:LOOPS]]]], e.g. "chunks:tokens"
-    (GAINS "rows" and LOOPS "unrolled" when left out; CHUNK, the chunks' tokens, and PRODUCTS, their precision, only
-    where given): {"FORWARD": ..., "BACKWARD": ..., "GAINS": ..., "LOOPS": ...}."""
-    forward, backward, *rest = setting.split(":")
-    settings = {"FORWARD": forward, "BACKWARD": backward, "GAINS": rest[0] if rest else "rows",
-                "LOOPS": rest[3] if len(rest) > 3 else "unrolled"}
-    if len(rest) > 1:
-        settings["CHUNK"] = int(rest[1])
-    if len(rest) > 2:
-        settings["PRODUCTS"] = rest[2]
-    return settings
+    """rls_triton's module settings from FORWARD:BACKWARD[:GAINS[:CHUNK[:PRODUCTS[:LOOPS]]]], e.g. "chunks:tokens",
+    every one of them: those the string leaves out take fixed values (rows, 16, tf32x3, unrolled), so that a setting
+    names the same kernels whatever ran before it: {"FORWARD": ..., "BACKWARD": ..., "GAINS": ..., ...}."""
+    forward, backward, *given = setting.split(":")
+    gains, chunk, products, loops = given + ["rows", "16", "tf32x3", "unrolled"][len(given):]
+    return {"FORWARD": forward, "BACKWARD": backward, "GAINS": gains, "CHUNK": int(chunk), "PRODUCTS": products,
+            "LOOPS": loops}
 
 
 def symmetric_part(x: torch.Tensor) -> torch.Tensor:

@@ -39,8 +39,8 @@ def _problem(T: int, B: int = 2, K: int = K, V: int = V):
 
 @pytest.fixture(autouse=True, params=RLS_KERNEL_SETTINGS)
 def algorithm(request, monkeypatch):
-    """Every test with each setting of the kernels the CPU suite checks (`rls_triton.FORWARD`, `BACKWARD`: by
-    chunks, token by token; `GAINS`: rows, columns), as FORWARD:BACKWARD[:GAINS]."""
+    """Every test with each setting of the kernels the CPU suite checks (testing.RLS_KERNEL_SETTINGS: forward and
+    backward by chunks or token by token, the chunks' gains by rows, columns or warps, unrolled or running)."""
     from generated.rls import rls_triton
 
     for name, value in rls_kernel_settings(request.param).items():
